@@ -1,0 +1,1 @@
+"""SCEdit Studio application layer: model manager, conditions, training, Shapes world, CLI, UI."""

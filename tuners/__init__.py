@@ -1,0 +1,1 @@
+"""Skip-connection editing of diffusers UNets: SC-Tuner, CSC-Tuner and Skip-Tuning."""

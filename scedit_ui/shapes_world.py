@@ -251,21 +251,31 @@ def shape_polygon(kind: str, cx: float, cy: float, d: float) -> np.ndarray | Non
 RING_INNER = 0.5  # inner / outer radius
 
 
-def draw_shape(canvas: np.ndarray, kind: str, cx: float, cy: float, d: float, color) -> None:
-    """Draw one filled, anti-aliased shape of nominal size ``d`` px onto an HxWx3 (or HxW) array."""
-    color = tuple(int(c) for c in color) if not np.isscalar(color) else int(color)
+def shape_alpha(kind: str, cx: float, cy: float, d: float, height: int, width: int) -> np.ndarray:
+    """Anti-aliased coverage (uint8, 0..255) of one shape of nominal size ``d`` px on an image."""
+    alpha = np.zeros((height, width), np.uint8)
     center = (round(cx * _ONE), round(cy * _ONE))
-    if kind == "circle":
-        cv2.circle(canvas, center, round(d / 2 * _ONE), color, -1, cv2.LINE_AA, _SHIFT)
-    elif kind == "ring":
-        r_out, r_in = d / 2, d / 2 * RING_INNER
-        thickness = r_out - r_in
-        # cv2 thickness is an integer in pixels: draw the band at its mid radius, AA on both sides.
-        cv2.circle(canvas, center, round((r_out + r_in) / 2 * _ONE), color,
-                   max(1, round(thickness)), cv2.LINE_AA, _SHIFT)
+    if kind in ("circle", "ring"):
+        cv2.circle(alpha, center, round(d / 2 * _ONE), 255, -1, cv2.LINE_AA, _SHIFT)
+        if kind == "ring":
+            cv2.circle(alpha, center, round(d / 2 * RING_INNER * _ONE), 0, -1, cv2.LINE_AA, _SHIFT)
     else:
         pts = shape_polygon(kind, cx, cy, d)
-        cv2.fillPoly(canvas, [np.round(pts * _ONE).astype(np.int32)], color, cv2.LINE_AA, _SHIFT)
+        cv2.fillPoly(alpha, [np.round(pts * _ONE).astype(np.int32)], 255, cv2.LINE_AA, _SHIFT)
+    return alpha
+
+
+def draw_shape(canvas: np.ndarray, kind: str, cx: float, cy: float, d: float, color) -> None:
+    """Blend one filled, anti-aliased shape of nominal size ``d`` px into an HxWx3 or HxW array."""
+    height, width = canvas.shape[:2]
+    x0, y0 = max(0, int(cx - d / 2) - 2), max(0, int(cy - d / 2) - 2)
+    x1, y1 = min(width, int(cx + d / 2) + 3), min(height, int(cy + d / 2) + 3)
+    alpha = shape_alpha(kind, cx - x0, cy - y0, d, y1 - y0, x1 - x0).astype(np.float32) / 255
+    region = canvas[y0:y1, x0:x1]
+    if region.ndim == 3:
+        alpha = alpha[..., None]
+    blended = region * (1 - alpha) + np.asarray(color, np.float32) * alpha
+    canvas[y0:y1, x0:x1] = np.round(blended).astype(canvas.dtype)
 
 
 def shape_geometry(scene: Scene, size: int = 128) -> list[tuple[float, float, float]]:

@@ -1,0 +1,273 @@
+"""`SkipEditor`: the one object that owns every skip-connection edit of one UNet.
+
+It registers forward pre-hooks on the up blocks and hands each a new `res_hidden_states_tuple`:
+
+    x'_g = ρ_g · (x_g + Σ_i s_i · A_i(x_g) + Σ_m α_m · (c_g^m + T_g^m(x_g + c_g^m)))
+
+with SC-Tuner adapters A_i at scale s_i, CSC conditions m at weight α_m (Eq. 7) and Skip-Tuning ρ.
+No copy of the UNet forward: detaching removes the hooks and the UNet is untouched.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from tuners.csc_tuner import ConditionFeatures, CSCTuner, interpolate_features
+from tuners.layout import SkipLayout
+from tuners.sc_tuner import SCTuner
+from tuners.skip_scaling import SkipScaling
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ControlCondition:
+    """One condition for a CSC-Tuner: an image (B or 1, 3, 8·h, 8·w) in [0, 1] and how to apply it.
+
+    `blend_image` with `blend` in [0, 1] interpolates the condition features towards a second image.
+    `step_range` is the fraction of denoising (0 = first step, 1 = last) during which it is active.
+    """
+
+    tuner: CSCTuner
+    image: torch.Tensor
+    alpha: float = 1.0
+    step_range: tuple[float, float] = (0.0, 1.0)
+    blend_image: torch.Tensor | None = None
+    blend: float = 0.0
+
+    def __post_init__(self) -> None:
+        start, end = self.step_range
+        if not 0.0 <= start <= end <= 1.0:
+            raise ValueError(f"step_range must satisfy 0 ≤ start ≤ end ≤ 1, got {self.step_range}")
+        if not 0.0 <= self.blend <= 1.0:
+            raise ValueError(f"blend must be in [0, 1], got {self.blend}")
+
+
+def image_digest(image: torch.Tensor) -> str:
+    data = image.detach().to("cpu", torch.float32).contiguous().numpy()
+    return hashlib.blake2b(data.tobytes() + str(data.shape).encode(), digest_size=16).hexdigest()
+
+
+def _parameter_version(module: nn.Module) -> int:
+    # In-place updates (optimizer steps) bump tensor versions, so cached features go stale with them.
+    return sum(p._version for p in module.parameters())
+
+
+class ConditionCache:
+    """Condition features keyed by (tuner, its weights' version, condition image).
+
+    The hint encoder and dense convs depend only on the condition image, so one generation computes
+    them once and reuses them for every denoising step and both classifier-free-guidance halves.
+    """
+
+    def __init__(self) -> None:
+        self._entries: dict[tuple[int, int, str], tuple[CSCTuner, ConditionFeatures]] = {}
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def features(self, tuner: CSCTuner, image: torch.Tensor, digest: str, device: torch.device) -> ConditionFeatures:
+        key = (id(tuner), _parameter_version(tuner), digest)
+        entry = self._entries.get(key)
+        if entry is None:
+            # The entry keeps the tuner alive, so its id cannot be reused by another object.
+            entry = (tuner, tuner.condition_features(image.to(device)))
+            self._entries[key] = entry
+        return entry[1]
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+
+def _broadcast(features: torch.Tensor, batch: int) -> torch.Tensor:
+    if features.shape[0] == batch:
+        return features
+    if batch % features.shape[0]:
+        raise ValueError(f"condition batch {features.shape[0]} does not divide the UNet batch {batch}")
+    # diffusers stacks CFG halves as [uncond; cond], each in prompt order, so tiling matches both.
+    return features.repeat(batch // features.shape[0], *([1] * (features.ndim - 1)))
+
+
+@dataclass
+class _ActiveCondition:
+    condition: ControlCondition
+    weight: float
+    features: ConditionFeatures
+
+
+class SkipEditor:
+    """Attach SC tuners, CSC conditions and Skip-Tuning to one UNet through up-block pre-hooks.
+
+    Attach before `torch.compile`: hooks registered after compiling are ignored.
+    """
+
+    def __init__(self, unet: nn.Module, num_train_timesteps: int = 1000) -> None:
+        self.unet = unet
+        self.layout = SkipLayout.from_unet(unet)
+        self.num_train_timesteps = num_train_timesteps
+        self.cache = ConditionCache()
+        self.sc_tuners: dict[str, tuple[SCTuner, float]] = {}
+        self.conditions: list[ControlCondition] = []
+        self.normalise_alpha = False
+        self.skip_scaling: SkipScaling | None = None
+        self.training = False
+        self._digests: dict[int, str] = {}
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._call_state: dict[str, Any] = {}
+
+    # -- what to apply --------------------------------------------------------------------------
+    def add_sc_tuner(self, name: str, tuner: SCTuner, scale: float = 1.0) -> None:
+        self.layout.check_matches(tuner.layout, f"SC tuner '{name}'")
+        self.sc_tuners[name] = (tuner.to(self._device()), scale)
+
+    def remove_sc_tuner(self, name: str) -> None:
+        self.sc_tuners.pop(name, None)
+
+    def set_conditions(self, conditions: Sequence[ControlCondition], normalise_alpha: bool = False) -> None:
+        """Replace the CSC conditions; with `normalise_alpha` the α are divided by their sum (paper: Σα = 1)."""
+        for condition in conditions:
+            self.layout.check_matches(condition.tuner.layout, f"CSC tuner '{condition.tuner.condition_type}'")
+            condition.tuner.to(self._device())
+        if normalise_alpha and conditions and sum(c.alpha for c in conditions) <= 0:
+            raise ValueError("cannot normalise α: the weights sum to 0 or less")
+        self.conditions = list(conditions)
+        self.normalise_alpha = normalise_alpha
+        self._digests = {}
+        for condition in self.conditions:
+            for image in (condition.image, condition.blend_image):
+                if image is not None:
+                    self._digests[id(image)] = image_digest(image)
+
+    def set_skip_scaling(self, scaling: SkipScaling | None) -> None:
+        if scaling is not None and len(scaling.rho) != self.layout.num_skips:
+            raise ValueError(f"Skip-Tuning needs {self.layout.num_skips} ρ values for this UNet, got {len(scaling.rho)}")
+        self.skip_scaling = scaling
+
+    def clear(self) -> None:
+        """Remove every edit (the hooks stay attached and then change nothing)."""
+        self.sc_tuners.clear()
+        self.set_conditions([])
+        self.skip_scaling = None
+        self.cache.clear()
+
+    # -- training --------------------------------------------------------------------------------
+    def tuner_modules(self) -> list[nn.Module]:
+        return [t for t, _ in self.sc_tuners.values()] + list({id(c.tuner): c.tuner for c in self.conditions}.values())
+
+    def train_mode(self, enabled: bool = True) -> list[nn.Parameter]:
+        """Freeze the UNet, make tuner parameters trainable, and run the encoder and mid block without
+        autograd while enabled. Returns the trainable parameters."""
+        self.training = enabled
+        self.unet.requires_grad_(False)
+        parameters = []
+        for module in self.tuner_modules():
+            module.train(enabled)
+            module.requires_grad_(enabled)
+            parameters += list(module.parameters())
+        return parameters if enabled else []
+
+    # -- hooks -----------------------------------------------------------------------------------
+    @property
+    def attached(self) -> bool:
+        return bool(self._handles)
+
+    def attach(self) -> SkipEditor:
+        if self.attached:
+            return self
+        self._handles.append(self.unet.register_forward_pre_hook(self._before_unet, with_kwargs=True))
+        self._handles.append(self.unet.register_forward_hook(self._after_unet, always_call=True))
+        for b, block in enumerate(self.unet.up_blocks):
+            self._handles.append(block.register_forward_pre_hook(self._up_block_hook(b), with_kwargs=True))
+        return self
+
+    def detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._call_state.clear()
+
+    def __enter__(self) -> SkipEditor:
+        return self.attach()
+
+    def __exit__(self, *exc: object) -> None:
+        self.detach()
+
+    def _device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    def _progress(self, timestep: Any) -> float:
+        """Denoising progress from the timestep: t = T−1 is the first step (0), t = 0 the last (1)."""
+        t = float(torch.as_tensor(timestep).flatten()[0])
+        return min(1.0, max(0.0, 1.0 - t / (self.num_train_timesteps - 1)))
+
+    def _before_unet(self, unet: nn.Module, args: tuple, kwargs: dict) -> None:
+        sample = args[0] if args else kwargs["sample"]
+        timestep = args[1] if len(args) > 1 else kwargs["timestep"]
+        progress = self._progress(timestep)
+        self._call_state = {"active": self._active_conditions(progress, sample), "progress": progress}
+        if self.training and torch.is_grad_enabled():
+            # Nothing before the decoder is trainable: record no autograd graph for it.
+            torch.set_grad_enabled(False)
+            self._call_state["restore_grad"] = True
+
+    def _after_unet(self, unet: nn.Module, args: tuple, output: Any) -> None:
+        if self._call_state.pop("restore_grad", False):
+            torch.set_grad_enabled(True)
+        self._call_state.clear()
+
+    def _active_conditions(self, progress: float, sample: torch.Tensor) -> list[_ActiveCondition]:
+        total_alpha = sum(c.alpha for c in self.conditions) if self.normalise_alpha else 1.0
+        active = []
+        for condition in self.conditions:
+            start, end = condition.step_range
+            if not start <= progress <= end or condition.alpha == 0:
+                continue
+            features = self._features(condition.tuner, condition.image, sample.device)
+            if condition.blend_image is not None and condition.blend > 0:
+                other = self._features(condition.tuner, condition.blend_image, sample.device)
+                features = interpolate_features(features, other, condition.blend)
+            active.append(_ActiveCondition(condition, condition.alpha / total_alpha, features))
+        return active
+
+    def _features(self, tuner: CSCTuner, image: torch.Tensor, device: torch.device) -> ConditionFeatures:
+        if torch.is_grad_enabled():  # training the condition branch: fresh features with a graph
+            return tuner.condition_features(image.to(device))
+        return self.cache.features(tuner, image, self._digests[id(image)], device)
+
+    def _up_block_hook(self, b: int):
+        def hook(block: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+            if self._call_state.pop("restore_grad", False):
+                torch.set_grad_enabled(True)
+            positional = "res_hidden_states_tuple" not in kwargs
+            skips = args[1] if positional else kwargs["res_hidden_states_tuple"]
+            edited = tuple(self._edit(g, x) for g, x in zip(self.layout.up_block_skips[b], skips))
+            if positional:
+                return (args[0], edited, *args[2:]), kwargs
+            return args, {**kwargs, "res_hidden_states_tuple": edited}
+
+        return hook
+
+    def _edit(self, g: int, x: torch.Tensor) -> torch.Tensor:
+        out = x
+        for tuner, scale in self.sc_tuners.values():
+            out = out + scale * tuner.delta(g, x)
+        for active in self._call_state.get("active", ()):
+            c = active.features[g]
+            if c.shape[-2:] != x.shape[-2:]:
+                raise ValueError(
+                    f"condition image gives {tuple(c.shape[-2:])} features at skip {g} but the UNet has "
+                    f"{tuple(x.shape[-2:])}: the condition image must be 8× the latent size"
+                )
+            out = out + active.weight * active.condition.tuner(g, x, _broadcast(c, x.shape[0]))
+        scaling = self.skip_scaling
+        if scaling is not None and not scaling.is_identity:
+            start, end = scaling.step_range
+            if start <= self._call_state.get("progress", 0.0) <= end:
+                out = out * scaling.rho[g]
+        return out

@@ -1,0 +1,412 @@
+"""The tuners/ library on small random-weight UNets with SD block structure."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+from diffusers import DDIMScheduler
+from safetensors.torch import save_file
+
+from tuners import (
+    ControlCondition,
+    CSCTuner,
+    LayoutMismatchError,
+    SCTuner,
+    SkipEditor,
+    SkipLayout,
+    SkipScaling,
+    TunerFileError,
+    interpolate_features,
+    TunerMetadata,
+    load_tuner,
+    rho_schedule,
+    save_tuner,
+)
+from tuners.__main__ import parameter_report
+from tuners.official import import_official
+from tuners.reference_configs import REFERENCE_UNET_CONFIGS
+
+
+def randomise(module: nn.Module, seed: int = 0) -> nn.Module:
+    """Give a zero-initialised tuner non-zero weights, so that it visibly edits the skips."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=generator) * 0.1)
+    return module
+
+
+def run(unet: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    with torch.no_grad():
+        return unet(**inputs).sample
+
+
+def condition_image(seed: int, batch: int = 1) -> torch.Tensor:
+    return torch.rand(batch, 3, 64, 64, generator=torch.Generator().manual_seed(seed))
+
+
+# -- layout and parameter counts -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("architecture", "kind", "option", "expected"),
+    [
+        ("sd15", "sc", {"down_ratio": 1.0}, 19_680_000),
+        ("sd15", "sc", {"down_ratio": 0.1}, 1_976_640),
+        ("sd21", "csc", {"kernel_size": 1}, 28_824_400),
+        ("sd21", "csc", {"kernel_size": 3}, 99_111_760),
+    ],
+)
+def test_parameter_counts_match_the_paper(architecture, kind, option, expected):
+    assert parameter_report(architecture, kind, **option)["total"] == expected
+
+
+def test_info_cli_prints_json_with_integer_total():
+    result = subprocess.run(
+        [sys.executable, "-m", "tuners", "info", "--arch", "sd15", "--tuner", "sc", "--down-ratio", "0.1", "--json"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    report = json.loads(result.stdout)
+    assert report["total"] == 1_976_640 and isinstance(report["total"], int)
+
+
+def test_csc_parts_match_the_design_counts():
+    parts = parameter_report("sd21", "csc", kernel_size=1)["parts"]
+    assert parts == {"hint encoder": 348_880, "dense convs": 8_795_520, "per-skip tuner ops": 19_680_000}
+
+
+@pytest.mark.parametrize(
+    ("architecture", "channels", "downsamples"),
+    [
+        ("sd15", (320, 320, 320, 320, 640, 640, 640, 1280, 1280, 1280, 1280, 1280), {3, 6, 9}),
+        ("sdxl", (320, 320, 320, 320, 640, 640, 640, 1280, 1280), {3, 6}),
+    ],
+)
+def test_layout_is_derived_from_the_config(architecture, channels, downsamples):
+    layout = SkipLayout.from_config(REFERENCE_UNET_CONFIGS[architecture])
+    assert layout.channels == channels
+    assert {g for g, down in enumerate(layout.is_downsample) if down} == downsamples
+    # The decoder pops from the end: the first up block takes the innermost skips.
+    assert layout.up_block_skips[0][-1] == len(channels) - 1
+    assert sorted(g for skips in layout.up_block_skips for g in skips) == list(range(len(channels)))
+
+
+# -- identity and exactness ----------------------------------------------------------------------
+
+
+def test_zero_initialised_tuners_leave_the_output_unchanged(tiny_unet, unet_inputs):
+    baseline = run(tiny_unet, unet_inputs)
+    layout = SkipLayout.from_unet(tiny_unet)
+    with SkipEditor(tiny_unet) as editor:
+        editor.add_sc_tuner("style", SCTuner(layout))
+        editor.set_conditions([ControlCondition(CSCTuner(layout), condition_image(0))])
+        assert torch.equal(run(tiny_unet, unet_inputs), baseline)
+        editor.add_sc_tuner("style", randomise(SCTuner(layout)))
+        assert not torch.allclose(run(tiny_unet, unet_inputs), baseline)
+
+
+def test_rho_of_one_leaves_the_output_unchanged(tiny_unet, unet_inputs):
+    baseline = run(tiny_unet, unet_inputs)
+    with SkipEditor(tiny_unet) as editor:
+        editor.set_skip_scaling(SkipScaling.linear(12, 1.0, 1.0))
+        assert torch.equal(run(tiny_unet, unet_inputs), baseline)
+
+
+def test_rho_on_one_skip_matches_a_hand_built_reference(tiny_unet, unet_inputs):
+    # Skip g = 4 (second resnet of down block 1) is popped by up block 2 as the middle of its 3 skips.
+    def scale_skip_4(block, args, kwargs):
+        skips = list(kwargs["res_hidden_states_tuple"])
+        skips[1] = skips[1] * 0.5
+        return args, {**kwargs, "res_hidden_states_tuple": tuple(skips)}
+
+    handle = tiny_unet.up_blocks[2].register_forward_pre_hook(scale_skip_4, with_kwargs=True)
+    reference = run(tiny_unet, unet_inputs)
+    handle.remove()
+
+    with SkipEditor(tiny_unet) as editor:
+        editor.set_skip_scaling(SkipScaling.linear(12, overrides={4: 0.5}))
+        edited = run(tiny_unet, unet_inputs)
+    assert torch.equal(edited, reference)
+    assert not torch.allclose(edited, run(tiny_unet, unet_inputs))
+
+
+def test_rho_schedule_is_linear_from_outer_to_inner():
+    assert rho_schedule(12, 1.0, 0.78) == pytest.approx([1.0 - 0.02 * g for g in range(12)])
+
+
+def test_detach_restores_exact_outputs(tiny_unet, unet_inputs):
+    baseline = run(tiny_unet, unet_inputs)
+    layout = SkipLayout.from_unet(tiny_unet)
+    editor = SkipEditor(tiny_unet).attach()
+    editor.add_sc_tuner("style", randomise(SCTuner(layout)))
+    editor.set_conditions([ControlCondition(randomise(CSCTuner(layout), 1), condition_image(0))])
+    editor.set_skip_scaling(SkipScaling.linear(12, 1.0, 0.7))
+    assert not torch.allclose(run(tiny_unet, unet_inputs), baseline)
+    editor.detach()
+    assert torch.equal(run(tiny_unet, unet_inputs), baseline)
+    assert not tiny_unet._forward_pre_hooks and not any(b._forward_pre_hooks for b in tiny_unet.up_blocks)
+
+
+def test_tuple_passed_positionally_is_edited(tiny_unet):
+    block = tiny_unet.up_blocks[0]  # UpBlock2D(hidden_states, res_hidden_states_tuple, temb)
+    hidden = torch.randn(1, 32, 1, 1)
+    skips = tuple(torch.randn(1, 32, 1, 1) for _ in range(3))
+    temb = torch.randn(1, 8 * 4)  # time embedding width: 4 × block_out_channels[0]
+    with torch.no_grad():
+        reference = block(hidden, tuple(s * 0.5 for s in skips), temb)
+        with SkipEditor(tiny_unet) as editor:
+            editor.set_skip_scaling(SkipScaling((0.5,) * 12))
+            assert torch.equal(block(hidden, skips, temb), reference)
+
+
+# -- training mode -------------------------------------------------------------------------------
+
+
+def _training_step(unet, editor, inputs):
+    parameters = editor.train_mode(True)
+    loss = unet(**inputs).sample.square().mean()
+    loss.backward()
+    return parameters
+
+
+def test_gradients_reach_only_tuner_parameters(tiny_unet, unet_inputs):
+    layout = SkipLayout.from_unet(tiny_unet)
+    with SkipEditor(tiny_unet) as editor:
+        editor.add_sc_tuner("style", randomise(SCTuner(layout, 0.5)))
+        editor.set_conditions([ControlCondition(randomise(CSCTuner(layout), 1), condition_image(0))])
+        parameters = _training_step(tiny_unet, editor, unet_inputs)
+    assert len(parameters) == sum(1 for m in editor.tuner_modules() for _ in m.parameters())
+    assert all(p.grad is not None for p in parameters)
+    assert any(p.grad.abs().sum() > 0 for p in parameters)
+    assert all(p.grad is None and not p.requires_grad for p in tiny_unet.parameters())
+    assert torch.is_grad_enabled()
+
+
+def _count_saved_tensors(unet, step):
+    """Tensors saved for backward while inside the encoder (down blocks, mid block) vs anywhere."""
+    inside = {"encoder": False}
+    counts = {"encoder": 0, "total": 0}
+    handles = []
+    for block in [*unet.down_blocks, unet.mid_block]:
+        handles.append(block.register_forward_pre_hook(lambda *_: inside.update(encoder=True)))
+        handles.append(block.register_forward_hook(lambda *_: inside.update(encoder=False)))
+
+    def pack(tensor):
+        counts["total"] += 1
+        counts["encoder"] += inside["encoder"]
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        step()
+    for handle in handles:
+        handle.remove()
+    return counts
+
+
+def test_no_tensor_is_saved_for_backward_inside_the_encoder_in_training_mode(tiny_unet, unet_inputs):
+    layout = SkipLayout.from_unet(tiny_unet)
+    editor = SkipEditor(tiny_unet).attach()
+    editor.add_sc_tuner("style", randomise(SCTuner(layout)))
+    counts = _count_saved_tensors(tiny_unet, lambda: _training_step(tiny_unet, editor, unet_inputs))
+    assert counts["encoder"] == 0 and counts["total"] > 0
+
+    # Full fine-tuning (the control): the encoder does save tensors, so the count above can fail.
+    editor.detach()
+    tiny_unet.requires_grad_(True)
+    counts = _count_saved_tensors(tiny_unet, lambda: tiny_unet(**unet_inputs).sample.mean().backward())
+    assert counts["encoder"] > 0
+
+
+# -- conditions ----------------------------------------------------------------------------------
+
+
+def _cfg_generation(unet, steps: int = 20, guidance: float = 5.0) -> torch.Tensor:
+    scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    scheduler.set_timesteps(steps)
+    generator = torch.Generator().manual_seed(3)
+    latents = torch.randn(1, 4, 8, 8, generator=generator)
+    text = torch.randn(2, 5, 16, generator=generator)  # [unconditional; conditional]
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            uncond, cond = unet(torch.cat([latents, latents]), t, encoder_hidden_states=text).sample.chunk(2)
+            latents = scheduler.step(uncond + guidance * (cond - uncond), t, latents).prev_sample
+    return latents
+
+
+def test_hint_encoder_runs_once_for_a_20_step_cfg_generation(tiny_unet):
+    tuner = randomise(CSCTuner(SkipLayout.from_unet(tiny_unet)))
+    calls = []
+    tuner.pre_hint_blocks.register_forward_hook(lambda *_: calls.append(1))
+    with SkipEditor(tiny_unet) as editor:
+        editor.set_conditions([ControlCondition(tuner, condition_image(0))])
+        _cfg_generation(tiny_unet)
+        assert len(calls) == 1
+        editor.cache.clear()
+        _cfg_generation(tiny_unet)
+    assert len(calls) == 2
+
+
+def test_two_conditions_with_alpha_one_and_zero_equal_the_single_condition(tiny_unet, unet_inputs):
+    layout = SkipLayout.from_unet(tiny_unet)
+    canny, colour = randomise(CSCTuner(layout, 1, "canny"), 1), randomise(CSCTuner(layout, 3, "colour"), 2)
+    with SkipEditor(tiny_unet) as editor:
+        editor.set_conditions([ControlCondition(canny, condition_image(0))])
+        single = run(tiny_unet, unet_inputs)
+        editor.set_conditions([ControlCondition(canny, condition_image(0), 1.0), ControlCondition(colour, condition_image(1), 0.0)])
+        assert torch.equal(run(tiny_unet, unet_inputs), single)
+        editor.set_conditions([ControlCondition(canny, condition_image(0), 1.0), ControlCondition(colour, condition_image(1), 1.0)])
+        assert not torch.allclose(run(tiny_unet, unet_inputs), single)
+
+
+def test_normalised_alpha_divides_by_the_sum(tiny_unet, unet_inputs):
+    layout = SkipLayout.from_unet(tiny_unet)
+    tuner, image = randomise(CSCTuner(layout), 1), condition_image(0)
+    with SkipEditor(tiny_unet) as editor:
+        editor.set_conditions([ControlCondition(tuner, image, 1.0)])
+        single = run(tiny_unet, unet_inputs)
+        editor.set_conditions([ControlCondition(tuner, image, 2.0), ControlCondition(tuner, image, 2.0)], normalise_alpha=True)
+        torch.testing.assert_close(run(tiny_unet, unet_inputs), single)
+        with pytest.raises(ValueError, match="sum to 0"):
+            editor.set_conditions([ControlCondition(tuner, image, 0.0)], normalise_alpha=True)
+
+
+def test_step_range_switches_a_condition_on_and_off(tiny_unet, unet_inputs):
+    early, late = ({**unet_inputs, "timestep": torch.tensor(t)} for t in (900, 100))
+    plain_early, plain_late = run(tiny_unet, early), run(tiny_unet, late)
+    with SkipEditor(tiny_unet) as editor:
+        tuner = randomise(CSCTuner(SkipLayout.from_unet(tiny_unet)))
+        editor.set_conditions([ControlCondition(tuner, condition_image(0), step_range=(0.6, 1.0))])
+        assert torch.equal(run(tiny_unet, early), plain_early)  # progress 0.1: not yet active
+        assert not torch.allclose(run(tiny_unet, late), plain_late)  # progress 0.9: active
+
+
+def test_condition_features_broadcast_over_the_batch(tiny_unet, unet_inputs):
+    layout = SkipLayout.from_unet(tiny_unet)
+    single_inputs = {k: v[:1] if v.ndim else v for k, v in unet_inputs.items()}
+    with SkipEditor(tiny_unet) as editor:
+        editor.set_conditions([ControlCondition(randomise(CSCTuner(layout)), condition_image(0))])
+        batched = run(tiny_unet, unet_inputs)
+        torch.testing.assert_close(batched[:1], run(tiny_unet, single_inputs))
+
+
+def test_interpolation_blends_between_the_two_condition_images(tiny_unet):
+    tuner = randomise(CSCTuner(SkipLayout.from_unet(tiny_unet)))
+    a, b = condition_image(0), condition_image(1)
+    with torch.no_grad():
+        fa, fb = tuner.condition_features(a), tuner.condition_features(b)
+        for got, want in zip(interpolate_features(fa, fb, 1.0), fb):
+            torch.testing.assert_close(got, want)
+        halfway = interpolate_features(fa, fb, 0.5)
+        torch.testing.assert_close(halfway[5], (fa[5] + fb[5]) / 2)
+
+
+def test_interpolated_condition_at_blend_one_equals_the_second_image(tiny_unet, unet_inputs):
+    tuner = randomise(CSCTuner(SkipLayout.from_unet(tiny_unet)))
+    with SkipEditor(tiny_unet) as editor:
+        editor.set_conditions([ControlCondition(tuner, condition_image(1))])
+        second = run(tiny_unet, unet_inputs)
+        editor.set_conditions([ControlCondition(tuner, condition_image(0), blend_image=condition_image(1), blend=1.0)])
+        torch.testing.assert_close(run(tiny_unet, unet_inputs), second)
+
+
+def test_wrong_condition_size_is_reported(tiny_unet, unet_inputs):
+    tuner = randomise(CSCTuner(SkipLayout.from_unet(tiny_unet)))
+    with SkipEditor(tiny_unet) as editor:
+        editor.set_conditions([ControlCondition(tuner, torch.rand(1, 3, 32, 32))])
+        with pytest.raises(ValueError, match="8× the latent size"):
+            run(tiny_unet, unet_inputs)
+
+
+# -- files ---------------------------------------------------------------------------------------
+
+
+def test_save_load_round_trip_is_exact(tiny_unet, unet_inputs, tmp_path):
+    layout = SkipLayout.from_unet(tiny_unet)
+    for tuner in (randomise(SCTuner(layout, 0.5)), randomise(CSCTuner(layout, 3, "depth"))):
+        metadata = TunerMetadata.describe(tuner, "tiny", trigger_word="<sce>", training={"steps": 10})
+        path = tmp_path / f"{type(tuner).__name__}.safetensors"
+        save_tuner(tuner, path, metadata)
+        loaded, loaded_metadata = load_tuner(path, layout)
+        assert loaded_metadata == metadata
+        assert type(loaded) is type(tuner)
+        for (name, a), (_, b) in zip(tuner.state_dict().items(), loaded.state_dict().items()):
+            assert torch.equal(a, b), name
+    assert loaded_metadata.kind == "csc" and loaded_metadata.kernel_size == 3 and loaded_metadata.condition_type == "depth"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["CSCTuner.safetensors", "SCTuner.safetensors"]
+
+
+def test_layout_mismatch_names_both_layouts(tiny_unet, tmp_path):
+    sdxl_layout = SkipLayout.from_config(REFERENCE_UNET_CONFIGS["sdxl"])
+    tuner = SCTuner(sdxl_layout, 0.01)
+    save_tuner(tuner, tmp_path / "xl.safetensors", TunerMetadata.describe(tuner, "sdxl"))
+    unet_layout = SkipLayout.from_unet(tiny_unet)
+    with pytest.raises(LayoutMismatchError) as error:
+        load_tuner(tmp_path / "xl.safetensors", unet_layout)
+    assert "9 skips [320,320,320,320↓" in str(error.value) and "12 skips [8,8,8,8↓" in str(error.value)
+    with pytest.raises(LayoutMismatchError):
+        SkipEditor(tiny_unet).add_sc_tuner("xl", tuner)
+
+
+def test_files_that_are_not_tuners_are_refused(tmp_path):
+    (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(TunerFileError, match="not a readable safetensors"):
+        load_tuner(tmp_path / "junk.safetensors")
+    save_file({"w": torch.zeros(1)}, tmp_path / "plain.safetensors")
+    with pytest.raises(TunerFileError, match="no SCEdit metadata"):
+        load_tuner(tmp_path / "plain.safetensors")
+
+
+# -- official checkpoints ------------------------------------------------------------------------
+
+
+def test_official_sc_checkpoint_maps_decoder_order_to_skips(tiny_unet, tmp_path):
+    layout = SkipLayout.from_unet(tiny_unet)
+    original = randomise(SCTuner(layout, 0.5))
+    k = layout.num_skips
+    official = {}
+    for g, adapter in enumerate(original.adapters):
+        for name, tensor in adapter.state_dict().items():
+            official[f"model.lsc_identity.{k - 1 - g}.{name}"] = tensor.clone()
+    (tmp_path / "sc").mkdir()
+    torch.save(official, tmp_path / "sc" / "pytorch_model.bin")
+
+    imported, metadata = import_official(tmp_path / "sc", layout, "tiny")
+    assert isinstance(imported, SCTuner) and metadata.kind == "sc" and imported.down_ratio == 0.5
+    for (name, a), (_, b) in zip(original.state_dict().items(), imported.state_dict().items()):
+        assert torch.equal(a, b), name
+    # Innermost skip (g = K-1) is decoder index 0: its adapter has the innermost channel count.
+    assert official["model.lsc_identity.0.ln1.weight"].shape[1] == layout.channels[-1]
+
+
+def test_official_csc_checkpoint_imports_with_prefixes(tiny_unet, tmp_path):
+    layout = SkipLayout.from_unet(tiny_unet)
+    original = randomise(CSCTuner(layout, 3, "canny"))
+    official = {f"0.{name}": tensor.clone() for name, tensor in original.state_dict().items()}
+    assert "0.dense_hint_blocks.4.1.weight" in official and "0.lsc_tuner_blocks.2.tuner_op.ln1.weight" in official
+    save_file(official, tmp_path / "adapter_model.safetensors")
+    (tmp_path / "configuration.json").write_text(json.dumps({"condition_type": "canny"}))
+
+    imported, metadata = import_official(tmp_path / "adapter_model.safetensors", layout, "tiny")
+    assert isinstance(imported, CSCTuner) and metadata.kernel_size == 3 and metadata.condition_type == "canny"
+    for (name, a), (_, b) in zip(original.state_dict().items(), imported.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+def test_official_import_refuses_arbitrary_pickles(tiny_unet, tmp_path):
+    torch.save({"lsc_identity.0.ln1.weight": torch.zeros(1), "payload": SkipLayout((1,), (False,), ((0,),))}, tmp_path / "evil.bin")
+    with pytest.raises(TunerFileError, match="weights-only"):
+        import_official(tmp_path / "evil.bin", SkipLayout.from_unet(tiny_unet), "tiny")
+
+
+def test_official_import_with_wrong_channels_names_both_layouts(tiny_unet, tmp_path):
+    sdxl = SCTuner(SkipLayout.from_config(REFERENCE_UNET_CONFIGS["sdxl"]), 0.01)
+    official = {f"lsc_identity.{8 - g}.{n}": t for g, a in enumerate(sdxl.adapters) for n, t in a.state_dict().items()}
+    save_file(official, tmp_path / "adapter_model.safetensors")
+    with pytest.raises(LayoutMismatchError, match="9 skips"):
+        import_official(tmp_path / "adapter_model.safetensors", SkipLayout.from_unet(tiny_unet), "tiny")

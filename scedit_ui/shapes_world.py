@@ -281,11 +281,13 @@ def draw_shape(canvas: np.ndarray, kind: str, cx: float, cy: float, d: float, co
 def shape_geometry(scene: Scene, size: int = 128) -> list[tuple[float, float, float]]:
     """(cx, cy, d) in pixels of each shape of ``scene`` as :func:`render_scene` draws it.
 
-    Centres are grid-cell centres plus a small jitter derived from the scene itself, so a scene
-    always renders the same way.
+    Centres are grid-cell centres plus a small jitter derived from the scene's shapes and
+    background, so a scene always renders the same way.
     """
     scale = size / 128
-    rng = random.Random(zlib.crc32(json.dumps(scene.to_dict(), sort_keys=True).encode()))
+    # The style is left out so that a styled scene is exactly the styled plain render.
+    layout = json.dumps({**scene.to_dict(), "style": None}, sort_keys=True)
+    rng = random.Random(zlib.crc32(layout.encode()))
     out = []
     for s in scene.shapes:
         col, row = _cell(s.position)

@@ -1,0 +1,168 @@
+"""The Shapes world: deterministic scenes, held-out split, captions, rendering and styles."""
+
+import itertools
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from scedit_ui.errors import UserInputError
+from scedit_ui.shapes_world import (
+    COLORS,
+    POSITIONS,
+    SHAPES,
+    SIZES,
+    STYLES,
+    Scene,
+    ShapeSpec,
+    apply_style,
+    caption,
+    is_held_out,
+    make_dataset,
+    render_scene,
+    sample_scene,
+)
+
+
+def _combos(scene: Scene):
+    return [is_held_out(s.color, s.kind, scene.background, s.position) for s in scene.shapes]
+
+
+def test_vocabulary_sizes():
+    assert len(COLORS) >= 8
+    assert SHAPES == ("circle", "square", "triangle", "star", "ring")
+    assert SIZES == ("small", "medium", "large")
+    assert len(POSITIONS) == 9
+    assert len(STYLES) >= 3
+
+
+def test_sample_scene_is_deterministic_by_seed():
+    assert sample_scene(7) == sample_scene(7)
+    assert len({sample_scene(s) for s in range(50)}) > 45
+
+
+def test_scenes_have_distinct_positions_and_a_distinct_background():
+    for seed in range(300):
+        scene = sample_scene(seed, split="any", max_shapes=4)
+        assert 1 <= len(scene.shapes) <= 4
+        assert len({s.position for s in scene.shapes}) == len(scene.shapes)
+        assert scene.background not in {s.color for s in scene.shapes}
+
+
+def test_train_split_contains_no_held_out_combination():
+    for seed in range(300):
+        assert not any(_combos(sample_scene(seed, split="train")))
+
+
+def test_heldout_split_contains_only_held_out_combinations():
+    for seed in range(300):
+        assert all(_combos(sample_scene(seed, split="heldout")))
+
+
+def test_held_out_fraction_covers_every_colour_and_shape():
+    combos = [
+        (c, k, b, p)
+        for c, k, b, p in itertools.product(COLORS, SHAPES, COLORS, POSITIONS)
+        if b != c
+    ]
+    held = [combo for combo in combos if is_held_out(*combo)]
+    assert 0.10 <= len(held) / len(combos) <= 0.15
+    assert {c for c, *_ in held} == set(COLORS)
+    assert {k for _, k, *_ in held} == set(SHAPES)
+
+
+def test_caption_reads_as_a_sentence():
+    scene = Scene(
+        shapes=(ShapeSpec("circle", "red", "top left"), ShapeSpec("star", "blue", "center", "small")),
+        background="yellow",
+    )
+    assert caption(scene) == "a red circle at the top left and a small blue star in the center on a yellow background"
+    three = Scene(
+        shapes=(
+            ShapeSpec("ring", "orange", "top"),
+            ShapeSpec("square", "green", "left", "large"),
+            ShapeSpec("triangle", "white", "bottom right"),
+        ),
+        background="black",
+        style="stripes",
+    )
+    assert caption(three) == (
+        "an orange ring at the top, a large green square at the left and a white triangle at the "
+        "bottom right on a black background, in stripes style"
+    )
+
+
+def test_scene_dict_round_trip_is_json_safe():
+    for seed in range(100):
+        scene = sample_scene(seed, split="any", style=STYLES[seed % len(STYLES)] if seed % 2 else None)
+        assert Scene.from_dict(json.loads(json.dumps(scene.to_dict()))) == scene
+
+
+def test_render_is_deterministic_rgb_of_the_requested_size():
+    scene = sample_scene(3)
+    a, b = render_scene(scene), render_scene(scene)
+    assert a.mode == "RGB" and a.size == (128, 128)
+    assert np.array_equal(np.asarray(a), np.asarray(b))
+    assert render_scene(scene, size=64).size == (64, 64)
+
+
+def test_render_paints_background_and_shape_colours():
+    scene = Scene(shapes=(ShapeSpec("square", "red", "center", "large"),), background="blue")
+    a = np.asarray(render_scene(scene))
+    assert tuple(a[2, 2]) == COLORS["blue"]
+    assert tuple(a[64, 64]) == COLORS["red"]
+
+
+def test_ring_has_a_background_coloured_hole():
+    scene = Scene(shapes=(ShapeSpec("ring", "white", "center", "small"),), background="black")
+    a = np.asarray(render_scene(scene))
+    assert tuple(a[64, 64]) == COLORS["black"]
+    assert (a[:, :, 0] > 200).sum() > 150
+
+
+def test_shape_sizes_grow_with_the_size_class():
+    areas = []
+    for size in SIZES:
+        a = np.asarray(render_scene(Scene((ShapeSpec("circle", "white", "center", size),), "black")))
+        areas.append((a[..., 0] > 128).sum())
+    assert areas[0] < areas[1] < areas[2]
+    assert 300 < areas[0] and areas[2] < 1700
+
+
+def test_styles_change_the_image_and_keep_its_size():
+    scene = sample_scene(11)
+    plain = np.asarray(render_scene(scene)).astype(int)
+    for style in STYLES:
+        styled = render_scene(Scene(scene.shapes, scene.background, style))
+        assert styled.size == (128, 128)
+        assert np.abs(np.asarray(styled).astype(int) - plain).mean() > 1
+        assert np.array_equal(np.asarray(styled), np.asarray(apply_style(Image.fromarray(plain.astype(np.uint8)), style)))
+
+
+def test_make_dataset_yields_matching_images_captions_and_scenes():
+    items = list(make_dataset(5, seed=1, split="train"))
+    assert len(items) == 5
+    for image, text, scene in items:
+        assert text == caption(scene)
+        assert np.array_equal(np.asarray(image), np.asarray(render_scene(scene)))
+    assert [c for _, c, _ in make_dataset(3, seed=1)] == [c for _, c, _ in items[:3]]
+    assert [c for _, c, _ in make_dataset(5, seed=2)] != [c for _, c, _ in items]
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: ShapeSpec("hexagon", "red", "center"),
+        lambda: ShapeSpec("circle", "teal", "center"),
+        lambda: ShapeSpec("circle", "red", "middle"),
+        lambda: ShapeSpec("circle", "red", "center", "huge"),
+        lambda: Scene((ShapeSpec("circle", "red", "center"),), background="mauve"),
+        lambda: sample_scene(0, style="watercolour"),
+        lambda: sample_scene(0, split="test"),
+        lambda: apply_style(Image.new("RGB", (8, 8)), "cubism"),
+    ],
+)
+def test_unknown_names_raise_user_input_error(make):
+    with pytest.raises(UserInputError, match="choose one of"):
+        make()

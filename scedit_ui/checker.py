@@ -26,16 +26,17 @@ Metrics (:func:`score_adherence`, against a :class:`~scedit_ui.shapes_world.Scen
 
 :func:`style_score` in [0, 1] measures one style without reference to the prompt:
 
-- *stripes* — after removing low frequencies, the autocorrelation is high along the stripe
-  direction (shift (k, -k)) and alternates across it (shift (p, 0) vs (p/2, 0)), best period p in
-  12..20 px.
-- *polka dots* — the autocorrelation is high at a lattice shift s (both axes) and low at half of
-  it and along the diagonal half-shift, best spacing s in 9..16 px.
+- *stripes* — after removing low frequencies (image minus a sigma-6 blur), the normalised
+  autocorrelation c is high along a diagonal (min of c at shifts (3, ±3), (5, ±5)) and alternates
+  across it ((c(p, 0) - c(p/2, 0)) / 2, best period p in 12..20 px); score = the smaller of the two.
+- *polka dots* — after removing low frequencies (sigma 4), min(c(s, 0), c(0, s)) minus the largest
+  of c(s/2, 0), c(0, s/2), c(s/2, -s/2): high for a dot lattice of spacing s, best s in 9..16 px.
 - *outline sketch* — the fraction of light, unsaturated "paper" pixels, times the thinness of the
   rest (the share of non-paper pixels removed by a 5x5 erosion), times the share of the rest that
   is unsaturated (graphite rather than paint).
-- *pixelate* — the share of horizontal and vertical gradient energy on the best-aligned 8-px
-  block grid, rescaled so that random placement (1/8) scores 0.
+- *pixelate* — horizontal and vertical squared colour differences (after a 5x5 median) folded
+  modulo the 8-px block; r = |first harmonic| / mean of that 8-bin profile is 1 when all edges
+  lie on one block phase and near 0 when they are spread evenly; score = clip((r - 0.2) / 0.6).
 """
 
 from __future__ import annotations
@@ -360,11 +361,10 @@ def _autocorr(hp: np.ndarray, dx: int, dy: int) -> float:
 
 def _stripes_score(gray: np.ndarray) -> float:
     hp = _highpass(gray, 6.0)
-    along = min(_autocorr(hp, k, -k) for k in (3, 5))
+    # Along diagonal stripes the pattern repeats at every shift; across them it alternates.
+    along = max(min(_autocorr(hp, k, sign * k) for k in (3, 5)) for sign in (1, -1))
     across = max((_autocorr(hp, p, 0) - _autocorr(hp, p // 2, 0)) / 2 for p in range(12, 21))
-    along_r = max(min(_autocorr(hp, k, k) for k in (3, 5)), 0)  # the other diagonal direction
-    across = max(across, max((_autocorr(hp, 0, p) - _autocorr(hp, 0, p // 2)) / 2 for p in range(12, 21)))
-    return max(0.0, min(max(along, along_r), across))
+    return max(0.0, min(along, across))
 
 
 def _dots_score(gray: np.ndarray) -> float:
@@ -389,14 +389,16 @@ def _sketch_score(rgb: np.ndarray) -> float:
     return float(paper.mean() * thinness * neutral)
 
 
-def _pixelate_score(gray: np.ndarray, block: int = PIXEL_BLOCK) -> float:
-    gx = np.abs(np.diff(gray, axis=1)).sum(0)  # energy between columns x and x+1
-    gy = np.abs(np.diff(gray, axis=0)).sum(1)
-    total = gx.sum() + gy.sum()
-    if total < 1e-6:
-        return 0.0
-    share = max(gx[phase::block].sum() + gy[phase::block].sum() for phase in range(block)) / total
-    return float(np.clip((share - 1 / block) / (1 - 1 / block), 0.0, 1.0))
+def _pixelate_score(rgb: np.ndarray, block: int = PIXEL_BLOCK) -> float:
+    smooth = cv2.medianBlur(rgb, 5).astype(np.float32)  # noise off, block edges kept
+    profile = np.zeros(block)
+    for axis in (0, 1):
+        energy = (np.diff(smooth, axis=axis) ** 2).sum(axis=(1 - axis, 2))
+        n = len(energy) // block * block
+        profile += energy[:n].reshape(-1, block).sum(0)
+    spectrum = np.fft.rfft(profile)
+    ratio = abs(spectrum[1]) / max(spectrum[0].real, 1e-6)  # 1 for edges on one phase only, 0 if even
+    return float(np.clip((ratio - 0.2) / 0.6, 0.0, 1.0))
 
 
 def style_score(image, style: str) -> float:
@@ -412,6 +414,6 @@ def style_score(image, style: str) -> float:
     elif style == "outline sketch":
         score = _sketch_score(rgb)
     else:
-        score = _pixelate_score(gray)
+        score = _pixelate_score(rgb)
     return float(np.clip(score, 0.0, 1.0))
 

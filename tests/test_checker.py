@@ -1,0 +1,160 @@
+"""The checker reads Shapes-world images back: prompts, shapes, background, adherence, styles."""
+
+import cv2
+import numpy as np
+import pytest
+from PIL import Image
+
+from scedit_ui.checker import (
+    detect_background,
+    detect_shapes,
+    parse_prompt,
+    score_adherence,
+    style_score,
+)
+from scedit_ui.errors import UserInputError
+from scedit_ui.shapes_world import (
+    COLORS,
+    SHAPES,
+    STYLES,
+    Scene,
+    ShapeSpec,
+    caption,
+    render_scene,
+    sample_scene,
+)
+
+
+def _blur(image: Image.Image, sigma: float, noise: float, seed: int = 0) -> np.ndarray:
+    a = cv2.GaussianBlur(np.asarray(image).astype(np.float32), (0, 0), sigma)
+    a += np.random.default_rng(seed).normal(0, noise, a.shape)
+    return a.clip(0, 255).astype(np.uint8)
+
+
+def test_parse_prompt_inverts_caption():
+    for seed in range(500):
+        style = STYLES[seed % len(STYLES)] if seed % 3 == 0 else None
+        scene = sample_scene(seed, split="any", style=style, max_shapes=4)
+        assert parse_prompt(caption(scene)) == scene
+
+
+def test_parse_prompt_tolerates_case_spacing_and_a_period():
+    scene = parse_prompt("A Small  Blue star in the centre on an orange background.")
+    assert scene == Scene((ShapeSpec("star", "blue", "center", "small"),), "orange")
+
+
+@pytest.mark.parametrize(
+    "prompt",
+    [
+        "a cat on a sofa",
+        "a red hexagon at the top on a blue background",
+        "a teal circle at the top on a blue background",
+        "a red circle somewhere on a blue background",
+        "a red circle at the top on a blue background, in cubism style",
+    ],
+)
+def test_parse_prompt_rejects_what_it_cannot_read(prompt):
+    with pytest.raises(UserInputError):
+        parse_prompt(prompt)
+
+
+def test_detects_the_background_of_renders():
+    for background in COLORS:
+        shape_color = "white" if background != "white" else "black"
+        scene = Scene((ShapeSpec("square", shape_color, "center", "large"),), background)
+        assert detect_background(render_scene(scene)) == background
+
+
+def test_detects_every_kind_colour_and_cell():
+    scene = Scene(
+        shapes=(
+            ShapeSpec("circle", "red", "top left", "small"),
+            ShapeSpec("square", "blue", "top right", "small"),
+            ShapeSpec("triangle", "white", "center", "medium"),
+            ShapeSpec("star", "black", "bottom left", "medium"),
+            ShapeSpec("ring", "purple", "bottom right", "small"),
+        ),
+        background="green",
+    )
+    found = {(d.kind, d.color, d.position) for d in detect_shapes(render_scene(scene))}
+    assert found == {(s.kind, s.color, s.position) for s in scene.shapes}
+
+
+def test_clean_renders_score_near_perfect_over_300_scenes():
+    shapes = color = kind = position = 0.0
+    backgrounds = counts = 0
+    for seed in range(300):
+        scene = sample_scene(50_000 + seed, split="any")
+        a = score_adherence(render_scene(scene), caption(scene))
+        k = len(scene.shapes)
+        shapes += k
+        color += a.color_correct * k
+        kind += a.shape_correct * k
+        position += a.position_correct * k
+        backgrounds += a.background_correct
+        counts += a.count_correct
+    assert color / shapes >= 0.98
+    assert kind / shapes >= 0.95
+    assert position / shapes >= 0.98
+    assert backgrounds == 300
+    assert counts >= 295
+
+
+def test_mildly_blurred_noisy_renders_still_score_high():
+    shapes = color = kind = 0.0
+    for seed in range(60):
+        scene = sample_scene(60_000 + seed, split="any")
+        a = score_adherence(_blur(render_scene(scene), 1.0, 5, seed), scene)
+        k = len(scene.shapes)
+        shapes, color, kind = shapes + k, color + a.color_correct * k, kind + a.shape_correct * k
+    assert color / shapes >= 0.95
+    assert kind / shapes >= 0.9
+
+
+def test_wrong_colour_scores_low():
+    prompt = Scene((ShapeSpec("circle", "red", "center"),), "white")
+    image = render_scene(Scene((ShapeSpec("circle", "blue", "center"),), "white"))
+    a = score_adherence(image, prompt)
+    assert a.color_correct == 0.0 and a.shape_correct == 0.0
+    assert a.background_correct and a.count_correct
+
+
+@pytest.mark.parametrize("kind", SHAPES)
+def test_wrong_shape_scores_low(kind):
+    other = SHAPES[(SHAPES.index(kind) + 1) % len(SHAPES)]
+    image = render_scene(Scene((ShapeSpec(other, "yellow", "left", "large"),), "blue"))
+    a = score_adherence(image, Scene((ShapeSpec(kind, "yellow", "left", "large"),), "blue"))
+    assert a.color_correct == 1.0
+    assert a.shape_correct == 0.0
+
+
+def test_wrong_background_position_and_count_are_reported():
+    image = render_scene(Scene((ShapeSpec("star", "pink", "top left", "large"),), "black"))
+    a = score_adherence(image, "a pink star at the bottom right and a green ring at the top on a cyan background")
+    assert not a.background_correct
+    assert not a.count_correct
+    assert a.position_correct == 0.0
+    assert a.color_correct == 0.5
+    assert a.overall < 0.3
+
+
+def test_blank_image_detects_nothing():
+    assert detect_shapes(Image.new("RGB", (128, 128), COLORS["green"])) == []
+
+
+@pytest.mark.parametrize("style", STYLES)
+def test_style_score_separates_styled_from_plain_renders(style):
+    plain, styled = [], []
+    for seed in range(12):
+        scene = sample_scene(70_000 + seed, split="any")
+        plain.append(style_score(render_scene(scene), style))
+        styled.append(style_score(render_scene(Scene(scene.shapes, scene.background, style)), style))
+    assert all(0.0 <= v <= 1.0 for v in plain + styled)
+    assert min(styled) > 0.5
+    assert np.mean(plain) < 0.15
+    assert min(styled) > max(plain)
+
+
+def test_style_score_rejects_unknown_styles():
+    with pytest.raises(UserInputError, match="choose one of"):
+        style_score(Image.new("RGB", (64, 64)), "cubism")

@@ -1,0 +1,679 @@
+"""The built-in tiny Stable-Diffusion-architecture base model and the script that trains it.
+
+The model is a regular diffusers Stable Diffusion folder (``assets/tiny-sd``): an x8
+``AutoencoderKL`` (128 px images <-> 4x16x16 latents), a small CLIP text encoder with the real
+CLIP BPE tokenizer, a ``UNet2DConditionModel`` with SD 1.5's block types (12 skip connections)
+and a DDIM scheduler with SD's noise schedule. ``StableDiffusionPipeline.from_pretrained`` loads
+it exactly like real SD weights.
+
+It is trained from scratch on the Shapes world (:mod:`scedit_ui.shapes_world`) in three
+resumable stages, each checkpointed atomically under a work directory::
+
+    python -m scedit_ui.tiny_model train --work runs/tiny --out assets/tiny-sd
+
+1. ``vae``   -- the autoencoder on random crops, then full 128 px images;
+2. ``cache`` -- the scaling factor (1 / std of latents) and the latents of the training scenes;
+3. ``unet``  -- UNet and text encoder jointly on the cached latents (EMA weights are exported).
+
+Kill it at any time and rerun the same command: it continues from the last checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gzip
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from PIL import Image
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from scedit_ui.errors import UserInputError
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_OUT = Path("assets/tiny-sd")
+DEFAULT_WORK = Path("runs/tiny")
+IMAGE_SIZE = 128
+LATENT_SIZE = 16
+MAX_TOKENS = 77
+CLIP_VOCAB_SIZE = 49408
+BOS_TOKEN, EOS_TOKEN = "<|startoftext|>", "<|endoftext|>"
+
+# ---------------------------------------------------------------------------- architecture
+
+# Sizes measured on a 2-core CPU (DESIGN.md §10): UNet 8.6 M parameters, ~1.1 s per training
+# step at batch 32. The text encoder's hidden size is the UNet's cross-attention dim.
+TEXT_HIDDEN = 64
+
+
+def unet_config() -> dict:
+    """SD 1.5's block layout (3 cross-attention down blocks + 1 plain, mirrored up) at small width."""
+    return dict(
+        sample_size=LATENT_SIZE,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        block_out_channels=(32, 64, 128, 128),
+        layers_per_block=2,
+        cross_attention_dim=TEXT_HIDDEN,
+        # diffusers reads this as the number of heads: 16 channels per head in every block.
+        attention_head_dim=(2, 4, 8, 8),
+        norm_num_groups=32,
+    )
+
+
+def vae_config() -> dict:
+    """Four encoder blocks (three x2 down-samplings) -> x8; narrow, because shapes are simple."""
+    return dict(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(16, 32, 64, 64),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=16,
+        sample_size=IMAGE_SIZE,
+        scaling_factor=1.0,  # replaced by 1 / std of the training latents after stage 1
+        force_upcast=False,
+    )
+
+
+def text_encoder_config() -> CLIPTextConfig:
+    """A 4-layer CLIP text transformer; the 49,408 x 64 token embedding is most of its size."""
+    return CLIPTextConfig(
+        vocab_size=CLIP_VOCAB_SIZE,
+        hidden_size=TEXT_HIDDEN,
+        intermediate_size=4 * TEXT_HIDDEN,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        max_position_embeddings=MAX_TOKENS,
+        hidden_act="quick_gelu",
+        projection_dim=TEXT_HIDDEN,
+        bos_token_id=CLIP_VOCAB_SIZE - 2,
+        eos_token_id=CLIP_VOCAB_SIZE - 1,
+        pad_token_id=CLIP_VOCAB_SIZE - 1,
+    )
+
+
+def scheduler_config() -> dict:
+    """SD 1.x's noise schedule (scaled_linear 0.00085..0.012, 1000 steps) for DDIM sampling."""
+    return dict(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type="epsilon",
+    )
+
+
+def build_unet() -> UNet2DConditionModel:
+    return UNet2DConditionModel(**unet_config())
+
+
+def build_vae() -> AutoencoderKL:
+    return AutoencoderKL(**vae_config())
+
+
+def build_text_encoder() -> CLIPTextModel:
+    return CLIPTextModel(text_encoder_config())
+
+
+def build_scheduler() -> DDIMScheduler:
+    return DDIMScheduler(**scheduler_config())
+
+
+def assemble_pipeline(
+    vae: AutoencoderKL, text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer, unet: UNet2DConditionModel
+) -> StableDiffusionPipeline:
+    """A StableDiffusionPipeline without safety checker, as real SD folders can be saved."""
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=build_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def save_pipeline_fp16(pipe: StableDiffusionPipeline, out: Path) -> None:
+    """Write ``pipe`` as a diffusers folder with fp16 safetensors weights.
+
+    Written to a sibling temp folder first and swapped in, so ``out`` is never half-written.
+    """
+    out = Path(out)
+    tmp = out.with_name(out.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    half = {name: copy.deepcopy(module).to("cpu", torch.float16) for name, module in _weighted_components(pipe).items()}
+    StableDiffusionPipeline(**{**pipe.components, **half}, requires_safety_checker=False).save_pretrained(
+        tmp, safe_serialization=True
+    )
+    # Keep the classic vocab.json / merges.txt of SD folders next to tokenizer.json.
+    for name in ("vocab.json", "merges.txt"):
+        if (out / "tokenizer" / name).exists():
+            shutil.copy2(out / "tokenizer" / name, tmp / "tokenizer" / name)
+    old = out.with_name(out.name + ".old")
+    if out.exists():
+        os.replace(out, old)
+    os.replace(tmp, out)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def _weighted_components(pipe: StableDiffusionPipeline) -> dict[str, torch.nn.Module]:
+    return {name: c for name, c in pipe.components.items() if isinstance(c, torch.nn.Module)}
+
+
+def folder_size_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
+# ---------------------------------------------------------------------------- tokenizer
+
+
+@lru_cache
+def _bytes_to_unicode() -> dict[int, str]:
+    """CLIP's (and GPT-2's) reversible byte -> printable unicode character table."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, (chr(c) for c in cs)))
+
+
+def build_clip_tokenizer(bpe_vocab_gz: Path, out_dir: Path) -> CLIPTokenizer:
+    """Build CLIP's tokenizer from OpenAI's ``bpe_simple_vocab_16e6.txt.gz`` and save it.
+
+    The file ships inside the ``open-clip-torch`` wheel (``open_clip/bpe_simple_vocab_16e6.txt.gz``).
+    The vocabulary is built exactly as CLIP's ``SimpleTokenizer`` does: the 256 byte characters,
+    the same with ``</w>``, one token per merge (merge lines 1..48894), then the start and end
+    tokens -- 49,408 tokens, the ids of every SD text encoder.
+    """
+    lines = gzip.open(bpe_vocab_gz).read().decode("utf-8").split("\n")
+    merges = lines[1 : 49152 - 256 - 2 + 1]
+    byte_chars = list(_bytes_to_unicode().values())
+    vocab = byte_chars + [c + "</w>" for c in byte_chars]
+    vocab += ["".join(m.split()) for m in merges]
+    vocab += [BOS_TOKEN, EOS_TOKEN]
+    if len(vocab) != CLIP_VOCAB_SIZE or len(set(vocab)) != CLIP_VOCAB_SIZE:
+        raise UserInputError(f"{bpe_vocab_gz} is not CLIP's BPE vocabulary ({len(vocab)} tokens built).")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    vocab_ids = {tok: i for i, tok in enumerate(vocab)}
+    tokenizer = CLIPTokenizer(
+        vocab=vocab_ids,
+        merges=[tuple(m.split()) for m in merges],
+        model_max_length=MAX_TOKENS,
+        bos_token=BOS_TOKEN,
+        eos_token=EOS_TOKEN,
+        unk_token=EOS_TOKEN,
+        pad_token=EOS_TOKEN,
+    )
+    tokenizer.save_pretrained(out_dir)
+    # The classic files too, as in every SD folder (tokenizer.json alone serves transformers >= 4).
+    (out_dir / "vocab.json").write_text(json.dumps(vocab_ids, ensure_ascii=False), encoding="utf-8")
+    (out_dir / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    return tokenizer
+
+
+def tokenize(tokenizer: CLIPTokenizer, prompts: Sequence[str]) -> torch.Tensor:
+    """Token ids padded/truncated to 77, exactly as StableDiffusionPipeline tokenizes prompts."""
+    return tokenizer(
+        list(prompts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids
+
+
+# ---------------------------------------------------------------------------- training config
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that determines the trained weights (with the Shapes world and the seed)."""
+
+    seed: int = 0
+    # stage 1: VAE
+    vae_crop_steps: int = 900  # 64 px random crops, batch vae_crop_batch
+    vae_full_steps: int = 200  # full 128 px images, batch vae_full_batch
+    vae_crop_batch: int = 32
+    vae_full_batch: int = 16
+    vae_lr: float = 1e-3
+    vae_kl_weight: float = 1e-6
+    vae_edge_weight: float = 0.5
+    # stage 2: latent cache
+    cache_scenes: int = 40_000
+    cache_chunk: int = 2_000
+    # stage 3: UNet + text encoder
+    unet_steps: int = 4_000
+    unet_batch: int = 32
+    unet_lr: float = 6e-4
+    unet_warmup: int = 100
+    unet_final_lr_fraction: float = 0.05
+    caption_dropout: float = 0.1
+    min_snr_gamma: float = 5.0
+    ema_decay: float = 0.999
+    grad_clip: float = 1.0
+    checkpoint_every: int = 100
+    eval_every: int = 800
+    eval_prompts: int = 48
+
+
+VAE_SEED_OFFSET = 10_000_000  # VAE images use scene seeds disjoint from the cached UNet scenes
+EVAL_SEED = 777
+
+
+def pick_device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    return torch.device("cpu")
+
+
+def _atomic_save(obj, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _step_generator(seed: int, stage: int, step: int) -> torch.Generator:
+    """Each step draws its randomness from its own seed, so a resumed run repeats it exactly."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + stage * 100_000_007 + step)
+
+
+def _scene_images(seeds: Sequence[int]) -> tuple[torch.Tensor, list[str], list]:
+    """Rendered training scenes as a [-1, 1] batch, their captions and scenes."""
+    from scedit_ui import shapes_world
+
+    scenes = [shapes_world.sample_scene(int(s), split="train") for s in seeds]
+    arrays = np.stack([np.asarray(shapes_world.render_scene(s, IMAGE_SIZE)) for s in scenes])
+    images = torch.from_numpy(arrays).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    return images, [shapes_world.caption(s) for s in scenes], scenes
+
+
+def _cosine_lr(step: int, total: int, warmup: int, final_fraction: float) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return final_fraction + (1 - final_fraction) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+# ---------------------------------------------------------------------------- stage 1: VAE
+
+
+def _vae_loss(vae: AutoencoderKL, images: torch.Tensor, cfg: TrainConfig, generator: torch.Generator) -> torch.Tensor:
+    posterior = vae.encode(images).latent_dist
+    noise = torch.randn(posterior.mean.shape, generator=generator).to(images.device)
+    z = posterior.mean + posterior.std * noise
+    recon = vae.decode(z).sample
+    diff = recon - images
+    # Shapes are flat colours with sharp edges: L1 keeps colours exact, the gradient term the edges.
+    edge = (diff[..., 1:, :] - diff[..., :-1, :]).abs().mean() + (diff[..., :, 1:] - diff[..., :, :-1]).abs().mean()
+    return diff.abs().mean() + diff.pow(2).mean() + cfg.vae_edge_weight * edge + cfg.vae_kl_weight * posterior.kl().mean()
+
+
+def train_vae(work: Path, cfg: TrainConfig, device: torch.device) -> AutoencoderKL:
+    """Stage 1. Returns the trained VAE (scaling factor still 1); resumes from ``work/vae.pt``."""
+    final = work / "vae"
+    if (final / "config.json").exists():
+        return AutoencoderKL.from_pretrained(final)
+    torch.manual_seed(cfg.seed)
+    vae = build_vae().to(device)
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
+    total = cfg.vae_crop_steps + cfg.vae_full_steps
+    ckpt_path = work / "vae.pt"
+    start = 0
+    if ckpt_path.exists():
+        state = torch.load(ckpt_path, map_location=device, weights_only=True)
+        vae.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start = state["step"]
+        logger.info("vae: resuming at step %d/%d", start, total)
+    vae.train()
+    t0, running = time.time(), 0.0
+    for step in range(start, total):
+        g = _step_generator(cfg.seed, 1, step)
+        crop = step < cfg.vae_crop_steps
+        batch = cfg.vae_crop_batch if crop else cfg.vae_full_batch
+        images, _, _ = _scene_images(range(VAE_SEED_OFFSET + step * batch, VAE_SEED_OFFSET + (step + 1) * batch))
+        if crop:
+            size = IMAGE_SIZE // 2
+            ys, xs = torch.randint(0, IMAGE_SIZE - size + 1, (2, batch), generator=g).tolist()
+            images = torch.stack([im[:, y : y + size, x : x + size] for im, y, x in zip(images, ys, xs)])
+        for group in optimizer.param_groups:
+            group["lr"] = cfg.vae_lr * _cosine_lr(step, total, 50, 0.05)
+        loss = _vae_loss(vae, images.to(device), cfg, g)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), cfg.grad_clip)
+        optimizer.step()
+        running += loss.item()
+        done = step + 1
+        if done % 50 == 0 or done == total:
+            logger.info("vae: step %d/%d loss %.4f (%.2f s/step)", done, total, running / 50, (time.time() - t0) / (done - start))
+            running = 0.0
+        if done % cfg.checkpoint_every == 0 or done == total:
+            _atomic_save({"step": done, "model": vae.state_dict(), "optimizer": optimizer.state_dict()}, ckpt_path)
+    vae.eval()
+    tmp = final.with_name("vae.tmp")
+    vae.save_pretrained(tmp)
+    os.replace(tmp, final)
+    logger.info("vae: done in %.1f min", (time.time() - t0) / 60)
+    return vae
+
+
+# ---------------------------------------------------------------------------- stage 2: latent cache
+
+
+@torch.no_grad()
+def cache_latents(work: Path, vae: AutoencoderKL, cfg: TrainConfig, device: torch.device) -> tuple[torch.Tensor, list[str]]:
+    """Stage 2. Sets the VAE's scaling factor and encodes ``cfg.cache_scenes`` training scenes.
+
+    Latents (posterior means, unscaled, fp16) and captions are written in chunks, each chunk
+    atomically, so an interrupted cache continues where it stopped. Returns scaled latents.
+    """
+    vae = vae.to(device).eval()
+    cache_dir = work / "cache"
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    n_chunks = math.ceil(cfg.cache_scenes / cfg.cache_chunk)
+    latents, captions = [], []
+    for c in range(n_chunks):
+        path = cache_dir / f"chunk_{c:03d}.pt"
+        if not path.exists():
+            seeds = range(c * cfg.cache_chunk, min((c + 1) * cfg.cache_chunk, cfg.cache_scenes))
+            chunk_latents, chunk_captions = [], []
+            for i in range(0, len(seeds), 100):
+                images, caps, _ = _scene_images(seeds[i : i + 100])
+                chunk_latents.append(vae.encode(images.to(device)).latent_dist.mean.half().cpu())
+                chunk_captions += caps
+            _atomic_save({"latents": torch.cat(chunk_latents), "captions": chunk_captions}, path)
+            logger.info("cache: chunk %d/%d (%.1f min)", c + 1, n_chunks, (time.time() - t0) / 60)
+        chunk = torch.load(path, weights_only=True)
+        latents.append(chunk["latents"])
+        captions += chunk["captions"]
+    latents_t = torch.cat(latents).float()
+    scaling = 1.0 / latents_t.std().item()
+    vae.register_to_config(scaling_factor=scaling)
+    logger.info("cache: %d latents, std %.4f -> scaling_factor %.5f", len(latents_t), 1 / scaling, scaling)
+    return latents_t * scaling, captions
+
+
+# ---------------------------------------------------------------------------- stage 3: UNet + text encoder
+
+
+def _snr(scheduler: DDIMScheduler, timesteps: torch.Tensor) -> torch.Tensor:
+    alphas_cumprod = scheduler.alphas_cumprod[timesteps]
+    return alphas_cumprod / (1 - alphas_cumprod)
+
+
+def train_unet(
+    work: Path,
+    out: Path,
+    vae: AutoencoderKL,
+    tokenizer: CLIPTokenizer,
+    latents: torch.Tensor,
+    captions: list[str],
+    cfg: TrainConfig,
+    device: torch.device,
+) -> None:
+    """Stage 3: UNet and text encoder trained jointly (epsilon, Min-SNR-gamma weighting, CFG dropout).
+
+    Every ``eval_every`` steps and at the end the EMA weights are exported to ``out`` and scored.
+    """
+    torch.manual_seed(cfg.seed + 1)
+    unet, text_encoder = build_unet().to(device), build_text_encoder().to(device)
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    ema = [p.detach().clone() for p in params]
+    optimizer = torch.optim.AdamW(params, lr=cfg.unet_lr, weight_decay=1e-2)
+    scheduler = build_scheduler()
+    ckpt_path = work / "unet.pt"
+    start = 0
+    if ckpt_path.exists():
+        state = torch.load(ckpt_path, map_location=device, weights_only=True)
+        unet.load_state_dict(state["unet"])
+        text_encoder.load_state_dict(state["text_encoder"])
+        optimizer.load_state_dict(state["optimizer"])
+        for e, saved in zip(ema, state["ema"]):
+            e.copy_(saved)
+        start = state["step"]
+        logger.info("unet: resuming at step %d/%d", start, cfg.unet_steps)
+    token_ids = tokenize(tokenizer, captions)
+    empty_ids = tokenize(tokenizer, [""])[0]
+    unet.train()
+    text_encoder.train()
+    t0, running = time.time(), 0.0
+    for step in range(start, cfg.unet_steps):
+        g = _step_generator(cfg.seed, 3, step)
+        idx = torch.randint(0, len(latents), (cfg.unet_batch,), generator=g)
+        x0 = latents[idx]
+        ids = token_ids[idx].clone()
+        ids[torch.rand(cfg.unet_batch, generator=g) < cfg.caption_dropout] = empty_ids
+        noise = torch.randn(x0.shape, generator=g)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (cfg.unet_batch,), generator=g)
+        noisy = scheduler.add_noise(x0, noise, t)
+        for group in optimizer.param_groups:
+            group["lr"] = cfg.unet_lr * _cosine_lr(step, cfg.unet_steps, cfg.unet_warmup, cfg.unet_final_lr_fraction)
+        text = text_encoder(ids.to(device))[0]
+        pred = unet(noisy.to(device), t.to(device), text).sample
+        snr = _snr(scheduler, t)
+        weight = (torch.clamp(snr, max=cfg.min_snr_gamma) / snr).to(device)  # Min-SNR-gamma for epsilon
+        loss = (weight * (pred - noise.to(device)).pow(2).mean(dim=(1, 2, 3))).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        optimizer.step()
+        decay = min(cfg.ema_decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - decay)
+        running += loss.item()
+        done = step + 1
+        if done % 50 == 0 or done == cfg.unet_steps:
+            logger.info(
+                "unet: step %d/%d loss %.4f lr %.2e (%.2f s/step)",
+                done, cfg.unet_steps, running / 50, optimizer.param_groups[0]["lr"], (time.time() - t0) / (done - start),
+            )
+            running = 0.0
+        if done % cfg.checkpoint_every == 0 or done == cfg.unet_steps:
+            _atomic_save(
+                {
+                    "step": done,
+                    "unet": unet.state_dict(),
+                    "text_encoder": text_encoder.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "ema": ema,
+                },
+                ckpt_path,
+            )
+        if done % cfg.eval_every == 0 or done == cfg.unet_steps:
+            export(out, vae, tokenizer, unet, text_encoder, params, ema, device)
+            if _checker_available():
+                quick_eval(out, cfg.eval_prompts, device, log_dir=work, tag=f"step{done}")
+            else:
+                logger.warning("eval skipped at step %d: scedit_ui.checker is not installed yet", done)
+            unet.train()
+            text_encoder.train()
+    logger.info("unet: done (%.1f min this run)", (time.time() - t0) / 60)
+
+
+def export(
+    out: Path,
+    vae: AutoencoderKL,
+    tokenizer: CLIPTokenizer,
+    unet: UNet2DConditionModel,
+    text_encoder: CLIPTextModel,
+    params: list[torch.nn.Parameter],
+    ema: list[torch.Tensor],
+    device: torch.device,
+) -> None:
+    """Save the pipeline with the EMA weights (fp16) to ``out``; the live weights are restored."""
+    live = [p.detach().clone() for p in params]
+    with torch.no_grad():
+        for p, e in zip(params, ema):
+            p.copy_(e)
+    unet.eval()
+    text_encoder.eval()
+    pipe = assemble_pipeline(vae.to(device), text_encoder, tokenizer, unet)
+    save_pipeline_fp16(pipe, out)
+    with torch.no_grad():
+        for p, w in zip(params, live):
+            p.copy_(w)
+    logger.info("export: %s (%.1f MB)", out, folder_size_bytes(out) / 1e6)
+
+
+# ---------------------------------------------------------------------------- quick eval
+
+
+def _checker_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("scedit_ui.checker") is not None
+
+
+def load_pipeline(path: Path, device: torch.device | str = "cpu") -> StableDiffusionPipeline:
+    """The shipped folder as an fp32 pipeline with DDIM (the same call works for real SD folders)."""
+    pipe = StableDiffusionPipeline.from_pretrained(path, dtype=torch.float32)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+@torch.no_grad()
+def quick_eval(
+    path: Path,
+    n: int,
+    device: torch.device | str = "cpu",
+    *,
+    steps: int = 20,
+    guidance: float = 5.0,
+    log_dir: Path | None = None,
+    tag: str = "eval",
+) -> dict[str, float]:
+    """Mean colour / shape adherence of ``n`` held-out prompts (checker), logged and returned.
+
+    Writes a preview grid ``{log_dir}/{tag}.png`` of the first 16 images when ``log_dir`` is set.
+    """
+    from scedit_ui import shapes_world
+    from scedit_ui.checker import score_adherence
+
+    pipe = load_pipeline(path, device)
+    scenes = [shapes_world.sample_scene(EVAL_SEED * 100_000 + i, split="heldout") for i in range(n)]
+    prompts = [shapes_world.caption(s) for s in scenes]
+    images: list[Image.Image] = []
+    t0 = time.time()
+    for i in range(0, n, 16):
+        generator = torch.Generator().manual_seed(EVAL_SEED + i)
+        images += pipe(
+            prompts[i : i + 16], num_inference_steps=steps, guidance_scale=guidance, generator=generator
+        ).images
+    scores = [score_adherence(im, sc) for im, sc in zip(images, scenes)]
+    result = {
+        "color": float(np.mean([s.color_correct for s in scores])),
+        "shape": float(np.mean([s.shape_correct for s in scores])),
+        "n": n,
+    }
+    logger.info(
+        "eval %s: colour %.3f shape %.3f (n=%d, %d DDIM steps, guidance %g, %.0f s)",
+        tag, result["color"], result["shape"], n, steps, guidance, time.time() - t0,
+    )
+    if log_dir is not None:
+        grid = Image.new("RGB", (IMAGE_SIZE * 8, IMAGE_SIZE * 2))
+        for k, im in enumerate(images[:16]):
+            grid.paste(im, ((k % 8) * IMAGE_SIZE, (k // 8) * IMAGE_SIZE))
+        grid.save(Path(log_dir) / f"{tag}.png")
+        with open(Path(log_dir) / "eval.jsonl", "a") as f:
+            f.write(json.dumps({"tag": tag, **result}) + "\n")
+    return result
+
+
+# ---------------------------------------------------------------------------- all stages
+
+
+def train(work: Path, out: Path, cfg: TrainConfig = TrainConfig()) -> None:
+    """Run (or resume) all three stages; the tokenizer must already be in ``out/tokenizer``."""
+    tokenizer_dir = Path(out) / "tokenizer"
+    if not (tokenizer_dir / "vocab.json").exists():
+        raise UserInputError(
+            f"No tokenizer in {tokenizer_dir}. Build it first: python -m scedit_ui.tiny_model "
+            f"build-tokenizer --bpe-vocab PATH/bpe_simple_vocab_16e6.txt.gz --out {out}"
+        )
+    tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
+    work = Path(work)
+    work.mkdir(parents=True, exist_ok=True)
+    config_path = work / "config.json"
+    if config_path.exists() and json.loads(config_path.read_text()) != asdict(cfg):
+        raise UserInputError(f"{work} holds a run with a different configuration; use another --work folder.")
+    config_path.write_text(json.dumps(asdict(cfg), indent=1))
+    device = pick_device()
+    logger.info("training on %s with %s", device, cfg)
+    t0 = time.time()
+    vae = train_vae(work, cfg, device)
+    t1 = time.time()
+    latents, captions = cache_latents(work, vae, cfg, device)
+    t2 = time.time()
+    train_unet(work, Path(out), vae, tokenizer, latents, captions, cfg, device)
+    logger.info(
+        "all stages done: vae %.1f min, cache %.1f min, unet %.1f min (this run)",
+        (t1 - t0) / 60, (t2 - t1) / 60, (time.time() - t2) / 60,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m scedit_ui.tiny_model", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_tok = sub.add_parser("build-tokenizer", help="build the CLIP tokenizer into OUT/tokenizer")
+    p_tok.add_argument("--bpe-vocab", type=Path, required=True, help="bpe_simple_vocab_16e6.txt.gz (from open-clip-torch)")
+    p_tok.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    p_train = sub.add_parser("train", help="train (or resume) all stages")
+    p_train.add_argument("--work", type=Path, default=DEFAULT_WORK, help="checkpoints, caches and train.log")
+    p_train.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    p_eval = sub.add_parser("eval", help="colour/shape adherence of a model folder on held-out prompts")
+    p_eval.add_argument("--model", type=Path, default=DEFAULT_OUT)
+    p_eval.add_argument("-n", type=int, default=200)
+    args = parser.parse_args(argv)
+
+    handlers: list[logging.Handler] = [logging.StreamHandler()]
+    if args.command == "train":
+        args.work.mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(args.work / "train.log"))
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", handlers=handlers)
+    try:
+        if args.command == "build-tokenizer":
+            build_clip_tokenizer(args.bpe_vocab, args.out / "tokenizer")
+        elif args.command == "train":
+            train(args.work, args.out)
+        else:
+            quick_eval(args.model, args.n, pick_device())
+    except UserInputError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -9,11 +9,14 @@ Metrics (:func:`score_adherence`, against a :class:`~scedit_ui.shapes_world.Scen
 - **background_correct** — the named colour nearest (CIELAB) to the majority of the border
   pixels equals the prompted background colour.
 - Blobs — connected regions that differ from the measured background by more than half the
-  smallest distance between two named colours, after a 3x3 opening; regions under 0.35 % of the
-  image (57 px at 128 px) are ignored. A region holding two colours is split by colour. Each blob
-  gets the named colour nearest its median colour, a kind (the upright template — circle, square,
-  triangle, star, ring — with the highest IoU against the blob, fitted to its bounding box) and a
-  3x3 grid cell (from its centroid).
+  smallest CIELAB distance between two named colours (3x3 median first, 3x3 opening after);
+  regions under 0.35 % of the image (57 px at 128 px) are ignored. A region's colours are the
+  named colours of its core (eroded twice), minus any that is a blend of the background and
+  another of its colours (a blurred rim); its pixels go to the nearest of the background and
+  those colours, so a blurred edge falls at mid-colour and touching shapes are split. Each blob
+  gets that named colour, a kind (the upright template — circle, square, triangle, star, ring —
+  with the highest IoU against the blob, fitted to its bounding box) and a 3x3 grid cell (from
+  its bounding-box centre, cells split at thirds of the image).
 - Prompted shapes are matched one-to-one to blobs of the *same colour*, maximising
   4 + 2·[kind right] + [cell right] over the matching (exact, by dynamic programming).
 - **color_correct** — fraction of prompted shapes matched to a blob of their colour.
@@ -206,7 +209,7 @@ def _component_blobs(
         core = component
     core_labels = _nearest_color_index(lab[core], exclude=bg_index)
     counts = np.bincount(core_labels, minlength=len(_NAMES))
-    candidates = [int(c) for c in np.argsort(-counts) if counts[c] >= max(min_area / 4, 0.2 * len(core_labels))]
+    candidates = [int(c) for c in np.argsort(-counts) if counts[c] >= max(min_area / 4, 0.05 * len(core_labels))]
     core_rgb = rgb[core].astype(np.float32)
     bg_rgb = np.median(rgb[~component].reshape(-1, 3), axis=0).astype(np.float32) if (~component).any() \
         else np.array(COLORS[_NAMES[bg_index]], np.float32)

@@ -69,7 +69,10 @@ _lock = threading.RLock()
 
 
 def set_annotators_dir(directory: str | Path | None) -> None:
-    """Use `directory` first when looking for weights (None: only `$SCEDIT_ANNOTATORS` and the Hub)."""
+    """Use `directory` first when looking for weights (None: only `$SCEDIT_ANNOTATORS` and the Hub).
+
+    Models already loaded or registered are forgotten, so the next use loads from the new folder.
+    """
     global _annotators_dir
     if directory is not None:
         directory = Path(directory).expanduser()
@@ -274,7 +277,9 @@ def _build_midas(paths: list[Path]) -> Any:
     from controlnet_aux.midas import MidasDetector
     from controlnet_aux.midas.api import MiDaSInference
 
-    return MidasDetector(MiDaSInference(model_type="dpt_hybrid", model_path=str(paths[0])))
+    with warnings.catch_warnings():  # timm: "Mapping deprecated model name vit_base_resnet50_384 ..."
+        warnings.simplefilter("ignore", UserWarning)
+        return MidasDetector(MiDaSInference(model_type="dpt_hybrid", model_path=str(paths[0])))
 
 
 def _build_openpose_part(part: str) -> Callable[[list[Path]], Any]:

@@ -59,6 +59,7 @@ def _add_condition_command(subparsers: argparse._SubParsersAction) -> None:
     def run(args: argparse.Namespace) -> int:
         params = conditions.parse_params(args.kind, args.param)
         if args.mask:
+            conditions.condition_kind(args.kind).param("mask")  # refuses --mask for kinds that take none
             params["mask"] = conditions.load_mask(args.mask)
         if args.annotators:
             annotators.set_annotators_dir(args.annotators)

@@ -121,16 +121,22 @@ class ConditionKind:
     annotator_models: tuple[str, ...] = ()
     makes_mask: bool = False
 
+    def param(self, name: str) -> ParamSpec:
+        """The parameter called `name`, or `UserInputError` listing the accepted ones."""
+        for spec in self.params:
+            if spec.name == name:
+                return spec
+        accepted = ", ".join(p.name for p in self.params) or "no parameters"
+        raise UserInputError(f"{self.name} has no parameter {name!r} (it takes: {accepted})")
+
     def defaults(self) -> dict[str, Any]:
         return {p.name: p.default for p in self.params}
 
     def resolve(self, params: Mapping[str, Any]) -> dict[str, Any]:
         """Every parameter's value: `params` validated, the others at their defaults."""
+        for name in sorted(params):
+            self.param(name)
         specs = {p.name: p for p in self.params}
-        unknown = sorted(set(params) - set(specs))
-        if unknown:
-            accepted = ", ".join(specs) or "no parameters"
-            raise UserInputError(f"{self.name} has no parameter {', '.join(unknown)} (it takes: {accepted})")
         return {name: spec.validate(params[name]) if name in params else spec.default for name, spec in specs.items()}
 
 
@@ -661,17 +667,14 @@ def parse_size(text: str) -> Size:
 
 def parse_params(kind: str, assignments: Iterable[str]) -> dict[str, Any]:
     """['low=50', 'high=150'] -> {'low': 50, 'high': 150}, typed and checked against `kind`'s parameters."""
-    specs = {p.name: p for p in condition_kind(kind).params}
+    spec = condition_kind(kind)
     params: dict[str, Any] = {}
     for assignment in assignments:
         name, sep, text = assignment.partition("=")
-        name = name.strip().replace("-", "_")
         if not sep:
             raise UserInputError(f"parameter must look like NAME=VALUE, not {assignment!r}")
-        if name not in specs:
-            accepted = ", ".join(specs) or "no parameters"
-            raise UserInputError(f"{kind} has no parameter {name!r} (it takes: {accepted})")
-        params[name] = specs[name].parse(text)
+        name = name.strip().replace("-", "_")
+        params[name] = spec.param(name).parse(text)
     return params
 
 

@@ -315,7 +315,7 @@ def test_requests_fill_defaults_so_equal_meanings_compare_equal():
         (("blur", (64, 64)), "unknown condition kind"),
         (("canny", (64, 64), "stretch"), "fit must be"),
         (("canny", (0, 64)), "out of range"),
-        (("canny", (64, 64), "crop", {"sigma": 2}), "no parameter sigma"),
+        (("canny", (64, 64), "crop", {"sigma": 2}), "no parameter 'sigma'"),
         (("canny", (64, 64), "crop", {"low": -1}), "between"),
         (("canny", (64, 64), "crop", {"low": 1.5}), "whole number"),
         (("hed", (64, 64), "crop", {"safe": "maybe"}), "true or false"),

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import logging
 import math
 import threading
 import warnings
@@ -39,11 +38,9 @@ from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
 from scedit_ui import annotators
 from scedit_ui.errors import UserInputError
 
-logger = logging.getLogger(__name__)
-
 DEFAULT_MAX_PIXELS = 40_000_000  # refuse bigger pictures before decoding them (decompression bombs)
 MAX_SIDE = 8192
-MASK_FILL = 128
+MASK_FILL = 128  # every channel of a masked pixel in inpaint/outpaint conditions
 FIT_MODES = ("crop", "resize", "pad")
 
 Size = tuple[int, int]  # (width, height)

@@ -21,6 +21,8 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True)
     # Each subcommand is added by one `_add_<name>_command(subparsers)` function below.
     _add_condition_command(subparsers)
+    _add_generate_command(subparsers)
+    _add_eval_command(subparsers)
     return parser
 
 
@@ -28,12 +30,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    _quiet_libraries(args.verbose)
     handler: Handler = args.handler
     try:
         return handler(args)
     except UserInputError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+
+
+def _quiet_libraries(verbose: bool) -> None:
+    """Keep library progress bars and advice off the terminal unless -v: errors stay one line."""
+    if verbose:
+        return
+    import warnings
+
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    warnings.filterwarnings("ignore")
+    for library in (diffusers_logging, transformers_logging):
+        library.set_verbosity_error()
+        library.disable_progress_bar()
 
 
 def _add_condition_command(subparsers: argparse._SubParsersAction) -> None:
@@ -71,6 +89,128 @@ def _add_condition_command(subparsers: argparse._SubParsersAction) -> None:
         conditions.save_image(result.image, args.out)
         if args.mask_out:
             conditions.save_image(result.mask, args.mask_out)
+        return 0
+
+    command.set_defaults(handler=run)
+
+
+def _split_suffix_number(spec: str, default: float = 1.0) -> tuple[str, float]:
+    """'NAME:1.5' -> ('NAME', 1.5); 'NAME' -> ('NAME', default)."""
+    head, _, tail = spec.rpartition(":")
+    try:
+        return (head, float(tail)) if head else (spec, default)
+    except ValueError:
+        return spec, default
+
+
+def _add_model_options(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--model", default="", metavar="PATH_OR_ID", help="diffusers folder, .safetensors file or hub id (default: built-in tiny model)")
+    command.add_argument("--config", metavar="FOLDER", help="for a single-file checkpoint: a diffusers folder with its configs")
+    command.add_argument("--device", default="auto", choices=("auto", "cuda", "mps", "cpu"))
+
+
+def _add_generate_command(subparsers: argparse._SubParsersAction) -> None:
+    from scedit_ui.request import SCHEDULERS
+
+    command = subparsers.add_parser("generate", help="generate images (PNG with the parameters in its metadata)")
+    command.add_argument("--prompt", required=True)
+    command.add_argument("--negative", default="", help="negative prompt")
+    command.add_argument("--seed", type=int, default=0)
+    command.add_argument("--out", required=True, metavar="FILE.png", help="output; a batch writes FILE-0.png, FILE-1.png, ...")
+    command.add_argument("--steps", type=int, default=20)
+    command.add_argument("--guidance", type=float, default=5.0)
+    command.add_argument("--size", metavar="WxH", help="default: the model's native size")
+    command.add_argument("--scheduler", default="DDIM", help=f"one of: {', '.join(SCHEDULERS)}")
+    command.add_argument("--batch", type=int, default=1)
+    command.add_argument("--tuner", action="append", default=[], metavar="FILE[:SCALE]", help="SC tuner (file or library name), repeatable")
+    command.add_argument("--control", action="append", default=[], metavar="TUNER:IMAGE[:ALPHA]", help="CSC tuner and the picture to extract its condition from, repeatable")
+    command.add_argument("--raw-control", action="store_true", help="the --control images are condition images already (no extraction)")
+    command.add_argument("--normalise-alpha", action="store_true", help="divide the α of the controls by their sum")
+    command.add_argument("--rho-inner", type=float, help="Skip-Tuning: ρ of the innermost skip (linear from --rho-outer)")
+    command.add_argument("--rho-outer", type=float, default=1.0)
+    command.add_argument("--freeu", action="store_true", help="FreeU with the preset for the model family")
+    command.add_argument("--library", default="library", metavar="DIR", help="tuner library folder")
+    _add_model_options(command)
+
+    def run(args: argparse.Namespace) -> int:
+        from dataclasses import replace
+        from pathlib import Path
+
+        from scedit_ui import conditions
+        from scedit_ui.model_manager import ModelManager
+        from scedit_ui.request import ConditionUse, GenerationRequest, SkipTuningSettings, TunerUse, save_png
+        from scedit_ui.tuner_library import TunerLibrary
+        from tuners import read_metadata
+
+        library = TunerLibrary(args.library)
+        width, height = conditions.parse_size(args.size) if args.size else (None, None)
+        request = GenerationRequest(
+            prompt=args.prompt, negative_prompt=args.negative, seed=args.seed, steps=args.steps, guidance=args.guidance,
+            width=width, height=height, scheduler=args.scheduler, batch_size=args.batch,
+            sc_tuners=tuple(TunerUse(str(library.resolve(name)), scale) for name, scale in map(_split_suffix_number, args.tuner)),
+            normalise_alpha=args.normalise_alpha,
+            skip_tuning=SkipTuningSettings(args.rho_outer, args.rho_inner) if args.rho_inner is not None else None,
+        )
+        request.validated(native_size=512)  # fail on bad values before loading anything; 512 only fills unset sizes
+        manager = ModelManager(args.device)
+        manager.load(args.model, args.config)
+        size = (width or manager.native_size, height or manager.native_size)
+        controls = []
+        for spec in args.control:
+            head, alpha = _split_suffix_number(spec)
+            tuner_name, _, image_path = head.partition(":")
+            if not image_path:
+                raise UserInputError(f"--control needs TUNER:IMAGE[:ALPHA], got {spec!r}")
+            tuner_path = library.resolve(tuner_name)
+            picture = conditions.load_image(image_path)
+            if args.raw_control:
+                condition_image = picture
+            else:
+                kind = read_metadata(tuner_path).condition_type
+                condition_image = conditions.extract(picture, conditions.ConditionRequest(kind, size)).image
+            controls.append(ConditionUse(str(tuner_path), condition_image, alpha))
+        request = replace(request, conditions=tuple(controls), freeu=manager.freeu_preset() if args.freeu else None)
+        result = manager.generate(request)
+        for notice in result.notices:
+            print(f"note: {notice}", file=sys.stderr)
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        for i, image in enumerate(result.images):
+            path = out if len(result.images) == 1 else out.with_name(f"{out.stem}-{i}{out.suffix}")
+            save_png(image, str(path))
+            print(path)
+        return 0
+
+    command.set_defaults(handler=run)
+
+
+def _add_eval_command(subparsers: argparse._SubParsersAction) -> None:
+    command = subparsers.add_parser("eval", help="measure the base model with the Shapes-world checker")
+    metrics = command.add_subparsers(dest="metric", required=True)
+    adherence = metrics.add_parser("adherence", help="colour/shape accuracy on held-out prompts")
+    adherence.add_argument("--n", type=int, default=200, help="number of held-out prompts")
+    adherence.add_argument("--seed", type=int, default=0)
+    adherence.add_argument("--steps", type=int, default=20)
+    adherence.add_argument("--guidance", type=float, default=5.0)
+    adherence.add_argument("--json", action="store_true")
+    _add_model_options(adherence)
+
+    def run(args: argparse.Namespace) -> int:
+        import json
+
+        from scedit_ui.evaluation import evaluate_adherence
+        from scedit_ui.model_manager import ModelManager
+
+        if args.n < 1:
+            raise UserInputError(f"--n must be at least 1, got {args.n}")
+        manager = ModelManager(args.device)
+        manager.load(args.model, args.config)
+        report = evaluate_adherence(manager, args.n, args.seed, args.steps, args.guidance)
+        if args.json:
+            print(json.dumps(report.to_dict(), indent=2))
+        else:
+            for key, value in report.to_dict().items():
+                print(f"{key:<22} {value:.3f}" if isinstance(value, float) else f"{key:<22} {value}")
         return 0
 
     command.set_defaults(handler=run)

@@ -1,0 +1,172 @@
+"""ModelManager and the generation API on a random-weight SD pipeline folder (64 px, CPU)."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from scedit_ui.errors import UserInputError
+from scedit_ui.model_manager import GenerationCancelled, ModelManager, resolve_source
+from scedit_ui.request import (
+    SCHEDULERS,
+    ConditionUse,
+    GenerationRequest,
+    SkipTuningSettings,
+    TunerUse,
+    request_from_png,
+    save_png,
+)
+from tuners import CSCTuner, SCTuner, TunerMetadata, save_tuner
+
+FAST = dict(steps=2, guidance=5.0)
+
+
+@pytest.fixture(scope="module")
+def manager(random_sd_folder) -> ModelManager:
+    manager = ModelManager("cpu")
+    manager.load(str(random_sd_folder))
+    return manager
+
+
+def pixels(image: Image.Image) -> np.ndarray:
+    return np.asarray(image.convert("RGB"))
+
+
+def randomised_tuner_file(tuner, path, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in tuner.parameters():
+            p.copy_(torch.randn(p.shape, generator=generator) * 0.2)
+    save_tuner(tuner, path, TunerMetadata.describe(tuner, "test"))
+    return str(path)
+
+
+def test_loads_a_diffusers_folder_and_reports_its_layout(manager):
+    info = manager.info()
+    assert info.num_skips == 12 and info.native_size == 64 and info.device == "cpu" and info.dtype == "float32"
+
+
+def test_same_request_gives_the_same_pixels_and_another_seed_does_not(manager):
+    request = GenerationRequest("a red circle at the top left on a blue background", seed=7, **FAST)
+    first, again = manager.generate(request).images[0], manager.generate(request).images[0]
+    assert np.array_equal(pixels(first), pixels(again))
+    assert not np.array_equal(pixels(first), pixels(manager.generate(replace(request, seed=8)).images[0]))
+
+
+def test_png_metadata_recreates_the_image_exactly(manager, tmp_path):
+    request = GenerationRequest("a green star", negative_prompt="blurry", seed=11, batch_size=2, scheduler="Euler a",
+                                skip_tuning=SkipTuningSettings(1.0, 0.8), **FAST)
+    images = manager.generate(request).images
+    save_png(images[1], tmp_path / "b.png")
+    loaded = Image.open(tmp_path / "b.png")
+    assert "Negative prompt: blurry" in loaded.info["parameters"] and "Seed: 12" in loaded.info["parameters"]
+    stored, index, model = request_from_png(loaded)
+    assert index == 1 and stored == replace(request, width=64, height=64)
+    recreated = manager.generate(stored).images[index]
+    assert np.array_equal(pixels(recreated), pixels(loaded))
+
+
+@pytest.mark.parametrize("scheduler", SCHEDULERS)
+def test_every_scheduler_generates(manager, scheduler):
+    image = manager.generate(GenerationRequest("a ring", scheduler=scheduler, **FAST)).images[0]
+    assert image.size == (64, 64) and pixels(image).std() > 0
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"scheduler": "PLMS++"}, "unknown scheduler"),
+        ({"width": 0}, "width must be between"),
+        ({"height": -64}, "height must be between"),
+        ({"width": 100}, "multiple of 8"),
+        ({"steps": 0}, "steps must be between"),
+        ({"steps": 10_000}, "steps must be between"),
+        ({"guidance": float("nan")}, "guidance must be a finite number"),
+        ({"guidance": 99.0}, "guidance must be between"),
+        ({"batch_size": 0}, "batch size must be between"),
+        ({"seed": -1}, "seed must be between"),
+        ({"steps": 2.5}, "steps must be a whole number"),
+    ],
+)
+def test_bad_input_is_refused_before_any_work(manager, monkeypatch, change, message):
+    monkeypatch.setattr(manager, "_run_pipeline", lambda *a: pytest.fail("the pipeline ran"))
+    with pytest.raises(UserInputError, match=message):
+        manager.generate(replace(GenerationRequest("a square", **FAST), **change))
+    assert not manager.lock.locked()
+
+
+def test_over_long_prompt_is_truncated_with_a_notice(manager):
+    result = manager.generate(GenerationRequest(" ".join(["a red circle"] * 40), **FAST))
+    assert len(result.images) == 1
+    assert any("only the first 77" in notice for notice in result.notices)
+
+
+def test_tuners_conditions_and_rho_change_the_image(manager, tmp_path):
+    layout = manager.editor.layout
+    plain = GenerationRequest("a blue square", seed=5, **FAST)
+    baseline = pixels(manager.generate(plain).images[0])
+    sc_file = randomised_tuner_file(SCTuner(layout, 0.5), tmp_path / "style.safetensors")
+    csc_file = randomised_tuner_file(CSCTuner(layout, 1, "canny"), tmp_path / "canny.safetensors", seed=1)
+    hint = Image.fromarray(np.tile(np.arange(64, dtype=np.uint8)[None, :, None] * 4, (64, 1, 3)))
+    variants = {
+        "sc": replace(plain, sc_tuners=(TunerUse(sc_file, 1.0),)),
+        "csc": replace(plain, conditions=(ConditionUse(csc_file, hint, 1.0),)),
+        "rho": replace(plain, skip_tuning=SkipTuningSettings(1.0, 0.5)),
+    }
+    for name, request in variants.items():
+        assert not np.array_equal(pixels(manager.generate(request).images[0]), baseline), name
+    # Every edit is removed after each generation.
+    assert np.array_equal(pixels(manager.generate(plain).images[0]), baseline)
+
+
+def test_a_cancelled_generation_releases_the_lock(manager):
+    cancel = threading.Event()
+    cancel.set()
+    with pytest.raises(GenerationCancelled):
+        manager.generate(GenerationRequest("a star", **FAST), cancel=cancel)
+    assert not manager.lock.locked()
+    assert manager.generate(GenerationRequest("a star", **FAST)).images
+
+
+def test_progress_reports_every_step(manager):
+    seen = []
+    manager.generate(GenerationRequest("a star", steps=3), progress=lambda step, total: seen.append((step, total)))
+    assert seen == [(1, 3), (2, 3), (3, 3)]
+
+
+def test_missing_models_explain_what_was_tried(tmp_path, monkeypatch):
+    with pytest.raises(UserInputError, match="not found"):
+        resolve_source(str(tmp_path / "nowhere" / "model dir"))
+    with pytest.raises(UserInputError, match="no model_index.json"):
+        resolve_source(str(tmp_path))
+    (tmp_path / "weights.ckpt").write_bytes(b"x")
+    with pytest.raises(UserInputError, match="only .safetensors"):
+        resolve_source(str(tmp_path / "weights.ckpt"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(UserInputError, match="hub is off"):
+        resolve_source("someone/some-model")
+
+
+def test_a_broken_folder_gives_one_clear_message(tmp_path):
+    (tmp_path / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"]}')
+    with pytest.raises(UserInputError, match="could not load folder model"):
+        ModelManager("cpu").load(str(tmp_path))
+
+
+def test_cli_generate_writes_a_png_with_metadata(random_sd_folder, tmp_path):
+    out = tmp_path / "out.png"
+    command = [sys.executable, "-m", "scedit_ui", "generate", "--prompt", "a red circle", "--seed", "3",
+               "--steps", "2", "--model", str(random_sd_folder), "--out", str(out), "--rho-inner", "0.9"]
+    subprocess.run(command, check=True, capture_output=True)
+    stored, _, _ = request_from_png(Image.open(out))
+    assert stored.seed == 3 and stored.skip_tuning.rho_inner == 0.9
+
+    bad = subprocess.run([*command, "--scheduler", "nope"], capture_output=True, text=True)
+    assert bad.returncode == 2
+    assert bad.stderr.strip().splitlines() == [f"error: unknown scheduler 'nope'; choose one of: {', '.join(SCHEDULERS)}"]

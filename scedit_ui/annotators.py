@@ -120,7 +120,7 @@ def annotator_model(name: str) -> Any:
                 ) from error
             except _LOAD_ERRORS as error:
                 raise UserInputError(
-                    f"could not load annotator {name!r} from {', '.join(map(str, paths))}: {error}. "
+                    f"could not load annotator {name!r} from {', '.join(map(str, paths))}: {_first_line(error)}. "
                     f"The file may be incomplete or of another model; download it again from "
                     f"https://huggingface.co/{spec.repo_id}"
                 ) from error

@@ -87,6 +87,21 @@ def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
 
 
+def load_pipeline(source: ModelSource, dtype: torch.dtype, single_file_config: str | None = None) -> DiffusionPipeline:
+    """The Stable Diffusion (1.x/2.x) or SDXL pipeline at `source`; failures become one actionable message."""
+    try:
+        if source.kind == "single_file":
+            pipeline_class = StableDiffusionXLPipeline if _is_sdxl_checkpoint(source.location) else StableDiffusionPipeline
+            pipeline = pipeline_class.from_single_file(source.location, config=single_file_config, dtype=dtype)
+        else:
+            pipeline = DiffusionPipeline.from_pretrained(source.location, dtype=dtype)
+    except (OSError, ValueError) as error:
+        raise UserInputError(_load_failure_message(source, error)) from error
+    if not isinstance(pipeline, (StableDiffusionPipeline, StableDiffusionXLPipeline)):
+        raise UserInputError(f"{source.display_name} is a {type(pipeline).__name__}; only Stable Diffusion 1.x/2.x and SDXL pipelines are supported")
+    return pipeline
+
+
 def pick_device(requested: str = "auto") -> tuple[torch.device, torch.dtype]:
     """CUDA fp16 on a GPU, MPS where present, else CPU fp32."""
     if requested == "auto":
@@ -145,7 +160,7 @@ class ModelManager:
         source = resolve_source(name)
         with self.lock:
             started = time.perf_counter()
-            pipeline = self._load_pipeline(source, single_file_config)
+            pipeline = load_pipeline(source, self.dtype, single_file_config)
             pipeline.set_progress_bar_config(disable=True)
             if self.editor is not None:
                 self.editor.detach()
@@ -156,21 +171,6 @@ class ModelManager:
             self._tuners.clear()
             logger.info("loaded %s (%s) in %.1f s", source.display_name, self.family, time.perf_counter() - started)
             return self.info()
-
-    def _load_pipeline(self, source: ModelSource, single_file_config: str | None) -> DiffusionPipeline:
-        options = dict(dtype=self.dtype)
-        try:
-            if source.kind == "single_file":
-                pipeline_class = StableDiffusionXLPipeline if _is_sdxl_checkpoint(source.location) else StableDiffusionPipeline
-                return pipeline_class.from_single_file(source.location, config=single_file_config, **options)
-            pipeline = DiffusionPipeline.from_pretrained(source.location, **options)
-        except (OSError, ValueError, EnvironmentError) as error:
-            raise UserInputError(_load_failure_message(source, error)) from error
-        if not isinstance(pipeline, (StableDiffusionPipeline, StableDiffusionXLPipeline)):
-            raise UserInputError(f"{source.display_name} is a {type(pipeline).__name__}; only Stable Diffusion 1.x/2.x and SDXL pipelines are supported")
-        if getattr(pipeline, "safety_checker", None) is not None:
-            logger.info("the pipeline's safety checker stays enabled")
-        return pipeline
 
     def info(self) -> ModelInfo:
         pipeline = self._require_pipeline()

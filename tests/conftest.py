@@ -1,12 +1,19 @@
 """Shared fixtures: small random-weight UNets with Stable Diffusion block structure, on CPU."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
+
+# One thread: the test models are tiny, and OpenMP threads spinning against a busy core (CI neighbours,
+# a training job) slow such small ops down by 10x. Set before torch is imported; subprocesses inherit it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+torch.set_num_threads(1)
 
 # SD 1.5 block types and skip pattern (12 skips, downsamples at g = 3, 6, 9) at a tiny width.
 TINY_SD_UNET_CONFIG = dict(

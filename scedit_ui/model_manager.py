@@ -23,6 +23,7 @@ from diffusers import (
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
 )
+from diffusers.loaders.single_file_utils import SingleFileComponentError
 from PIL import Image
 from safetensors import safe_open
 
@@ -95,7 +96,7 @@ def load_pipeline(source: ModelSource, dtype: torch.dtype, single_file_config: s
             pipeline = pipeline_class.from_single_file(source.location, config=single_file_config, dtype=dtype)
         else:
             pipeline = DiffusionPipeline.from_pretrained(source.location, dtype=dtype)
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, SingleFileComponentError) as error:
         raise UserInputError(_load_failure_message(source, error)) from error
     if not isinstance(pipeline, (StableDiffusionPipeline, StableDiffusionXLPipeline)):
         raise UserInputError(f"{source.display_name} is a {type(pipeline).__name__}; only Stable Diffusion 1.x/2.x and SDXL pipelines are supported")

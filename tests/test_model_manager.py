@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import save_file
 
 from scedit_ui.errors import UserInputError
 from scedit_ui.model_manager import GenerationCancelled, ModelManager, resolve_source
@@ -157,6 +158,14 @@ def test_a_broken_folder_gives_one_clear_message(tmp_path):
     (tmp_path / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"]}')
     with pytest.raises(UserInputError, match="could not load folder model"):
         ModelManager("cpu").load(str(tmp_path))
+
+
+def test_a_single_file_that_is_not_a_full_checkpoint_gives_one_clear_message(random_sd_folder, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(8, 4, 3, 3)}, tmp_path / "partial.safetensors")
+    for config in (None, str(random_sd_folder)):
+        with pytest.raises(UserInputError, match="could not load single file model .* Fix: pass --config"):
+            ModelManager("cpu").load(str(tmp_path / "partial.safetensors"), config)
 
 
 def test_cli_generate_writes_a_png_with_metadata(random_sd_folder, tmp_path):

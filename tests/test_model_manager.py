@@ -179,3 +179,17 @@ def test_cli_generate_writes_a_png_with_metadata(random_sd_folder, tmp_path):
     bad = subprocess.run([*command, "--scheduler", "nope"], capture_output=True, text=True)
     assert bad.returncode == 2
     assert bad.stderr.strip().splitlines() == [f"error: unknown scheduler 'nope'; choose one of: {', '.join(SCHEDULERS)}"]
+
+
+def test_out_of_memory_is_reported_and_the_manager_keeps_serving(manager, monkeypatch):
+    def run_out_of_memory(*args):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    emptied = []
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: emptied.append(True))
+    with monkeypatch.context() as patch:
+        patch.setattr(manager, "_run_pipeline", run_out_of_memory)
+        with pytest.raises(UserInputError, match="lower the image size or the batch size"):
+            manager.generate(GenerationRequest("a star", **FAST))
+    assert emptied and not manager.lock.locked()
+    assert manager.generate(GenerationRequest("a star", **FAST)).images

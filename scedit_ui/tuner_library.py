@@ -1,13 +1,67 @@
-"""Where tuner files live: the user's library folder, then the tuners shipped in assets/tuners."""
+"""Where tuner files live: the user's library folder, then the tuners shipped in assets/tuners.
+
+Management (import, rename, delete, export) only ever writes inside the library folder: names are
+sanitised to a plain file stem, shipped tuners are read-only, and every write is atomic.
+"""
 from __future__ import annotations
 
+import re
+import shutil
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+
+from safetensors import SafetensorError, safe_open
 
 from scedit_ui.errors import UserInputError
 from scedit_ui.model_manager import ASSETS
+from tuners import LayoutMismatchError, SkipLayout, TunerFileError, TunerMetadata, load_tuner, read_metadata, save_tuner
+from tuners.io import Tuner, atomic_write
+from tuners.official import OFFICIAL_FILES, import_official
 
 SHIPPED_TUNERS = ASSETS / "tuners"
 DEFAULT_LIBRARY = Path("library")
+SUFFIX = ".safetensors"
+MAX_NAME_LENGTH = 80
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def sanitize_name(text: str) -> str:
+    """A tuner name that is a plain file stem: letters, digits, '.', '_' and '-' only, no leading dot.
+
+    Other characters (spaces, slashes, '..') become '_'; a trailing '.safetensors' is dropped.
+    """
+    name = str(text).strip()
+    if name.lower().endswith(SUFFIX):
+        name = name[: -len(SUFFIX)]
+    name = _UNSAFE.sub("_", name).strip("._-")[:MAX_NAME_LENGTH].rstrip("._-")
+    if not name:
+        raise UserInputError(f"{text!r} is not a usable tuner name: use letters, digits, '-', '_' or '.'")
+    return name
+
+
+@dataclass(frozen=True)
+class TunerEntry:
+    """One tuner file as the library lists it; `error` explains a file that cannot be read."""
+
+    name: str
+    path: Path
+    shipped: bool
+    size_bytes: int
+    num_parameters: int = 0
+    metadata: TunerMetadata | None = None
+    error: str | None = None
+
+    @property
+    def kind(self) -> str:
+        return self.metadata.kind if self.metadata else "?"
+
+    def fits(self, layout: SkipLayout) -> bool:
+        """True when the tuner was made for a UNet with exactly these skips."""
+        if self.metadata is None:
+            return False
+        return (self.metadata.skip_channels, self.metadata.skip_downsample) == (layout.channels, layout.is_downsample)
 
 
 class TunerLibrary:
@@ -23,7 +77,7 @@ class TunerLibrary:
         path = Path(name_or_path).expanduser()
         if path.is_file():
             return path
-        file_name = path.name if path.suffix == ".safetensors" else f"{path.name}.safetensors"
+        file_name = path.name if path.suffix == SUFFIX else f"{path.name}{SUFFIX}"
         if path.name == name_or_path:
             for folder in self.folders():
                 if (folder / file_name).is_file():
@@ -33,8 +87,155 @@ class TunerLibrary:
         )
 
     def names(self) -> list[str]:
+        return sorted(self._files())
+
+    def _files(self) -> dict[str, Path]:
         found: dict[str, Path] = {}
         for folder in reversed(self.folders()):  # the user's library shadows shipped tuners
-            for path in sorted(folder.glob("*.safetensors")):
+            for path in sorted(folder.glob(f"*{SUFFIX}")):
                 found[path.stem] = path
-        return sorted(found)
+        return found
+
+    # -- listing -----------------------------------------------------------------------------------
+    def entries(self) -> list[TunerEntry]:
+        """Every tuner by name, with its metadata; unreadable files are listed with the reason."""
+        return [self._entry(name, path) for name, path in sorted(self._files().items())]
+
+    def entry(self, name: str) -> TunerEntry:
+        return self._entry(name, self._existing(name))
+
+    def _entry(self, name: str, path: Path) -> TunerEntry:
+        shipped = path.parent.resolve() != self.root.resolve()
+        size = path.stat().st_size
+        try:
+            metadata = read_metadata(path)
+            count = _parameter_count(path)
+        except TunerFileError as error:
+            return TunerEntry(name, path, shipped, size, error=str(error))
+        return TunerEntry(name, path, shipped, size, count, metadata)
+
+    def _existing(self, name: str) -> Path:
+        path = self._files().get(str(name).removesuffix(SUFFIX))
+        if path is None:
+            raise UserInputError(f"no tuner named {name!r} in {' or '.join(str(f) for f in self.folders())}")
+        return path
+
+    def _own(self, name: str) -> Path:
+        """The library file of `name`; shipped tuners cannot be changed."""
+        path = self._existing(name)
+        if path.parent.resolve() != self.root.resolve():
+            raise UserInputError(f"{name!r} is a shipped tuner and read-only; import a copy to change it")
+        return path
+
+    def path_for(self, name: str) -> Path:
+        """Where a tuner called `name` (sanitised) is stored in the library folder."""
+        path = self.root / f"{sanitize_name(name)}{SUFFIX}"
+        if path.resolve().parent != self.root.resolve():  # defence in depth: sanitising already forbids this
+            raise UserInputError(f"{name!r} would be stored outside the library folder")
+        return path
+
+    def _free_path(self, name: str) -> Path:
+        path = self.path_for(name)
+        if path.exists():
+            raise UserInputError(f"a tuner named {path.stem!r} already exists; choose another name or delete it first")
+        return path
+
+    # -- changes (library folder only) ---------------------------------------------------------------
+    def save(self, tuner: Tuner, metadata: TunerMetadata, name: str, overwrite: bool = False) -> Path:
+        """Write `tuner` into the library as `name` (atomically); refuses to replace one unless `overwrite`."""
+        path = self.path_for(name) if overwrite else self._free_path(name)
+        save_tuner(tuner, path, metadata)
+        return path
+
+    def rename(self, old: str, new: str) -> Path:
+        source = self._own(old)
+        target = self._free_path(new)
+        source.replace(target)
+        return target
+
+    def delete(self, name: str) -> None:
+        self._own(name).unlink()
+
+    def export(self, name: str) -> Path:
+        """The file of `name`, to hand to the user as a download."""
+        return self._existing(name)
+
+    def import_file(
+        self,
+        source: str | Path,
+        name: str | None = None,
+        layout: SkipLayout | None = None,
+        base_architecture: str = "unknown",
+        condition_type: str | None = None,
+    ) -> Path:
+        """Copy a tuner file of this format into the library, or convert an official SCEdit checkpoint.
+
+        `source` is a `.safetensors` tuner, an official `pytorch_model.bin` / `adapter_model.safetensors`
+        (with `configuration.json` beside it), or a folder holding one. Official files need the `layout`
+        of the base they were trained for (the loaded model) to be converted.
+        """
+        source = Path(source)
+        if not source.exists():
+            raise UserInputError(f"{source} does not exist")
+        own_format = source.is_file() and source.suffix == SUFFIX and _has_own_metadata(source)
+        if own_format:
+            target = self._free_path(name or source.stem)
+            try:
+                load_tuner(source)  # the weights must fit the file's own metadata
+            except TunerFileError as error:
+                raise UserInputError(str(error)) from None
+            atomic_write(target, lambda temporary: shutil.copyfile(source, temporary))
+            return target
+        if layout is None:
+            raise UserInputError(f"{source.name} is not a tuner of this format; load a base model to convert official checkpoints")
+        target = self._free_path(name or _official_name(source, condition_type))
+        try:
+            tuner, metadata = import_official(source, layout, base_architecture, condition_type)
+        except (TunerFileError, LayoutMismatchError) as error:
+            raise UserInputError(f"cannot import {source.name}: {error}") from None
+        save_tuner(tuner, target, metadata)
+        return target
+
+    def import_files(self, files: Sequence[str | Path], **options) -> Path:
+        """`import_file` for uploaded files that belong together (official weights + configuration.json)."""
+        files = [Path(f) for f in files]
+        if not files:
+            raise UserInputError("choose a tuner file to import")
+        if len(files) == 1:
+            return self.import_file(files[0], **options)
+        weights = [f for f in files if f.name != "configuration.json"]
+        if len(weights) != 1:
+            raise UserInputError(f"import one tuner at a time (plus its configuration.json), got {', '.join(f.name for f in weights)}")
+        with tempfile.TemporaryDirectory() as folder:
+            for file in files:
+                shutil.copyfile(file, Path(folder) / file.name)
+            return self.import_file(Path(folder) / weights[0].name, **options)
+
+
+def _has_own_metadata(path: Path) -> bool:
+    try:
+        read_metadata(path)
+    except TunerFileError:
+        return False
+    return True
+
+
+def _official_name(source: Path, condition_type: str | None) -> str:
+    stem = source.stem if source.is_file() else source.name
+    if stem in {Path(f).stem for f in OFFICIAL_FILES}:
+        return f"scedit-{condition_type}" if condition_type else "scedit-imported"
+    return stem
+
+
+def _parameter_count(path: Path) -> int:
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            total = 0
+            for key in handle.keys():
+                count = 1
+                for side in handle.get_slice(key).get_shape():
+                    count *= side
+                total += count
+            return total
+    except (SafetensorError, OSError) as error:
+        raise TunerFileError(f"{path.name} is not a readable safetensors file: {error}") from error

@@ -102,7 +102,7 @@ class TunerLibrary:
         return [self._entry(name, path) for name, path in sorted(self._files().items())]
 
     def entry(self, name: str) -> TunerEntry:
-        return self._entry(name, self._existing(name))
+        return self._entry(name, self.find(name))
 
     def _entry(self, name: str, path: Path) -> TunerEntry:
         shipped = path.parent.resolve() != self.root.resolve()
@@ -114,7 +114,8 @@ class TunerLibrary:
             return TunerEntry(name, path, shipped, size, error=str(error))
         return TunerEntry(name, path, shipped, size, count, metadata)
 
-    def _existing(self, name: str) -> Path:
+    def find(self, name: str) -> Path:
+        """The file of the tuner called `name` (a name only, never a path: safe for web requests)."""
         path = self._files().get(str(name).removesuffix(SUFFIX))
         if path is None:
             raise UserInputError(f"no tuner named {name!r} in {' or '.join(str(f) for f in self.folders())}")
@@ -122,7 +123,7 @@ class TunerLibrary:
 
     def _own(self, name: str) -> Path:
         """The library file of `name`; shipped tuners cannot be changed."""
-        path = self._existing(name)
+        path = self.find(name)
         if path.parent.resolve() != self.root.resolve():
             raise UserInputError(f"{name!r} is a shipped tuner and read-only; import a copy to change it")
         return path
@@ -158,7 +159,7 @@ class TunerLibrary:
 
     def export(self, name: str) -> Path:
         """The file of `name`, to hand to the user as a download."""
-        return self._existing(name)
+        return self.find(name)
 
     def import_file(
         self,

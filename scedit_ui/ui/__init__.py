@@ -1,0 +1,1 @@
+"""The Gradio app: one thin module per tab, wired together by `app_builder.build_app`."""

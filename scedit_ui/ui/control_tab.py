@@ -1,0 +1,318 @@
+"""Control tab: condition images from a picture, CSC tuners with α and step ranges, interpolation, in/outpainting."""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+import numpy as np
+from PIL import Image
+
+from scedit_ui import conditions
+from scedit_ui.conditions import CONDITION_KINDS, FIT_MODES, ParamSpec
+from scedit_ui.errors import UserInputError
+from scedit_ui.request import MAX_SEED, SCHEDULERS, ConditionUse, GenerationRequest
+from scedit_ui.shapes_world import caption, render_scene, sample_scene
+from scedit_ui.ui.generate_tab import describe_result, pick_seed
+from scedit_ui.ui.handlers import GPU_QUEUE, on_gpu, optional_keywords, readable_upload, user_errors, whole_number
+from scedit_ui.ui.state import AppState
+
+KINDS = tuple(CONDITION_KINDS)
+ROW_FIELDS = ("tuner", "alpha", "start", "end")
+EXAMPLE_SCENES = (3, 11, 27)
+
+
+@dataclass(frozen=True)
+class ConditionRow:
+    """What one condition row of the tab says: the kind, its extraction parameters and how to apply it."""
+
+    kind: str
+    params: dict[str, Any]
+    tuner: str | None = None
+    alpha: float = 1.0
+    step_range: tuple[float, float] = (0.0, 1.0)
+
+
+@dataclass
+class ControlTab:
+    picture: gr.Image
+    kinds: gr.CheckboxGroup
+    prompt: gr.Textbox
+    negative: gr.Textbox
+    seed: gr.Number
+    steps: gr.Slider
+    guidance: gr.Slider
+    width: gr.Slider
+    height: gr.Slider
+    scheduler: gr.Dropdown
+    tuners: dict[str, gr.Dropdown]
+    previews: dict[str, gr.Image]
+
+
+# -- plain functions -----------------------------------------------------------------------------
+
+
+def mask_from_editor(value: dict | Image.Image | None) -> Image.Image | None:
+    """The painted area of a mask editor as an "L" mask (255 = generate), or None when nothing is painted."""
+    if value is None:
+        return None
+    if isinstance(value, Image.Image):
+        return conditions.mask_from_image(value)
+    painted = None
+    for layer in value.get("layers") or []:
+        if layer is None:
+            continue
+        alpha = np.asarray(layer.convert("RGBA").getchannel("A")) > 0
+        painted = alpha if painted is None else painted | alpha
+    if painted is None or not painted.any():
+        return None
+    return Image.fromarray(np.where(painted, 255, 0).astype(np.uint8), "L")
+
+
+def load_picture(path: str | None) -> Image.Image | None:
+    """An uploaded picture as RGB (None when there is none); unreadable or huge files are refused."""
+    return conditions.load_image(path) if path else None
+
+
+def extract_rows(picture: Image.Image | None, rows: list[ConditionRow], size: tuple[int, int], fit: str, progress=None) -> dict[str, Image.Image]:
+    """Each row's condition image made from `picture` (cached: re-extracting unchanged rows is free)."""
+    if picture is None:
+        raise UserInputError("upload or draw a picture first")
+    if not rows:
+        raise UserInputError("choose at least one condition type")
+    picture = conditions.normalize_image(picture)
+    extracted = {}
+    for i, row in enumerate(rows):
+        if progress is not None:
+            progress((i, len(rows)), desc=f"extracting {row.kind}")
+        extracted[row.kind] = conditions.extract(picture, conditions.ConditionRequest(row.kind, size, fit, row.params)).image
+    return extracted
+
+
+def control_request(
+    state: AppState, base: GenerationRequest, picture: Image.Image | None, rows: list[ConditionRow], fit: str,
+    normalise_alpha: bool, second_picture: Image.Image | None = None, blend: float = 0.0, progress=None,
+) -> tuple[GenerationRequest, dict[str, Image.Image]]:
+    """`base` with one CSC condition per row (blended towards `second_picture` by `blend`), and the condition images."""
+    missing = [row.kind for row in rows if not row.tuner]
+    if missing:
+        raise UserInputError(f"choose a CSC tuner for: {', '.join(missing)} (train or import one in the Train / Tuners tabs)")
+    size = (base.width, base.height)
+    extracted = extract_rows(picture, rows, size, fit, progress)
+    blended = extract_rows(second_picture, rows, size, fit) if second_picture is not None else {}
+    uses = tuple(
+        ConditionUse(
+            tuner=str(state.library.find(row.tuner)), image=extracted[row.kind], alpha=float(row.alpha), step_range=row.step_range,
+            blend_image=blended.get(row.kind), blend=float(blend) if blended else 0.0,
+        )
+        for row in rows
+    )
+    return replace(base, conditions=uses, normalise_alpha=bool(normalise_alpha)), extracted
+
+
+def interpolation_strip(state: AppState, request: GenerationRequest, count: int, progress=None) -> list[tuple[str, str]]:
+    """`count` images with the same seed, the condition features blended from the first to the second picture."""
+    if count < 2:
+        raise UserInputError(f"an interpolation strip needs at least 2 images, got {count}")
+    if not request.conditions or request.conditions[0].blend_image is None:
+        raise UserInputError("add a second picture to interpolate towards")
+    strip = []
+    for i, blend in enumerate(np.linspace(0.0, 1.0, count)):
+        uses = tuple(replace(use, blend=float(blend)) for use in request.conditions)
+
+        def step(done: int, total: int, i: int = i) -> None:
+            if progress is not None:
+                progress((i * total + done, count * total), desc="interpolating", unit="steps")
+
+        result = state.manager.generate(replace(request, conditions=uses, batch_size=1), progress=step)
+        strip.append((state.save_outputs(result.images, f"blend{blend:.2f}")[0], f"blend {blend:.2f}"))
+    return strip
+
+
+def example_pictures(state: AppState) -> list[str]:
+    """Pictures from assets/examples, or Shapes-world scenes rendered into the output folder when there are none."""
+    shipped = sorted(str(p) for p in (state.assets_dir / "examples").glob("*.png"))
+    if shipped:
+        return shipped
+    folder = state.output_dir / "examples"
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for seed in EXAMPLE_SCENES:
+        path = folder / f"scene-{seed}.png"
+        if not path.is_file():
+            render_scene(sample_scene(seed), 256).save(path)
+        paths.append(str(path.resolve()))
+    return paths
+
+
+def _example_prompt(path: str) -> str:
+    stem = Path(path).stem
+    seed = int(stem.split("-")[1]) if stem.startswith("scene-") else None
+    return caption(sample_scene(seed)) if seed is not None else ""
+
+
+# -- the tab -------------------------------------------------------------------------------------
+
+
+def _param_control(kind: str, spec: ParamSpec) -> gr.components.Component:
+    label = f"{spec.name.replace('_', ' ')}"
+    if spec.type == "mask":
+        return readable_upload(gr.ImageEditor(
+            label="Mask: paint the area to regenerate (empty: random mask)", type="pil", sources=["upload"], layers=False,
+            brush=gr.Brush(colors=["#ffffff"], color_mode="fixed"), transforms=(), height=320,
+        ), "mask")
+    if spec.type == "bool":
+        return gr.Checkbox(value=spec.default, label=label, info=spec.help)
+    if spec.type == "choice":
+        return gr.Dropdown(list(spec.choices), value=spec.default, label=label, info=spec.help)
+    if kind == "inpaint" and spec.name == "seed":
+        return gr.Number(value=spec.default, precision=0, minimum=0, maximum=spec.maximum, label="random mask seed", info=spec.help)
+    step = 1 if spec.type == "int" else (spec.maximum - spec.minimum) / 100
+    return gr.Slider(spec.minimum, spec.maximum, value=spec.default, step=step, label=label, info=spec.help)
+
+
+def build(state: AppState) -> ControlTab:
+    native = state.manager.native_size
+    with gr.Row():
+        with gr.Column(scale=2):
+            picture = readable_upload(gr.Image(label="Picture", type="filepath", image_mode=None, sources=["upload", "clipboard"], format="png", height=300, elem_id="control-picture"), "picture")
+            with gr.Accordion("Draw a picture instead", open=False):
+                sketch = gr.Sketchpad(label="Drawing", type="pil", canvas_size=(512, 512))
+                use_drawing = gr.Button("Use the drawing as the picture", size="sm")
+            kinds = gr.CheckboxGroup(list(KINDS), value=["canny"], label="Condition types", elem_id="control-kinds")
+            fit = gr.Radio(list(FIT_MODES), value="crop", label="Fit the picture to the size")
+            extract_button = gr.Button("Extract conditions", elem_id="extract-button")
+        with gr.Column(scale=3):
+            prompt = gr.Textbox(label="Prompt", lines=2)
+            negative = gr.Textbox(label="Negative prompt")
+            with gr.Row():
+                seed = gr.Number(label="Seed (-1 = random)", value=-1, precision=0, minimum=-1, maximum=MAX_SEED)
+                steps = gr.Slider(1, 150, value=20, step=1, label="Steps")
+                guidance = gr.Slider(0, 30, value=5.0, step=0.5, label="Guidance")
+            with gr.Row():
+                width = gr.Slider(64, 2048, value=native, step=8, label="Width")
+                height = gr.Slider(64, 2048, value=native, step=8, label="Height")
+                scheduler = gr.Dropdown(list(SCHEDULERS), value="DDIM", label="Scheduler")
+            normalise = gr.Checkbox(False, label="Normalise α (Σα = 1, as in the paper)")
+            generate_button = gr.Button("Generate with conditions", variant="primary", elem_id="control-generate-button")
+            gallery = gr.Gallery(label="Results", format="png", columns=2, height=300)
+            info = gr.Markdown()
+
+    groups, previews, params, settings = {}, {}, {}, {}
+    for kind in KINDS:
+        spec = CONDITION_KINDS[kind]
+        with gr.Group(visible=kind == "canny") as groups[kind]:
+            gr.Markdown(f"**{kind}** — {spec.description}")
+            with gr.Row():
+                previews[kind] = gr.Image(label=f"{kind} condition", interactive=False, format="png", height=220, elem_id=f"preview-{kind}")
+                with gr.Column():
+                    for param in spec.params:
+                        params[f"{kind}_{param.name}"] = _param_control(kind, param)
+                with gr.Column():
+                    settings[f"{kind}_tuner"] = gr.Dropdown(state.tuner_names("csc", kind), value=None, label="CSC tuner", allow_custom_value=True)
+                    settings[f"{kind}_alpha"] = gr.Slider(0, 2, value=1.0, step=0.05, label="α")
+                    settings[f"{kind}_start"] = gr.Slider(0, 1, value=0.0, step=0.05, label="active from (fraction of steps)")
+                    settings[f"{kind}_end"] = gr.Slider(0, 1, value=1.0, step=0.05, label="active until")
+
+    with gr.Accordion("Interpolate between two pictures (paper Fig. 9b)", open=False):
+        with gr.Row():
+            second_picture = readable_upload(gr.Image(label="Second picture", type="filepath", image_mode=None, sources=["upload", "clipboard"], format="png", height=220), "second picture")
+            with gr.Column():
+                blend = gr.Slider(0, 1, value=0.5, step=0.05, label="Blend towards the second picture (used by Generate)")
+                strip_length = gr.Slider(2, 8, value=4, step=1, label="Images in the strip")
+                interpolate_button = gr.Button("Generate the strip")
+        strip = gr.Gallery(label="Interpolation strip", format="png", columns=8, rows=1, height=200)
+
+    examples = example_pictures(state)
+    gr.Examples([[path, _example_prompt(path)] for path in examples], inputs=[picture, prompt], label="Example pictures")
+
+    def rows_from(kinds: list[str] | None, values: dict[str, Any]) -> list[ConditionRow]:
+        rows = []
+        for kind in kinds or []:
+            if kind not in CONDITION_KINDS:
+                raise UserInputError(f"unknown condition type {kind!r}; choose from {', '.join(KINDS)}")
+            raw = {p.name: values.get(f"{kind}_{p.name}", p.default) for p in CONDITION_KINDS[kind].params}
+            if "mask" in raw:
+                raw["mask"] = mask_from_editor(raw["mask"])
+            if kind == "inpaint":
+                raw["seed"] = whole_number("random mask seed", raw["seed"])
+            rows.append(ConditionRow(
+                kind, raw, values.get(f"{kind}_tuner"), values.get(f"{kind}_alpha", 1.0),
+                (float(values.get(f"{kind}_start", 0.0)), float(values.get(f"{kind}_end", 1.0))),
+            ))
+        return rows
+
+    def preview_outputs(extracted: dict[str, Image.Image]) -> list:
+        return [extracted.get(kind) for kind in KINDS]
+
+    def base_request(prompt, negative_prompt, seed, steps, guidance, width, height, scheduler) -> GenerationRequest:
+        return GenerationRequest(
+            prompt=prompt, negative_prompt=negative_prompt or "", seed=pick_seed(seed), steps=whole_number("steps", steps),
+            guidance=float(guidance), width=whole_number("width", width), height=whole_number("height", height), scheduler=scheduler,
+        )
+
+    @user_errors
+    def extract(picture: str | None, condition_types: list[str], fit: str, width: int, height: int, progress=gr.Progress(), **row_values) -> list:
+        """Extract the condition image of every chosen type (one output per type, empty for the others)."""
+        size = (whole_number("width", width), whole_number("height", height))
+        return preview_outputs(extract_rows(load_picture(picture), rows_from(condition_types, row_values), size, fit, progress))
+
+    def re_extract(picture, condition_types, fit, width, height, **row_values) -> list:
+        if picture is None or not condition_types:
+            return [gr.skip()] * len(KINDS)
+        return extract(picture, condition_types, fit, width, height, None, **row_values)
+
+    @user_errors
+    def generate(
+        picture: str | None, condition_types: list[str], fit: str, prompt: str, negative_prompt: str, seed: int, steps: int,
+        guidance: float, width: int, height: int, scheduler: str, normalise_alpha: bool, second_picture: str | None = None,
+        blend: float = 0.0, progress=gr.Progress(), **row_values,
+    ) -> list:
+        """Generate with one CSC tuner per chosen condition; returns the images, a summary and every condition image."""
+        base = base_request(prompt, negative_prompt, seed, steps, guidance, width, height, scheduler)
+        rows = rows_from(condition_types, row_values)
+        request, extracted = control_request(state, base, load_picture(picture), rows, fit, normalise_alpha, load_picture(second_picture), blend)
+        result = state.manager.generate(request, progress=lambda s, n: progress((s, n), desc="denoising", unit="steps"))
+        paths = state.save_outputs(result.images, f"control-seed{request.seed}")
+        return [paths, describe_result(request, result.seconds, result.notices), *preview_outputs(extracted)]
+
+    @user_errors
+    def interpolate(
+        picture: str | None, condition_types: list[str], fit: str, prompt: str, negative_prompt: str, seed: int, steps: int,
+        guidance: float, width: int, height: int, scheduler: str, normalise_alpha: bool, second_picture: str | None = None,
+        strip_length: int = 4, progress=gr.Progress(), **row_values,
+    ) -> list[tuple[str, str]]:
+        """A strip of images (same seed) whose condition features blend from the first to the second picture."""
+        base = base_request(prompt, negative_prompt, seed, steps, guidance, width, height, scheduler)
+        if second_picture is None:
+            raise UserInputError("add a second picture to interpolate towards")
+        rows = rows_from(condition_types, row_values)
+        request, _ = control_request(state, base, load_picture(picture), rows, fit, normalise_alpha, load_picture(second_picture), 0.0)
+        return interpolation_strip(state, request, whole_number("images in the strip", strip_length), progress)
+
+    param_inputs = dict(params)
+    all_inputs = {**params, **settings}
+    preview_list = [previews[kind] for kind in KINDS]
+    extract_inputs = [picture, kinds, fit, width, height]
+    extract_button.click(optional_keywords(extract, param_inputs), extract_inputs, preview_list, inputs_kwargs=param_inputs, api_name="extract_conditions", concurrency_id="extract")
+    automatic = [c.release if isinstance(c, gr.Slider) else c.change for c in params.values() if not isinstance(c, gr.ImageEditor)]
+    gr.on(automatic + [fit.change], re_extract, extract_inputs, preview_list, inputs_kwargs=param_inputs,
+          api_name="re_extract_conditions", api_visibility="private", concurrency_id="extract", trigger_mode="always_last", show_progress="minimal")
+
+    shared = [picture, kinds, fit, prompt, negative, seed, steps, guidance, width, height, scheduler, normalise, second_picture]
+    generate_button.click(optional_keywords(on_gpu(generate), all_inputs), [*shared, blend], [gallery, info, *preview_list], inputs_kwargs=all_inputs, api_name="control_generate", concurrency_id=GPU_QUEUE)
+    interpolate_button.click(optional_keywords(on_gpu(interpolate), all_inputs), [*shared, strip_length], strip, inputs_kwargs=all_inputs, api_name="control_interpolate", concurrency_id=GPU_QUEUE)
+
+    kinds.change(lambda chosen: [gr.Group(visible=kind in (chosen or [])) for kind in KINDS], kinds, [groups[k] for k in KINDS],
+                 api_name="show_condition_rows", api_visibility="private", queue=False)
+    use_drawing.click(lambda drawing: drawing["composite"] if drawing else None, sketch, picture, api_name="use_drawing", api_visibility="private")
+    mask_editor = params["inpaint_mask"]
+    @user_errors
+    def to_mask_editor(picture: str | None) -> dict | None:
+        image = load_picture(picture)
+        return {"background": image, "layers": [], "composite": image} if image is not None else None
+
+    picture.change(to_mask_editor, picture, mask_editor, api_name="picture_to_mask_editor", api_visibility="private")
+    return ControlTab(picture, kinds, prompt, negative, seed, steps, guidance, width, height, scheduler,
+                      {kind: settings[f"{kind}_tuner"] for kind in KINDS}, previews)

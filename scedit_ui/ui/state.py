@@ -1,0 +1,46 @@
+"""What every tab shares: the one model manager, the tuner library and where outputs go."""
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image
+
+from scedit_ui.model_manager import ASSETS, ModelManager
+from scedit_ui.request import save_png
+from scedit_ui.tuner_library import TunerLibrary
+
+DEFAULT_OUTPUTS = Path("outputs")
+
+
+@dataclass
+class AppState:
+    manager: ModelManager
+    library: TunerLibrary
+    output_dir: Path = DEFAULT_OUTPUTS
+    assets_dir: Path = ASSETS
+    _counter: itertools.count = field(default_factory=itertools.count, repr=False)
+
+    def save_outputs(self, images: list[Image.Image], tag: str = "image") -> list[str]:
+        """Write images as PNG (keeping their generation metadata) under the output folder; their paths."""
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        paths = []
+        for image in images:
+            path = self.output_dir / f"{stamp}-{next(self._counter):04d}-{tag}.png"
+            save_png(image, str(path))
+            paths.append(str(path.resolve()))
+        return paths
+
+    def tuner_names(self, kind: str, condition: str | None = None) -> list[str]:
+        """Library tuners of `kind` ("sc" | "csc") made for the loaded base (CSC: for `condition`, or of unknown type)."""
+        layout = self.manager.editor.layout if self.manager.editor is not None else None
+        return [
+            entry.name
+            for entry in self.library.entries()
+            if entry.kind == kind
+            and (layout is None or entry.fits(layout))
+            and (condition is None or entry.metadata.condition_type in (condition, None, "unknown"))
+        ]

@@ -192,7 +192,7 @@ class TunerLibrary:
         target = self._free_path(name or _official_name(source, condition_type))
         try:
             tuner, metadata = import_official(source, layout, base_architecture, condition_type)
-        except (TunerFileError, LayoutMismatchError) as error:
+        except (TunerFileError, LayoutMismatchError, SafetensorError, OSError) as error:
             raise UserInputError(f"cannot import {source.name}: {error}") from None
         save_tuner(tuner, target, metadata)
         return target

@@ -136,6 +136,13 @@ def test_import_of_a_non_tuner_without_a_base_explains_what_is_missing(library, 
         library.import_file(junk)
 
 
+def test_import_of_an_unreadable_file_is_refused_in_one_message(library, tmp_path):
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"not a safetensors file")
+    with pytest.raises(UserInputError, match="cannot import junk.safetensors"):
+        library.import_file(junk, layout=LAYOUT)
+
+
 def test_import_converts_an_official_sc_checkpoint_for_the_loaded_layout(library, tmp_path):
     original = sc_tuner()
     k = LAYOUT.num_skips

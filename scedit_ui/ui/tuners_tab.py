@@ -129,30 +129,30 @@ def build(state: AppState, library_version: gr.State) -> TunersTab:
         return tuner_details(state, name)
 
     @user_errors
-    def rename(name: str | None, new_name: str) -> tuple[gr.Dropdown, str]:
+    def rename(name: str | None, new_name: str) -> tuple[str, str]:
         """Rename a library tuner (the new name is sanitised; shipped tuners are read-only)."""
         if not name:
             raise UserInputError("choose a tuner to rename")
         path = state.library.rename(name, new_name or "")
-        return gr.Dropdown(choices=state.library.names(), value=path.stem), f"renamed {name} to {path.stem}"
+        return path.stem, f"renamed {name} to {path.stem}"
 
     @user_errors
-    def delete(name: str | None) -> tuple[gr.Dropdown, str]:
+    def delete(name: str | None) -> tuple[None, str]:
         """Delete a library tuner (shipped tuners are read-only)."""
         if not name:
             raise UserInputError("choose a tuner to delete")
         state.library.delete(name)
-        return gr.Dropdown(choices=state.library.names(), value=None), f"deleted {name}"
+        return None, f"deleted {name}"
 
     @user_errors
-    def import_tuner(files: list[str] | None, name: str, condition_type: str) -> tuple[gr.Dropdown, str]:
+    def import_tuner(files: list[str] | None, name: str, condition_type: str) -> tuple[str, str]:
         """Import a tuner file or an official SCEdit checkpoint (converted for the loaded base model)."""
         manager = state.manager
         path = state.library.import_files(
             files or [], name=(name or "").strip() or None, layout=manager.editor.layout if manager.editor else None,
             base_architecture=manager.family or "unknown", condition_type=condition_type or None,
         )
-        return gr.Dropdown(choices=state.library.names(), value=path.stem), f"imported {path.stem}"
+        return path.stem, f"imported {path.stem}"
 
     @user_errors
     def export(name: str | None) -> str:

@@ -1,0 +1,290 @@
+"""The launched app through gradio_client: every public endpoint, on a random-weight SD folder (64 px, CPU)."""
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from diffusers import UNet2DConditionModel
+from gradio_client import Client, handle_file
+from gradio_client.exceptions import AppError
+from PIL import Image
+
+import app
+from scedit_ui.request import request_from_png
+from scedit_ui.shapes_world import render_scene, sample_scene
+from tuners import CSCTuner, SCTuner, SkipLayout, TunerMetadata, save_tuner
+
+FAST = dict(steps=2, guidance=5.0, width=64, height=64, scheduler="DDIM")
+PROMPT = "a red circle at the top left on a blue background"
+PUBLIC_ENDPOINTS = {
+    "/generate", "/read_png_settings", "/extract_conditions", "/control_generate", "/control_interpolate",
+    "/skip_tuning_compare", "/rho_schedule", "/tuner_details", "/rename_tuner", "/delete_tuner", "/import_tuner",
+    "/export_tuner", "/list_tuners", "/load_model", "/memory_options",
+}
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def randomised(tuner, seed: int):
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in tuner.parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.3)
+    return tuner
+
+
+@pytest.fixture(scope="module")
+def served(random_sd_folder, tmp_path_factory):
+    root = tmp_path_factory.mktemp("app")
+    library = root / "library"
+    layout = SkipLayout.from_config(UNet2DConditionModel.load_config(random_sd_folder / "unet"))
+    style = randomised(SCTuner(layout, 0.5), 1)
+    save_tuner(style, library / "style.safetensors", TunerMetadata.describe(style, "test", trigger_word="zq"))
+    edges = randomised(CSCTuner(layout, 1, "canny"), 2)
+    save_tuner(edges, library / "edges.safetensors", TunerMetadata.describe(edges, "test"))
+    pictures = []
+    for seed in (1, 2):
+        pictures.append(root / f"scene-{seed}.png")
+        render_scene(sample_scene(seed), 128).save(pictures[-1])
+
+    port = free_port()
+    args = app.build_parser().parse_args(
+        ["--model", str(random_sd_folder), "--device", "cpu", "--library", str(library), "--outputs", str(root / "outputs"), "--port", str(port)]
+    )
+    demo, state, launch = app.create_app(args)
+    demo.queue(default_concurrency_limit=1)
+    demo.launch(prevent_thread_lock=True, quiet=True, **launch)
+    try:
+        client = Client(f"http://127.0.0.1:{port}/", verbose=False, download_files=str(root / "downloads"))
+        yield SimpleNamespace(client=client, state=state, root=root, library=library, pictures=pictures, folder=random_sd_folder)
+    finally:
+        demo.close()
+
+
+def pixels(path: str | Path) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+def gallery_paths(gallery: list[dict]) -> list[str]:
+    return [item["image"] for item in gallery]
+
+
+def generate(client: Client, **overrides) -> tuple[list[str], str]:
+    gallery, info = client.predict(**{"prompt": PROMPT, "negative_prompt": "", "seed": 5, "batch_size": 1, **FAST, **overrides}, api_name="/generate")
+    return gallery_paths(gallery), info
+
+
+def control_arguments(served, **overrides) -> dict:
+    return {
+        "picture": handle_file(str(served.pictures[0])), "condition_types": ["canny"], "fit": "crop", "prompt": PROMPT,
+        "negative_prompt": "", "seed": 3, "normalise_alpha": False, "canny_tuner": "edges", **FAST, **overrides,
+    }
+
+
+def test_every_public_endpoint_is_tested_here(served):
+    assert set(served.client.view_api(print_info=False, return_format="dict")["named_endpoints"]) == PUBLIC_ENDPOINTS
+
+
+def test_the_app_binds_to_localhost_and_shares_nothing_by_default():
+    args = app.build_parser().parse_args([])
+    assert args.host == "127.0.0.1" and not args.share
+
+
+def test_generate_returns_pngs_that_carry_their_settings(served):
+    (path,), info = generate(served.client, seed=5, batch_size=1)
+    with Image.open(path) as image:
+        assert image.format == "PNG" and image.size == (64, 64)
+        request, index, model = request_from_png(image)
+    assert (request.prompt, request.seed, request.steps, index) == (PROMPT, 5, 2, 0)
+    assert "seed 5" in info
+
+
+def test_generate_batch_gives_consecutive_seeds(served):
+    paths, info = generate(served.client, seed=9, batch_size=2)
+    seeds = []
+    for path in paths:
+        with Image.open(path) as image:
+            request, index, _ = request_from_png(image)
+            seeds.append(request.seed + index)
+    assert seeds == [9, 10] and "seeds 9–10" in info
+
+
+def test_same_seed_gives_the_same_image_and_an_sc_tuner_changes_it(served):
+    (first,), _ = generate(served.client)
+    (again,), _ = generate(served.client)
+    (tuned,), _ = generate(served.client, tuner_1="style", scale_1=1.0)
+    assert np.array_equal(pixels(first), pixels(again))
+    assert not np.array_equal(pixels(first), pixels(tuned))
+
+
+def test_seed_minus_one_draws_a_random_seed_and_reports_it(served):
+    (path,), info = generate(served.client, seed=-1)
+    with Image.open(path) as image:
+        request, _, _ = request_from_png(image)
+    assert f"seed {request.seed}" in info
+
+
+def test_generate_refuses_bad_values_with_one_clear_message(served):
+    with pytest.raises(AppError, match="width must be a multiple of 8"):
+        generate(served.client, width=100)
+    with pytest.raises(AppError, match="no tuner named 'missing'"):
+        generate(served.client, tuner_1="missing")
+
+
+def test_read_png_settings_restores_the_settings_of_that_image(served):
+    paths, _ = generate(served.client, seed=20, batch_size=2, tuner_1="style", scale_1=0.5)
+    settings = served.client.predict(handle_file(paths[1]), api_name="/read_png_settings")
+    prompt, negative, seed, steps, guidance, width, height, scheduler, tuner_1, scale_1 = settings[:10]
+    assert (prompt, seed, steps, width, height, scheduler, tuner_1, scale_1) == (PROMPT, 21, 2, 64, 64, "DDIM", "style", 0.5)
+
+
+def test_read_png_settings_of_a_foreign_png_explains_why(served):
+    with pytest.raises(AppError, match="carries no SCEdit Studio metadata"):
+        served.client.predict(handle_file(str(served.pictures[0])), api_name="/read_png_settings")
+
+
+def test_extract_conditions_returns_one_image_per_chosen_type(served):
+    previews = served.client.predict(handle_file(str(served.pictures[0])), ["canny", "color"], "crop", 64, 64, api_name="/extract_conditions")
+    canny, color, *others = previews
+    assert all(preview is None for preview in others)
+    edges = pixels(canny)
+    assert edges.shape == (64, 64, 3) and set(np.unique(edges)) == {0, 255}
+    assert pixels(color).std() > 0
+
+
+def test_changed_thresholds_give_a_different_condition(served):
+    picture = handle_file(str(served.pictures[0]))
+    loose = served.client.predict(picture, ["canny"], "crop", 64, 64, canny_low=10, canny_high=20, api_name="/extract_conditions")[0]
+    strict = served.client.predict(picture, ["canny"], "crop", 64, 64, canny_low=600, canny_high=900, api_name="/extract_conditions")[0]
+    assert pixels(loose).sum() > pixels(strict).sum()
+
+
+def test_extract_outpaint_and_inpaint_with_a_random_mask(served):
+    previews = served.client.predict(handle_file(str(served.pictures[0])), ["inpaint", "outpaint"], "crop", 64, 64, inpaint_seed=4, api_name="/extract_conditions")
+    inpaint, outpaint = pixels(previews[2]), pixels(previews[3])
+    assert (inpaint == 128).all(axis=2).any() and (outpaint[0] == 128).all()
+
+
+def test_control_generate_uses_the_csc_tuner_and_shows_the_condition(served):
+    gallery, info, *previews = served.client.predict(**control_arguments(served), api_name="/control_generate")
+    (path,) = gallery_paths(gallery)
+    with Image.open(path) as image:
+        request, _, _ = request_from_png(image)
+    assert len(request.conditions) == 1 and request.conditions[0].tuner.endswith("edges.safetensors") and "seed 3" in info
+    assert previews[0] is not None and all(p is None for p in previews[1:])
+    plain, _ = generate(served.client, seed=3)
+    assert not np.array_equal(pixels(path), pixels(plain[0]))
+
+
+def test_control_generate_without_a_tuner_names_the_condition(served):
+    with pytest.raises(AppError, match="choose a CSC tuner for: canny"):
+        served.client.predict(**control_arguments(served, canny_tuner=None), api_name="/control_generate")
+
+
+def test_alpha_zero_gives_the_plain_image(served):
+    gallery, *_ = served.client.predict(**control_arguments(served, canny_alpha=0.0), api_name="/control_generate")
+    plain, _ = generate(served.client, seed=3)
+    assert np.array_equal(pixels(gallery_paths(gallery)[0]), pixels(plain[0]))
+
+
+def test_control_interpolate_gives_a_strip_from_one_picture_to_the_other(served):
+    arguments = control_arguments(served, second_picture=handle_file(str(served.pictures[1])), strip_length=3)
+    strip = served.client.predict(**arguments, api_name="/control_interpolate")
+    assert [item["caption"] for item in strip] == ["blend 0.00", "blend 0.50", "blend 1.00"]
+    first, middle, last = (pixels(item["image"]) for item in strip)
+    assert not np.array_equal(first, last) and not np.array_equal(first, middle)
+
+
+def test_control_interpolate_needs_a_second_picture(served):
+    with pytest.raises(AppError, match="second picture"):
+        served.client.predict(**control_arguments(served), api_name="/control_interpolate")
+
+
+def test_skip_tuning_compare_rho_one_is_the_plain_image_and_lower_rho_is_not(served):
+    base = dict(prompt=PROMPT, negative_prompt="", seed=4, use_freeu=False, s1=0.9, s2=0.2, b1=1.5, b2=1.6, **FAST)
+    ones = {f"rho_{g}": 1.0 for g in range(12)}
+    plain, same, _ = served.client.predict(**base, **ones, api_name="/skip_tuning_compare")
+    assert np.array_equal(pixels(plain), pixels(same))
+    plain, edited, summary = served.client.predict(**base, **{**ones, "rho_11": 0.5, "rho_10": 0.5}, api_name="/skip_tuning_compare")
+    assert not np.array_equal(pixels(plain), pixels(edited)) and "ρ = [1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 0.5, 0.5]" in summary
+
+
+def test_skip_tuning_compare_with_freeu_changes_the_image(served):
+    base = dict(prompt=PROMPT, negative_prompt="", seed=4, s1=0.9, s2=0.2, b1=1.5, b2=1.6, **FAST, **{f"rho_{g}": 1.0 for g in range(12)})
+    plain, edited, summary = served.client.predict(**base, use_freeu=True, api_name="/skip_tuning_compare")
+    assert not np.array_equal(pixels(plain), pixels(edited)) and "FreeU 0.9, 0.2, 1.5, 1.6" in summary
+
+
+def test_rho_schedule_is_linear_from_outer_to_inner(served):
+    rhos = served.client.predict(1.0, 0.45, api_name="/rho_schedule")
+    assert rhos == pytest.approx([1.0 - 0.05 * g for g in range(12)], abs=1e-3)
+
+
+def test_list_tuners_shows_kind_base_condition_and_fit(served):
+    table, _ = served.client.predict(api_name="/list_tuners")
+    rows = {row[0]: row for row in table["data"]}
+    assert rows["style"][1:5] == ["sc", "test", "", "zq"] and rows["style"][7] == "yes"
+    assert rows["edges"][1:4] == ["csc", "test", "canny"]
+
+
+def test_tuner_details_show_the_metadata(served):
+    details = served.client.predict("edges", api_name="/tuner_details")
+    assert details["metadata"]["kind"] == "csc" and details["metadata"]["condition_type"] == "canny" and details["parameters"] > 0
+
+
+def test_export_gives_the_tuner_file(served):
+    exported = served.client.predict("style", api_name="/export_tuner")
+    assert Path(exported).read_bytes() == (served.library / "style.safetensors").read_bytes()
+
+
+def test_import_rename_and_delete_stay_inside_the_library(served):
+    source = served.library / "style.safetensors"
+    name, status = served.client.predict([handle_file(str(source))], "../imported copy", "", api_name="/import_tuner")
+    assert name == "imported_copy" and (served.library / "imported_copy.safetensors").is_file() and "imported" in status
+    name, _ = served.client.predict("imported_copy", "../../escaped", api_name="/rename_tuner")
+    assert name == "escaped" and (served.library / "escaped.safetensors").is_file()
+    assert not list(served.root.glob("escaped*")) and not list(served.root.parent.glob("escaped*"))
+    name, status = served.client.predict("escaped", api_name="/delete_tuner")
+    assert name is None and not (served.library / "escaped.safetensors").exists() and "deleted" in status
+
+
+def test_import_of_a_file_that_is_no_tuner_is_refused(served, tmp_path):
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"not a tuner")
+    with pytest.raises(AppError, match="not a tuner of this format|cannot import"):
+        served.client.predict([handle_file(str(junk))], "", "", api_name="/import_tuner")
+    assert sorted(p.stem for p in served.library.glob("*.safetensors")) == ["edges", "style"]
+
+
+def test_memory_options_switch_on_and_off(served):
+    assert served.client.predict(True, False, api_name="/memory_options") == "attention slicing on, VAE tiling off"
+    assert served.client.predict(False, False, api_name="/memory_options") == "attention slicing off, VAE tiling off"
+
+
+def test_bad_upload_shows_an_error_and_the_app_keeps_serving(served, tmp_path):
+    bad = tmp_path / "picture.png"
+    bad.write_text("this is not a picture")
+    with pytest.raises(AppError, match="picture is not an image that can be read"):
+        served.client.predict(handle_file(str(bad)), ["canny"], "crop", 64, 64, api_name="/extract_conditions")
+    previews = served.client.predict(handle_file(str(served.pictures[0])), ["canny"], "crop", 64, 64, api_name="/extract_conditions")
+    assert previews[0] is not None
+
+
+def test_load_model_explains_a_bad_name_and_keeps_the_current_model(served):
+    with pytest.raises(AppError, match="not found"):
+        served.client.predict("no/such/model", "", api_name="/load_model")
+    (path,), _ = generate(served.client)
+    assert pixels(path).shape == (64, 64, 3)
+
+
+def test_load_model_loads_another_base(served):
+    summary = served.client.predict(str(served.folder), "", api_name="/load_model")
+    assert "12 (8, 8, 8, 8, 16, 16, 16, 32, 32, 32, 32, 32 channels)" in summary and "64 px" in summary

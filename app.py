@@ -65,12 +65,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     try:
-        demo, _, launch = create_app(args)
+        demo, state, launch = create_app(args)
     except UserInputError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     demo.queue(default_concurrency_limit=1)
-    demo.launch(**launch)
+    try:
+        demo.launch(**launch)  # blocks until Ctrl-C
+    finally:
+        state.close()
     return 0
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import socket
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -23,7 +24,7 @@ PROMPT = "a red circle at the top left on a blue background"
 PUBLIC_ENDPOINTS = {
     "/generate", "/read_png_settings", "/extract_conditions", "/control_generate", "/control_interpolate",
     "/skip_tuning_compare", "/rho_schedule", "/tuner_details", "/rename_tuner", "/delete_tuner", "/import_tuner",
-    "/export_tuner", "/list_tuners", "/load_model", "/memory_options",
+    "/export_tuner", "/list_tuners", "/load_model", "/memory_options", "/train_start", "/train_cancel", "/training_status",
 }
 
 
@@ -66,6 +67,7 @@ def served(random_sd_folder, tmp_path_factory):
         client = Client(f"http://127.0.0.1:{port}/", verbose=False, download_files=str(root / "downloads"))
         yield SimpleNamespace(client=client, state=state, root=root, library=library, pictures=pictures, folder=random_sd_folder)
     finally:
+        state.close()
         demo.close()
 
 
@@ -259,9 +261,10 @@ def test_import_rename_and_delete_stay_inside_the_library(served):
 def test_import_of_a_file_that_is_no_tuner_is_refused(served, tmp_path):
     junk = tmp_path / "junk.safetensors"
     junk.write_bytes(b"not a tuner")
+    before = sorted(served.library.glob("*.safetensors"))
     with pytest.raises(AppError, match="not a tuner of this format|cannot import"):
         served.client.predict([handle_file(str(junk))], "", "", api_name="/import_tuner")
-    assert sorted(p.stem for p in served.library.glob("*.safetensors")) == ["edges", "style"]
+    assert sorted(served.library.glob("*.safetensors")) == before
 
 
 def test_memory_options_switch_on_and_off(served):
@@ -276,6 +279,63 @@ def test_bad_upload_shows_an_error_and_the_app_keeps_serving(served, tmp_path):
         served.client.predict(handle_file(str(bad)), ["canny"], "crop", 64, 64, api_name="/extract_conditions")
     previews = served.client.predict(handle_file(str(served.pictures[0])), ["canny"], "crop", 64, 64, api_name="/extract_conditions")
     assert previews[0] is not None
+
+
+def train(client: Client, name: str, **overrides) -> str:
+    arguments = dict(
+        name=name, kind="sc", condition="canny", data_source="Shapes world", shapes_style="stripes", files=None, default_caption="",
+        trigger="<sce>", remove_words="in stripes style", steps=2, learning_rate=1e-4, batch_size=1, resolution=64, preview_every=1, seed=0,
+    )
+    return client.predict(**{**arguments, **overrides}, api_name="/train_start")[0]
+
+
+def wait_for_training(client: Client, timeout: float = 120) -> tuple:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = client.predict(api_name="/training_status")
+        if status[1].startswith(("✅", "❌", "⏹")):
+            return status
+        time.sleep(0.5)
+    raise AssertionError(f"training did not finish within {timeout} s")
+
+
+def test_training_runs_in_the_background_and_the_tuner_lands_in_the_library(served):
+    assert "preparing trained_style" in train(served.client, "trained style")
+    (path,), _ = generate(served.client)  # the app keeps serving while training runs
+    progress, status, plot, previews, *_ = wait_for_training(served.client)
+    assert status.startswith("✅ finished trained_style: 2 steps") and "step 2 / 2" in progress
+    assert [row[0] for row in plot["data"]] == [1, 2] and len(previews) == 2
+    table, _ = served.client.predict(api_name="/list_tuners")
+    trained = next(row for row in table["data"] if row[0] == "trained_style")
+    assert trained[1] == "sc" and trained[4] == "<sce>"
+    (tuned,), _ = generate(served.client, prompt="<sce> a red circle", tuner_1="trained_style")
+    assert pixels(tuned).shape == (64, 64, 3)
+
+
+def test_training_from_uploaded_images_with_captions(served, tmp_path):
+    files = []
+    for i, picture in enumerate(served.pictures):
+        files.append(handle_file(str(picture)))
+        (tmp_path / f"{picture.stem}.txt").write_text(f"caption {i}")
+        files.append(handle_file(str(tmp_path / f"{picture.stem}.txt")))
+    train(served.client, "from-uploads", data_source="My images", files=files, steps=1, preview_every=0)
+    _, status, *_ = wait_for_training(served.client)
+    assert status.startswith("✅ finished from-uploads: 1 steps")
+
+
+def test_training_refuses_images_without_captions_before_starting(served):
+    with pytest.raises(AppError, match="have no caption"):
+        train(served.client, "no-captions", data_source="My images", files=[handle_file(str(served.pictures[0]))])
+    with pytest.raises(AppError, match="already exists"):
+        train(served.client, "style")
+
+
+def test_cancel_stops_a_training_without_adding_a_tuner(served):
+    train(served.client, "cancelled-run", steps=5000, preview_every=0)
+    served.client.predict(api_name="/train_cancel")
+    _, status, *_ = wait_for_training(served.client)
+    assert status.startswith("⏹ cancelled") and not (served.library / "cancelled-run.safetensors").exists()
+    assert served.client.predict(api_name="/train_cancel") == "no training is running"
 
 
 def test_load_model_explains_a_bad_name_and_keeps_the_current_model(served):

@@ -5,12 +5,16 @@ import itertools
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from PIL import Image
 
 from scedit_ui.model_manager import ASSETS, ModelManager
 from scedit_ui.request import save_png
 from scedit_ui.tuner_library import TunerLibrary
+
+if TYPE_CHECKING:
+    from scedit_ui.ui.train_tab import TrainingJob
 
 DEFAULT_OUTPUTS = Path("outputs")
 
@@ -21,6 +25,7 @@ class AppState:
     library: TunerLibrary
     output_dir: Path = DEFAULT_OUTPUTS
     assets_dir: Path = ASSETS
+    training: TrainingJob | None = None  # the latest training run (one at a time)
     _counter: itertools.count = field(default_factory=itertools.count, repr=False)
 
     def save_outputs(self, images: list[Image.Image], tag: str = "image") -> list[str]:
@@ -33,6 +38,12 @@ class AppState:
             save_png(image, str(path))
             paths.append(str(path.resolve()))
         return paths
+
+    def close(self, timeout: float = 60.0) -> None:
+        """Stop a running training (within one step) and wait for it, so the process exits cleanly."""
+        if self.training is not None and self.training.running:
+            self.training.cancel.set()
+            self.training.wait(timeout)
 
     def tuner_names(self, kind: str, condition: str | None = None) -> list[str]:
         """Library tuners of `kind` ("sc" | "csc") made for the loaded base (CSC: for `condition`, or of unknown type)."""

@@ -23,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_condition_command(subparsers)
     _add_generate_command(subparsers)
     _add_eval_command(subparsers)
+    _add_train_command(subparsers)
     return parser
 
 
@@ -211,6 +212,88 @@ def _add_eval_command(subparsers: argparse._SubParsersAction) -> None:
         else:
             for key, value in report.to_dict().items():
                 print(f"{key:<22} {value:.3f}" if isinstance(value, float) else f"{key:<22} {value}")
+        return 0
+
+    command.set_defaults(handler=run)
+
+
+def _add_train_command(subparsers: argparse._SubParsersAction) -> None:
+    command = subparsers.add_parser(
+        "train",
+        help="train an SC tuner (style) or a CSC tuner (condition) on a folder of captioned images or the Shapes world",
+        description="Train a tuner on a frozen base model. Runs on one process, or on several GPUs/machines with "
+        "`accelerate launch -m scedit_ui train ...` (the same code). Ctrl-C stops within one step and keeps a checkpoint.",
+    )
+    command.add_argument("--kind", required=True, choices=("sc", "csc"), help="sc: few-shot style; csc: one condition type")
+    command.add_argument("--condition", help="csc: the condition type (canny, color, inpaint, sketch, scribble, hed, depth, pose, seg)")
+    command.add_argument("-p", "--param", action="append", default=[], metavar="NAME=VALUE", help="csc: fixed condition parameter (default: random augmentation)")
+    command.add_argument("--data", required=True, metavar="DIR", help="images with NAME.txt captions or metadata.jsonl; or shapes, shapes:STYLE")
+    command.add_argument("--steps", type=int, required=True)
+    command.add_argument("--out", required=True, metavar="FILE.safetensors")
+    command.add_argument("--trigger", metavar="WORD", help="prefixed to every caption, e.g. '<sce>'")
+    command.add_argument("--remove-word", action="append", default=[], metavar="PHRASE", help="phrase removed from captions (repeatable)")
+    command.add_argument("--resume", action="store_true", help="continue from the checkpoint in the work dir")
+    command.add_argument("--work-dir", metavar="DIR", help="checkpoints and previews (default: runs/tuners/<out name>)")
+    command.add_argument("--batch", type=int, default=4)
+    command.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (paper: 5e-5)")
+    command.add_argument("--resolution", type=int, help="default: the base model's native size")
+    command.add_argument("--seed", type=int, default=0)
+    command.add_argument("--caption-dropout", type=float, default=0.1)
+    command.add_argument("--images", type=int, help="Shapes world: number of scenes (default: 30 for sc, endless for csc)")
+    command.add_argument("--checkpoint-every", type=int, default=100)
+    command.add_argument("--preview-every", type=int, default=0)
+    command.add_argument("--preview-prompt", action="append", default=[], metavar="TEXT")
+    command.add_argument("--gradient-checkpointing", action="store_true", help="checkpoint the decoder blocks (less memory, slower)")
+    command.add_argument("--down-ratio", type=float, default=1.0, help="sc: adapter mid width / channels")
+    command.add_argument("--kernel", type=int, default=1, choices=(1, 3), help="csc: cascade conv kernel")
+    command.add_argument("--fp16", action="store_true", help="save fp16 weights (half the file)")
+    command.add_argument("--threads", type=int, help="CPU threads for torch")
+    command.add_argument("--model", default="", metavar="PATH_OR_ID", help="base model (default: built-in tiny model)")
+    command.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
+
+    def run(args: argparse.Namespace) -> int:
+        import signal
+        import threading
+        from pathlib import Path
+
+        from scedit_ui import conditions
+        from scedit_ui.training import TrainingConfig, TrainingProgress, train_tuner
+
+        params = conditions.parse_params(args.condition, args.param) if args.condition and args.param else {}
+        if args.param and not args.condition:
+            raise UserInputError("-p/--param sets condition parameters; it needs --condition")
+        config = TrainingConfig(
+            kind=args.kind, data=args.data, out=Path(args.out), condition=args.condition, condition_params=tuple(params.items()),
+            trigger=args.trigger, remove_words=tuple(args.remove_word), steps=args.steps, batch_size=args.batch,
+            learning_rate=args.lr, caption_dropout=args.caption_dropout, resolution=args.resolution, seed=args.seed,
+            checkpoint_every=args.checkpoint_every, preview_every=args.preview_every, preview_prompts=tuple(args.preview_prompt),
+            gradient_checkpointing=args.gradient_checkpointing, down_ratio=args.down_ratio, kernel_size=args.kernel,
+            base_model=args.model, work_dir=Path(args.work_dir) if args.work_dir else None, resume=args.resume,
+            shapes_images=args.images, save_dtype="float16" if args.fp16 else "float32", device=args.device,
+        ).validated()
+        if args.threads:
+            import torch
+
+            torch.set_num_threads(args.threads)
+        cancel = threading.Event()
+        previous_handler = signal.signal(signal.SIGINT, lambda *_: cancel.set())  # stop after this step, keep a checkpoint
+        every = max(1, config.steps // 100)
+
+        def report(event: TrainingProgress) -> None:
+            if event.step % every == 0 or event.checkpoint or event.step == event.total_steps:
+                saved = f", checkpoint {event.checkpoint}" if event.checkpoint else ""
+                print(f"step {event.step}/{event.total_steps} loss {event.loss:.4f} eta {event.eta_seconds:.0f} s{saved}", file=sys.stderr)
+
+        try:
+            result = train_tuner(config, report, cancel)
+        finally:
+            signal.signal(signal.SIGINT, previous_handler)
+        if result.cancelled:
+            if result.main_process:
+                print(f"cancelled after step {result.steps}; checkpoint {result.checkpoint}; continue with --resume", file=sys.stderr)
+            return 130
+        if result.main_process:
+            print(result.output)
         return 0
 
     command.set_defaults(handler=run)

@@ -1,0 +1,633 @@
+"""Training of SC-Tuners (few-shot styles) and CSC-Tuners (one condition type) on a frozen base model.
+
+One loop for both kinds, on CPU or GPU, in one process or many: Hugging Face Accelerate drives every run,
+and a single process is simply a world of one, so ``accelerate launch -m scedit_ui train ...`` runs exactly
+this code. The UI, the CLI and the tests all call `train_tuner` (or `TunerTrainer`).
+
+Data is a folder of images with captions (``NAME.txt`` next to each image, or a ``metadata.jsonl`` of
+``{"file_name": ..., "text": ...}`` lines) or the Shapes world (``"shapes:<style>"`` / ``"shapes"``). It is
+validated before any model is loaded; every problem is a `UserInputError` saying what to fix.
+
+Randomness (batch order, noise, timesteps, condition augmentation) is a pure function of (seed, process,
+step), so a run resumed from a checkpoint repeats the interrupted one exactly; a checkpoint is the tuner,
+the optimizer (and fp16 loss-scaler) state and the step, written atomically.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+
+from scedit_ui import conditions
+from scedit_ui.errors import UserInputError
+from scedit_ui.model_manager import load_pipeline, resolve_source
+from scedit_ui.shapes_world import STYLES, caption, render_scene, sample_scene
+from tuners import ControlCondition, CSCTuner, SCTuner, SkipEditor, TunerMetadata, save_tuner
+from tuners.io import Tuner, atomic_write
+from tuners.reference_configs import guess_architecture
+
+logger = logging.getLogger(__name__)
+
+KINDS = ("sc", "csc")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
+# Conditions whose geometry matches the picture (outpaint changes the canvas, so it is trained as inpaint).
+TRAINABLE_CONDITIONS = ("canny", "color", "inpaint", "sketch", "scribble", "hed", "depth", "pose", "seg")
+DEFAULT_SHAPES_IMAGES = 30
+CHECKPOINT_NAME = "checkpoint.pt"
+PREVIEW_DIR = "previews"
+# What a checkpoint must share with the run that resumes it (steps may grow: training continues).
+_RESUME_KEYS = (
+    "kind", "condition", "condition_params", "data", "trigger", "remove_words", "batch_size", "learning_rate",
+    "weight_decay", "resolution", "seed", "down_ratio", "kernel_size", "base_model", "shapes_images", "caption_dropout",
+)
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    """Everything that decides a training run. `data` is a folder, "shapes" or "shapes:<style>"."""
+
+    kind: str  # "sc" | "csc"
+    data: str
+    out: Path
+    condition: str | None = None  # CSC only: the condition type (canny, color, inpaint, ...)
+    condition_params: tuple[tuple[str, Any], ...] = ()  # fixed extractor parameters (else random / defaults)
+    trigger: str | None = None  # prefixed to every caption, e.g. "<sce>"
+    remove_words: tuple[str, ...] = ()  # phrases removed from captions, e.g. "in stripes style"
+    steps: int = 1000
+    batch_size: int = 4
+    learning_rate: float = 1e-4  # the paper uses 5e-5
+    weight_decay: float = 0.01
+    max_grad_norm: float = 1.0
+    caption_dropout: float = 0.1  # share of captions replaced by "" (trains the unconditional branch of CFG)
+    resolution: int | None = None  # None: the base model's native size
+    seed: int = 0
+    checkpoint_every: int = 100
+    preview_every: int = 0  # 0: no previews
+    preview_prompts: tuple[str, ...] = ()  # default: captions of the first data examples
+    preview_seeds: tuple[int, ...] = (0,)
+    preview_steps: int = 20
+    gradient_checkpointing: bool = False
+    down_ratio: float = 1.0  # SC: mid width of each adapter = int(C · down_ratio)
+    kernel_size: int = 1  # CSC: cascade conv kernel (1 or 3)
+    base_model: str = ""  # "" = the built-in tiny model
+    work_dir: Path | None = None  # checkpoints and previews; default runs/tuners/<out name>
+    resume: bool = False
+    shapes_images: int | None = None  # Shapes world: distinct scenes (None: 30 for SC, an endless stream for CSC)
+    save_dtype: str = "float32"  # "float16" halves the file
+    device: str = "auto"  # "auto" | "cuda" | "cpu"
+
+    @property
+    def work(self) -> Path:
+        return Path(self.work_dir) if self.work_dir is not None else Path("runs/tuners") / Path(self.out).stem
+
+    def validated(self) -> TrainingConfig:
+        """A normalised copy, or `UserInputError` naming the first bad value. Looks at no file."""
+        if self.kind not in KINDS:
+            raise UserInputError(f"kind must be 'sc' (style, text-to-image) or 'csc' (condition), got {self.kind!r}")
+        if self.kind == "csc":
+            if not self.condition:
+                raise UserInputError(f"a CSC tuner needs a condition type: one of {', '.join(TRAINABLE_CONDITIONS)}")
+            if self.condition not in TRAINABLE_CONDITIONS:
+                raise UserInputError(f"cannot train condition {self.condition!r}; choose one of {', '.join(TRAINABLE_CONDITIONS)}")
+            kind = conditions.condition_kind(self.condition)
+            for name, value in self.condition_params:
+                kind.param(name).validate(value)
+        elif self.condition or self.condition_params:
+            raise UserInputError("--condition is for CSC tuners (--kind csc); an SC tuner learns a style from images alone")
+        _check_int("steps", self.steps, 1, 10_000_000)
+        _check_int("batch size", self.batch_size, 1, 1024)
+        _check_int("seed", self.seed, 0, 2**32 - 1)
+        _check_int("checkpoint interval", self.checkpoint_every, 1, 10_000_000)
+        _check_int("preview interval", self.preview_every, 0, 10_000_000)
+        _check_int("preview steps", self.preview_steps, 1, 150)
+        _check_float("learning rate", self.learning_rate, 1e-8, 1.0)
+        _check_float("weight decay", self.weight_decay, 0.0, 10.0)
+        _check_float("max gradient norm", self.max_grad_norm, 0.0, 1e6)
+        _check_float("caption dropout", self.caption_dropout, 0.0, 1.0)
+        _check_float("down ratio", self.down_ratio, 1e-3, 4.0)
+        if self.kernel_size not in (1, 3):
+            raise UserInputError(f"kernel size must be 1 or 3, got {self.kernel_size!r}")
+        if self.resolution is not None:
+            _check_int("resolution", self.resolution, 64, 2048)
+            if self.resolution % 8:
+                raise UserInputError(f"resolution must be a multiple of 8 (the VAE downsamples by 8), got {self.resolution}")
+        if self.shapes_images is not None:
+            _check_int("number of Shapes-world images", self.shapes_images, 1, 10_000_000)
+        if self.save_dtype not in ("float32", "float16"):
+            raise UserInputError(f"save dtype must be float32 or float16, got {self.save_dtype!r}")
+        if self.device not in ("auto", "cuda", "cpu"):
+            raise UserInputError(f"device must be auto, cuda or cpu, got {self.device!r}")
+        if Path(self.out).suffix != ".safetensors":
+            raise UserInputError(f"the output must be a .safetensors file, got {self.out}")
+        trigger = (self.trigger or "").strip() or None
+        remove_words = tuple(w.strip() for w in self.remove_words if w.strip())
+        for seed in self.preview_seeds:
+            _check_int("preview seed", seed, 0, 2**32 - 1)
+        return replace(self, out=Path(self.out), trigger=trigger, remove_words=remove_words,
+                       condition_params=tuple(sorted(dict(self.condition_params).items())))
+
+    def identity(self) -> dict[str, Any]:
+        """The fields a resumed run must share with its checkpoint, as JSON-friendly values."""
+        data = asdict(self)
+        return json.loads(json.dumps({key: data[key] for key in _RESUME_KEYS}, default=str))
+
+
+@dataclass
+class TrainingProgress:
+    """One finished step; `previews` and `checkpoint` are set on the steps that made them."""
+
+    step: int
+    total_steps: int
+    loss: float
+    eta_seconds: float
+    previews: list[Image.Image] = field(default_factory=list)
+    checkpoint: Path | None = None
+
+
+@dataclass
+class TrainingResult:
+    output: Path | None  # None when cancelled
+    steps: int  # steps completed (counting those before a resume)
+    cancelled: bool
+    checkpoint: Path | None
+    loss: float  # mean loss of the last steps
+    seconds: float
+    metadata: TunerMetadata | None = None
+    previews: list[Path] = field(default_factory=list)
+    main_process: bool = True  # False in the other processes of a multi-process run (they write nothing)
+
+
+ProgressCallback = Callable[[TrainingProgress], None]
+
+
+def _check_int(name: str, value: Any, low: int, high: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not low <= value <= high:
+        raise UserInputError(f"{name} must be a whole number from {low} to {high}, got {value!r}")
+
+
+def _check_float(name: str, value: Any, low: float, high: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not low <= value <= high:
+        raise UserInputError(f"{name} must be a number from {low:g} to {high:g}, got {value!r}")
+
+
+# --- data ---------------------------------------------------------------------------------------------------------
+
+
+def prepare_caption(text: str, trigger: str | None = None, remove_words: Sequence[str] = ()) -> str:
+    """`text` without the `remove_words` phrases (case-insensitive, whole words), prefixed by `trigger`."""
+    for phrase in remove_words:
+        text = re.sub(rf"(?i)(?<!\w){re.escape(phrase)}(?!\w)", " ", text)
+    # Tidy what a removal leaves: doubled spaces, space before punctuation, dangling commas.
+    text = re.sub(r"\s+", " ", text)
+    text = re.sub(r"\s+([,.;:])", r"\1", text)
+    text = re.sub(r"([,;:])(\s*[,;:])+", r"\1", text)
+    text = text.strip(" ,;:")
+    return f"{trigger} {text}".strip() if trigger else text
+
+
+class TrainingData:
+    """Examples (caption, image at the training resolution) by key: a finite set or an endless stream.
+
+    `size` is None for a stream (Shapes world), whose keys are scene seeds instead of indices.
+    """
+
+    def __init__(self, description: str, size: int | None, caption: Callable[[int], str], image: Callable[[int, int], Image.Image]) -> None:
+        self.description = description
+        self.size = size
+        self.caption = caption
+        self.image = image
+
+    def preview_keys(self, count: int) -> list[int]:
+        """Fixed keys for previews: the first examples of a set; seeds outside the training stream's range."""
+        return list(range(min(count, self.size))) if self.size is not None else [2**48 + k for k in range(count)]
+
+
+def load_training_data(config: TrainingConfig) -> TrainingData:
+    """The dataset `config.data` names, fully validated (every image decoded, every caption found)."""
+    source = config.data.strip()
+    if source == "shapes" or source.startswith("shapes:"):
+        return _shapes_data(config, source.partition(":")[2].strip() or None)
+    return _folder_data(config, Path(source).expanduser())
+
+
+def _shapes_data(config: TrainingConfig, style: str | None) -> TrainingData:
+    if style is not None and style not in STYLES:
+        raise UserInputError(f"unknown Shapes-world style {style!r}; use shapes:<style> with one of: {', '.join(STYLES)}")
+
+    def text_of(scene) -> str:
+        return prepare_caption(caption(scene), config.trigger, config.remove_words)
+
+    count = config.shapes_images if config.shapes_images is not None else (DEFAULT_SHAPES_IMAGES if config.kind == "sc" else None)
+    name = f"Shapes world{f' ({style})' if style else ''}"
+    if count is None:
+        def scene_of(key: int):
+            return sample_scene(key, split="train", style=style)
+
+        return TrainingData(f"{name}, endless stream", None, lambda k: text_of(scene_of(k)), lambda k, r: render_scene(scene_of(k), r))
+    # Scene seeds depend on the run's seed only: a longer set extends a shorter one.
+    seeds = np.random.default_rng([config.seed, 0x5CED]).integers(0, 2**48, size=count)
+    scenes = [sample_scene(int(s), split="train", style=style) for s in seeds]
+    return TrainingData(f"{name}, {count} scenes", count, lambda i: text_of(scenes[i]), lambda i, r: render_scene(scenes[i], r))
+
+
+def _folder_data(config: TrainingConfig, folder: Path) -> TrainingData:
+    if not folder.is_dir():
+        raise UserInputError(f"training data {folder} is not a folder; pass a folder of images with captions, or shapes:<style>")
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+    if not files:
+        raise UserInputError(
+            f"{folder} has no images ({', '.join(IMAGE_SUFFIXES)}); put the training pictures there, each with a caption"
+        )
+    listed = _read_metadata_jsonl(folder / "metadata.jsonl")
+    captions, missing = [], []
+    for path in files:
+        sidecar = path.with_suffix(".txt")
+        if path.name in listed:
+            captions.append(listed[path.name])
+        elif sidecar.is_file():
+            captions.append(sidecar.read_text(encoding="utf-8", errors="replace").strip())
+        else:
+            missing.append(path.name)
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise UserInputError(
+            f"{len(missing)} of {len(files)} images in {folder} have no caption: {shown}. Write NAME.txt next to each "
+            'image, or a metadata.jsonl with lines {"file_name": "NAME.png", "text": "the caption"}'
+        )
+    for path in files:  # decode every picture now: a broken file must not stop training at step 900
+        try:
+            conditions.load_image(path)
+        except UserInputError as error:
+            raise UserInputError(f"cannot train on {path.name}: {error}. Remove or replace it") from None
+    captions = [prepare_caption(text, config.trigger, config.remove_words) for text in captions]
+
+    @lru_cache(maxsize=1024)
+    def image(index: int, resolution: int) -> Image.Image:
+        fitted, _ = conditions.fit_image(conditions.load_image(files[index]), (resolution, resolution), "crop")  # Resize + CenterCrop
+        return fitted
+
+    return TrainingData(f"{folder} ({len(files)} images)", len(files), captions.__getitem__, image)
+
+
+def _read_metadata_jsonl(path: Path) -> dict[str, str]:
+    if not path.is_file():
+        return {}
+    captions = {}
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+            name, text = entry["file_name"], entry.get("text", entry.get("caption"))
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+            raise UserInputError(f'{path} line {number} is not {{"file_name": ..., "text": ...}}: {line[:80]!r}') from None
+        if not isinstance(text, str):
+            raise UserInputError(f"{path} line {number} has no caption text for {name!r}")
+        captions[Path(str(name)).name] = text
+    return captions
+
+
+def make_condition(image: Image.Image, kind: str, params: dict[str, Any], rng: np.random.Generator) -> Image.Image:
+    """The condition image of `kind` for a training picture, with random augmentation where the paper has it:
+    random Canny thresholds, random LaMa-style inpainting masks. Fixed `params` switch augmentation off."""
+    size = image.size
+    if kind == "canny" and not params:
+        low, high = conditions.random_canny_thresholds(rng)
+        params = {"low": low, "high": high}
+    if kind == "inpaint":
+        mask = params.get("mask") or conditions.random_inpaint_mask(size, rng)
+        return conditions.inpaint_condition(image, mask)
+    if kind == "color" and "ratio" not in params:
+        params = {"ratio": max(1, size[0] // 8)}  # an 8x8 grid at every size (SD's 64x at 512 px)
+    return conditions.extract(image, conditions.ConditionRequest(kind, size, "crop", params), cache=None).image
+
+
+# --- the model being trained -------------------------------------------------------------------------------------
+
+
+class TunedDenoiser(nn.Module):
+    """The frozen UNet with the tuner attached through a `SkipEditor`: what Accelerate prepares (and DDP wraps).
+
+    Its forward is one noise prediction; for a CSC tuner the batch's condition images come with it.
+    """
+
+    def __init__(self, unet: nn.Module, editor: SkipEditor, tuner: Tuner) -> None:
+        super().__init__()
+        self.unet = unet
+        self.tuner = tuner
+        self.editor = editor
+
+    def forward(self, noisy: torch.Tensor, timesteps: torch.Tensor, text: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
+        if condition is not None:
+            self.editor.set_conditions([ControlCondition(self.tuner, condition)])
+        return self.unet(noisy, timesteps, encoder_hidden_states=text).sample
+
+
+def _to_tensor(images: Sequence[Image.Image]) -> torch.Tensor:
+    """(B, 3, H, W) in [0, 1]."""
+    return torch.from_numpy(np.stack([np.asarray(i.convert("RGB"), dtype=np.float32) for i in images]) / 255.0).permute(0, 3, 1, 2)
+
+
+class TunerTrainer:
+    """One training run: validates the config and data, loads its own copy of the base model, trains, saves.
+
+    Construction does everything that can fail on bad input (nothing is trained yet); `run` trains.
+    """
+
+    def __init__(self, config: TrainingConfig) -> None:
+        from accelerate import Accelerator
+
+        self.config = config = config.validated()
+        self.data = load_training_data(config)
+        if config.kind == "csc":  # fails now (missing annotator weights, bad parameters) rather than at step 1
+            image = self.data.image(self.data.preview_keys(1)[0], 64)
+            make_condition(image, config.condition, dict(config.condition_params), np.random.default_rng(0))
+        if config.device == "cuda" and not torch.cuda.is_available():
+            raise UserInputError("--device cuda was asked for, but PyTorch sees no CUDA GPU; use --device cpu")
+        use_cuda = torch.cuda.is_available() and config.device != "cpu"
+        self.accelerator = Accelerator(mixed_precision="fp16" if use_cuda else "no", cpu=not use_cuda)
+        self.device = self.accelerator.device
+        dtype = torch.float16 if self.device.type == "cuda" else torch.float32  # frozen weights; the tuner stays fp32
+
+        source = resolve_source(config.base_model)
+        pipeline = load_pipeline(source, dtype)
+        if type(pipeline).__name__ != "StableDiffusionPipeline":
+            raise UserInputError(f"training supports Stable Diffusion 1.x/2.x base models; {source.display_name} is {type(pipeline).__name__}")
+        pipeline.set_progress_bar_config(disable=True)
+        self.pipeline = pipeline.to(self.device)
+        self.base_name = source.display_name
+        self.base_architecture = "tiny" if source.kind == "builtin" else guess_architecture(pipeline.unet.config)
+        self.resolution = config.resolution or pipeline.unet.config.sample_size * pipeline.vae_scale_factor
+        if self.resolution % pipeline.vae_scale_factor:
+            raise UserInputError(f"resolution must be a multiple of {pipeline.vae_scale_factor}, got {self.resolution}")
+
+        from diffusers import DDIMScheduler, DDPMScheduler
+
+        self.noise_scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
+        self.preview_scheduler = DDIMScheduler.from_config(pipeline.scheduler.config)
+        self.editor = SkipEditor(pipeline.unet, self.noise_scheduler.config.num_train_timesteps).attach()
+        layout = self.editor.layout
+        with torch.random.fork_rng(devices=[]):  # the initial weights depend on the seed only
+            torch.manual_seed(config.seed)
+            self.tuner: Tuner = SCTuner(layout, config.down_ratio) if config.kind == "sc" else CSCTuner(layout, config.kernel_size, config.condition)
+        if config.kind == "sc":
+            self.editor.add_sc_tuner("training", self.tuner)
+        else:
+            self.tuner.to(self.device)
+            placeholder = torch.zeros(1, 3, self.resolution, self.resolution, device=self.device)
+            self.editor.set_conditions([ControlCondition(self.tuner, placeholder)])
+        if config.gradient_checkpointing:
+            pipeline.unet.enable_gradient_checkpointing()  # only the decoder records a graph, so only it is checkpointed
+        self.parameters = self.editor.train_mode(True)
+        optimizer = torch.optim.AdamW(self.parameters, lr=config.learning_rate, weight_decay=config.weight_decay)
+        self.model, self.optimizer = self.accelerator.prepare(TunedDenoiser(pipeline.unet, self.editor, self.tuner), optimizer)
+        self._latents: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._text: dict[str, torch.Tensor] = {}
+
+    # -- checkpoints ---------------------------------------------------------------------------------------------
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.config.work / CHECKPOINT_NAME
+
+    def _save_checkpoint(self, step: int, loss: float) -> Path:
+        state = {
+            "step": step,
+            "loss": loss,
+            "identity": json.dumps(self.config.identity()),
+            "tuner": self.tuner.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.accelerator.scaler.state_dict() if self.accelerator.scaler is not None else {},
+        }
+        if self.accelerator.is_main_process:
+            atomic_write(self.checkpoint_path, lambda temporary: torch.save(state, temporary))
+        return self.checkpoint_path
+
+    def _load_checkpoint(self) -> tuple[int, float]:
+        """The step to start from (0 without a checkpoint), after restoring the saved state."""
+        path = self.checkpoint_path
+        if not path.is_file():
+            return 0, float("nan")
+        if not self.config.resume:
+            raise UserInputError(
+                f"{path} holds the checkpoint of an earlier run; add --resume to continue it, or pass another --work-dir "
+                "(or delete that folder) to start over"
+            )
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            saved = json.loads(state["identity"])
+        except (OSError, RuntimeError, KeyError, json.JSONDecodeError) as error:
+            raise UserInputError(f"cannot resume from {path}: {error}. Delete it to start over") from None
+        differing = sorted(k for k, v in self.config.identity().items() if saved.get(k) != v)
+        if differing:
+            details = "; ".join(f"{k}: checkpoint {saved.get(k)!r}, now {self.config.identity()[k]!r}" for k in differing)
+            raise UserInputError(f"cannot resume from {path}: the run differs in {details}. Use the same settings, or another --work-dir")
+        self.tuner.load_state_dict(state["tuner"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.accelerator.scaler is not None and state.get("scaler"):
+            self.accelerator.scaler.load_state_dict(state["scaler"])
+        logger.info("resuming from %s at step %d", path, state["step"])
+        return int(state["step"]), float(state["loss"])
+
+    # -- one step ------------------------------------------------------------------------------------------------
+    def _batch_keys(self, step: int, rng: np.random.Generator) -> list[int]:
+        """Data keys of this process's share of step `step`: epoch-shuffled indices, or stream seeds."""
+        world, rank, batch = self.accelerator.num_processes, self.accelerator.process_index, self.config.batch_size
+        if self.data.size is None:
+            return [int(k) for k in rng.integers(0, 2**48, size=batch)]
+        keys = []
+        for j in range(batch):
+            k = (step * world + rank) * batch + j  # position in the global sample sequence
+            epoch, position = divmod(k, self.data.size)
+            keys.append(int(np.random.default_rng([self.config.seed, epoch]).permutation(self.data.size)[position]))
+        return keys
+
+    @torch.no_grad()
+    def _encode_text(self, captions: Sequence[str]) -> torch.Tensor:
+        missing = [c for c in dict.fromkeys(captions) if c not in self._text]
+        if missing:
+            tokenizer = self.pipeline.tokenizer
+            ids = tokenizer(missing, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
+            embeddings = self.pipeline.text_encoder(ids.to(self.device))[0]
+            if self.data.size is None and len(self._text) > 4096:  # a stream's captions rarely repeat
+                self._text.clear()
+            self._text.update(zip(missing, embeddings))
+        return torch.stack([self._text[c] for c in captions])
+
+    @torch.no_grad()
+    def _encode_images(self, keys: Sequence[int], images: Sequence[Image.Image], generator: torch.Generator) -> torch.Tensor:
+        """Latents sampled from the VAE posterior; a finite set's posteriors are computed once and cached."""
+        vae = self.pipeline.vae
+        cacheable = self.data.size is not None
+        todo = [i for i, k in enumerate(keys) if not (cacheable and k in self._latents)]
+        fresh = {}
+        # A cached image is encoded alone, so its latent does not depend on which batch first met it.
+        for chunk in ([[i] for i in todo] if cacheable else [todo] if todo else []):
+            pixels = _to_tensor([images[i] for i in chunk]).to(self.device, vae.dtype) * 2 - 1
+            posterior = vae.encode(pixels).latent_dist
+            fresh.update({i: (posterior.mean[n].float(), posterior.std[n].float()) for n, i in enumerate(chunk)})
+        if cacheable:
+            self._latents.update({keys[i]: v for i, v in fresh.items()})
+        stats = [self._latents[k] if cacheable else fresh[i] for i, k in enumerate(keys)]
+        mean = torch.stack([m for m, _ in stats])
+        std = torch.stack([s for _, s in stats])
+        noise = torch.randn(mean.shape, generator=generator).to(self.device)
+        return (mean + std * noise) * vae.config.scaling_factor
+
+    def _step(self, step: int) -> float:
+        config = self.config
+        rng = np.random.default_rng([config.seed, self.accelerator.process_index, step])  # a pure function of the step
+        generator = torch.Generator().manual_seed(int(rng.integers(0, 2**62)))
+        keys = self._batch_keys(step, rng)
+        captions = ["" if rng.random() < config.caption_dropout else self.data.caption(k) for k in keys]
+        needs_pixels = config.kind == "csc" or self.data.size is None or any(k not in self._latents for k in keys)
+        images = [self.data.image(k, self.resolution) for k in keys] if needs_pixels else []
+        latents = self._encode_images(keys, images, generator)
+        text = self._encode_text(captions).to(self.pipeline.unet.dtype)
+        condition = None
+        if config.kind == "csc":
+            params = dict(config.condition_params)
+            condition = _to_tensor([make_condition(image, config.condition, params, rng) for image in images]).to(self.device)
+
+        noise = torch.randn(latents.shape, generator=generator).to(self.device)
+        timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (len(keys),), generator=generator).to(self.device)
+        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps).to(self.pipeline.unet.dtype)
+        if self.noise_scheduler.config.prediction_type == "v_prediction":
+            target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
+        else:
+            target = noise  # epsilon
+
+        prediction = self.model(noisy, timesteps, text, condition)
+        loss = F.mse_loss(prediction.float(), target.float())
+        self.accelerator.backward(loss)
+        if config.max_grad_norm > 0:
+            self.accelerator.clip_grad_norm_(self.parameters, config.max_grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(self.accelerator.reduce(loss.detach(), "mean"))
+
+    # -- previews ------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def previews(self) -> list[Image.Image]:
+        """Images from the fixed preview prompts and seeds, made by the training pipeline with the current tuner."""
+        config = self.config
+        keys = self.data.preview_keys(max(1, len(config.preview_prompts) or 2))
+        prompts = list(config.preview_prompts) or [self.data.caption(k) for k in keys]
+        self.editor.train_mode(False)
+        self.pipeline.scheduler = self.preview_scheduler
+        images = []
+        try:
+            for n, prompt in enumerate(prompts):
+                if config.kind == "csc":
+                    picture = self.data.image(keys[n % len(keys)], self.resolution)
+                    hint = make_condition(picture, config.condition, dict(config.condition_params), np.random.default_rng(n))
+                    self.editor.set_conditions([ControlCondition(self.tuner, _to_tensor([hint]).to(self.device))])
+                for seed in config.preview_seeds:
+                    images += self.pipeline(
+                        prompt=prompt, num_inference_steps=config.preview_steps, guidance_scale=5.0,
+                        height=self.resolution, width=self.resolution, generator=torch.Generator("cpu").manual_seed(seed),
+                    ).images
+        finally:
+            self.editor.cache.clear()
+            self.editor.train_mode(True)
+        return images
+
+    # -- the loop ------------------------------------------------------------------------------------------------
+    def run(self, progress: ProgressCallback | None = None, cancel: threading.Event | None = None) -> TrainingResult:
+        """Train from the last checkpoint (with `config.resume`) to `config.steps`; `cancel` stops within one step."""
+        config, accelerator = self.config, self.accelerator
+        start, last_loss = self._load_checkpoint()
+        started = time.perf_counter()
+        losses: list[float] = [] if math.isnan(last_loss) else [last_loss]
+        preview_paths: list[Path] = []
+        checkpoint = self.checkpoint_path if start else None
+        step = start
+        while step < config.steps:
+            if cancel is not None and cancel.is_set():
+                if step > start:
+                    checkpoint = self._save_checkpoint(step, _mean_tail(losses))
+                logger.info("cancelled after step %d; checkpoint %s", step, checkpoint)
+                return TrainingResult(None, step, True, checkpoint, _mean_tail(losses), time.perf_counter() - started,
+                                      previews=preview_paths, main_process=accelerator.is_main_process)
+            losses.append(self._step(step))
+            step += 1
+            event = TrainingProgress(step, config.steps, losses[-1], _eta(started, step - start, config.steps - step))
+            if step % config.checkpoint_every == 0 or step == config.steps:
+                event.checkpoint = checkpoint = self._save_checkpoint(step, _mean_tail(losses))
+            if config.preview_every and (step % config.preview_every == 0 or step == config.steps) and accelerator.is_main_process:
+                event.previews = self.previews()
+                preview_paths += self._write_previews(step, event.previews)
+            if progress is not None and accelerator.is_main_process:
+                progress(event)
+        metadata = self._metadata(step, time.perf_counter() - started, _mean_tail(losses))
+        if accelerator.is_main_process:
+            tuner = self.tuner if config.save_dtype == "float32" else _copy_as(self.tuner, torch.float16)
+            save_tuner(tuner, config.out, metadata)
+            logger.info("wrote %s after %d steps", config.out, step)
+        accelerator.wait_for_everyone()
+        return TrainingResult(config.out, step, False, checkpoint, _mean_tail(losses), time.perf_counter() - started, metadata,
+                              preview_paths, accelerator.is_main_process)
+
+    def _write_previews(self, step: int, images: list[Image.Image]) -> list[Path]:
+        folder = self.config.work / PREVIEW_DIR
+        folder.mkdir(parents=True, exist_ok=True)
+        paths = []
+        for i, image in enumerate(images):
+            path = folder / f"step-{step:06d}-{i}.png"
+            image.save(path)
+            paths.append(path)
+        return paths
+
+    def _metadata(self, steps: int, seconds: float, loss: float) -> TunerMetadata:
+        config = self.config
+        summary = {
+            "base_model": self.base_name,
+            "steps": steps,
+            "dataset": self.data.description,
+            "dataset_size": self.data.size if self.data.size is not None else steps * config.batch_size * self.accelerator.num_processes,
+            "batch_size": config.batch_size,
+            "processes": self.accelerator.num_processes,
+            "learning_rate": config.learning_rate,
+            "resolution": self.resolution,
+            "seed": config.seed,
+            "final_loss": round(loss, 6),
+            "training_seconds": round(seconds, 1),  # of the last session, when resumed
+        }
+        if config.condition_params:
+            summary["condition_params"] = dict(config.condition_params)
+        if config.remove_words:
+            summary["removed_words"] = list(config.remove_words)
+        return TunerMetadata.describe(self.tuner, self.base_architecture, trigger_word=config.trigger, training=summary)
+
+
+def _copy_as(tuner: Tuner, dtype: torch.dtype) -> Tuner:
+    import copy
+
+    return copy.deepcopy(tuner).to("cpu", dtype)
+
+
+def _mean_tail(losses: Sequence[float], n: int = 20) -> float:
+    tail = [x for x in losses[-n:] if math.isfinite(x)]
+    return float(np.mean(tail)) if tail else float("nan")
+
+
+def _eta(started: float, done: int, remaining: int) -> float:
+    return (time.perf_counter() - started) / max(done, 1) * remaining
+
+
+def train_tuner(config: TrainingConfig, progress: ProgressCallback | None = None, cancel: threading.Event | None = None) -> TrainingResult:
+    """Train an SC or CSC tuner as `config` says, on a private copy of the base model, and write it to `config.out`."""
+    return TunerTrainer(config).run(progress, cancel)

@@ -1,0 +1,266 @@
+"""Tuner training on a random-weight SD folder (64 px, CPU): a few steps at batch 2 per run."""
+from __future__ import annotations
+
+import json
+import threading
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from scedit_ui.cli import main
+from scedit_ui.errors import UserInputError
+from scedit_ui.shapes_world import caption, render_scene, sample_scene
+from scedit_ui.training import (
+    TrainingConfig,
+    TunerTrainer,
+    load_training_data,
+    prepare_caption,
+    train_tuner,
+)
+from tuners import load_tuner
+
+
+@pytest.fixture
+def image_folder(tmp_path) -> Path:
+    """Three Shapes-world pictures with sidecar captions."""
+    folder = tmp_path / "pictures"
+    folder.mkdir()
+    for i in range(3):
+        scene = sample_scene(i, style="stripes")
+        render_scene(scene, 80).save(folder / f"scene-{i}.png")
+        (folder / f"scene-{i}.txt").write_text(caption(scene))
+    return folder
+
+
+def config_for(tmp_path: Path, model: Path, **overrides) -> TrainingConfig:
+    settings = dict(
+        kind="sc", data="shapes:stripes", out=tmp_path / "tuner.safetensors", steps=3, batch_size=2,
+        checkpoint_every=2, base_model=str(model), work_dir=tmp_path / "work",
+    )
+    return TrainingConfig(**{**settings, **overrides})
+
+
+def tensors(path: Path) -> dict[str, torch.Tensor]:
+    tuner, _ = load_tuner(path)
+    return tuner.state_dict()
+
+
+def never_called(event) -> None:
+    raise AssertionError(f"a training step ran: {event}")
+
+
+# --- data ---------------------------------------------------------------------------------------------------------
+
+
+def test_captions_get_the_trigger_and_lose_the_removed_style_words():
+    text = "a red circle at the top left on a blue background, in stripes style"
+    assert prepare_caption(text, "<sce>", ["in stripes style"]) == "<sce> a red circle at the top left on a blue background"
+    assert prepare_caption("Stripes: a red star", None, ["stripes"]) == "a red star"
+
+
+def test_folder_captions_come_from_sidecar_files_or_metadata_jsonl(image_folder, tmp_path):
+    (image_folder / "scene-2.txt").unlink()
+    (image_folder / "metadata.jsonl").write_text(json.dumps({"file_name": "scene-2.png", "text": "a listed caption"}) + "\n")
+    data = load_training_data(config_for(tmp_path, Path("unused"), data=str(image_folder), trigger="<sce>"))
+    assert data.size == 3
+    assert data.caption(2) == "<sce> a listed caption"
+    assert data.caption(0).startswith("<sce> ") and data.caption(0).endswith("in stripes style")
+    assert data.image(0, 64).size == (64, 64)  # Resize + CenterCrop to the training resolution
+
+
+def test_shapes_sources_give_a_few_shot_set_for_sc_and_a_stream_for_csc(tmp_path):
+    few_shot = load_training_data(config_for(tmp_path, Path("unused"), data="shapes:pixelate"))
+    stream = load_training_data(config_for(tmp_path, Path("unused"), kind="csc", condition="canny", data="shapes"))
+    assert few_shot.size == 30 and few_shot.caption(0).endswith("in pixelate style")
+    assert stream.size is None and stream.image(12345, 64).size == (64, 64)
+
+
+@pytest.mark.parametrize(
+    "problem, message",
+    [
+        ("empty", "has no images"),
+        ("unreadable", "cannot train on scene-1.png"),
+        ("missing caption", "have no caption: scene-1.png"),
+        ("not a folder", "is not a folder"),
+    ],
+)
+def test_bad_data_fails_with_a_clear_error_before_any_step(problem, message, image_folder, tmp_path, random_sd_folder):
+    if problem == "empty":
+        for path in image_folder.iterdir():
+            path.unlink()
+    elif problem == "unreadable":
+        (image_folder / "scene-1.png").write_bytes(b"not a picture")
+    elif problem == "missing caption":
+        (image_folder / "scene-1.txt").unlink()
+    data = str(image_folder / "scene-0.png") if problem == "not a folder" else str(image_folder)
+    with pytest.raises(UserInputError, match=message):
+        train_tuner(config_for(tmp_path, random_sd_folder, data=data), progress=never_called)
+    assert not (tmp_path / "work").exists()
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(kind="csc"), "needs a condition type"),
+        (dict(kind="csc", condition="outpaint"), "cannot train condition"),
+        (dict(condition="canny"), "for CSC tuners"),
+        (dict(resolution=100), "multiple of 8"),
+        (dict(steps=0), "steps"),
+        (dict(data="shapes:watercolour"), "unknown Shapes-world style"),
+    ],
+)
+def test_bad_settings_fail_before_any_step(overrides, message, tmp_path, random_sd_folder):
+    with pytest.raises(UserInputError, match=message):
+        train_tuner(config_for(tmp_path, random_sd_folder, **overrides), progress=never_called)
+
+
+# --- training -----------------------------------------------------------------------------------------------------
+
+
+def test_only_tuner_parameters_train_and_change(tmp_path, random_sd_folder):
+    trainer = TunerTrainer(config_for(tmp_path, random_sd_folder, steps=2))
+    base = {name: module.state_dict() for name, module in trainer.pipeline.components.items() if isinstance(module, torch.nn.Module)}
+    base = {f"{name}.{key}": t.clone() for name, state in base.items() for key, t in state.items()}
+    tuner_before = {k: t.clone() for k, t in trainer.tuner.state_dict().items()}
+    optimised = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
+    assert optimised == {id(p) for p in trainer.tuner.parameters()}
+    assert not any(p.requires_grad for p in trainer.pipeline.unet.parameters())
+
+    trainer.run()
+
+    after = {name: module.state_dict() for name, module in trainer.pipeline.components.items() if isinstance(module, torch.nn.Module)}
+    after = {f"{name}.{key}": t for name, state in after.items() for key, t in state.items()}
+    assert all(torch.equal(base[k], after[k]) for k in base)
+    changed = [k for k, t in trainer.tuner.state_dict().items() if not torch.equal(t, tuner_before[k])]
+    assert any(k.endswith("ln2.weight") for k in changed)  # the zero-initialised up-projections moved
+
+
+def test_sc_output_loads_and_carries_its_metadata(image_folder, tmp_path, random_sd_folder):
+    config = config_for(tmp_path, random_sd_folder, data=str(image_folder), trigger="<sce>", down_ratio=0.5, save_dtype="float16")
+    result = train_tuner(config)
+    tuner, metadata = load_tuner(result.output)
+    assert result.output == config.out and not result.cancelled and result.steps == 3
+    assert metadata.kind == "sc" and metadata.down_ratio == 0.5 and metadata.trigger_word == "<sce>"
+    assert metadata.training["steps"] == 3 and metadata.training["dataset_size"] == 3
+    assert metadata.training["base_model"] == str(random_sd_folder) and metadata.training["training_seconds"] >= 0
+    assert tuner.adapters[0].ln1.out_features == 4  # int(8 * 0.5)
+    assert all(t.dtype == torch.float16 for t in load_file(str(result.output)).values())
+
+
+def test_csc_output_names_its_condition_type(tmp_path, random_sd_folder):
+    result = train_tuner(config_for(tmp_path, random_sd_folder, kind="csc", condition="canny", data="shapes", steps=2))
+    _, metadata = load_tuner(result.output)
+    assert metadata.kind == "csc" and metadata.condition_type == "canny" and metadata.kernel_size == 1
+    assert metadata.training["dataset"] == "Shapes world, endless stream"
+
+
+def test_cancel_stops_within_one_step_and_keeps_the_checkpoint(tmp_path, random_sd_folder):
+    cancel = threading.Event()
+    seen = []
+
+    def progress(event):
+        seen.append(event.step)
+        if event.step == 1:
+            cancel.set()
+
+    result = train_tuner(config_for(tmp_path, random_sd_folder, steps=5, checkpoint_every=10), progress, cancel)
+    assert result.cancelled and result.steps == 1 and seen == [1]
+    assert result.output is None and not (tmp_path / "tuner.safetensors").exists()
+    assert torch.load(result.checkpoint, weights_only=True)["step"] == 1
+
+
+def test_an_interrupted_run_resumes_to_the_same_weights_as_an_uninterrupted_one(tmp_path, random_sd_folder):
+    kind = dict(kind="csc", condition="canny", data="shapes", steps=4)
+    whole = train_tuner(config_for(tmp_path / "whole", random_sd_folder, **kind))
+
+    cancel = threading.Event()
+    interrupted = config_for(tmp_path / "parts", random_sd_folder, **kind)
+    first = train_tuner(interrupted, lambda e: e.step == 2 and cancel.set(), cancel)
+    assert first.cancelled and first.steps == 2
+    with pytest.raises(UserInputError, match="add --resume"):
+        train_tuner(interrupted)
+    steps = []
+    resumed = train_tuner(replace(interrupted, resume=True), lambda e: steps.append(e.step))
+    assert steps == [3, 4] and resumed.steps == 4
+    expected, actual = tensors(whole.output), tensors(resumed.output)
+    assert all(torch.allclose(expected[k], actual[k], atol=1e-6) for k in expected)
+
+
+def test_resume_refuses_a_checkpoint_of_different_settings(tmp_path, random_sd_folder):
+    train_tuner(config_for(tmp_path, random_sd_folder, steps=2))
+    with pytest.raises(UserInputError, match="differs in batch_size"):
+        train_tuner(config_for(tmp_path, random_sd_folder, steps=4, batch_size=1, resume=True), progress=never_called)
+
+
+def test_a_crash_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, random_sd_folder, monkeypatch):
+    real_save = torch.save
+
+    def crash_at_step_4(obj, path, *args, **kwargs):
+        if obj["step"] == 4:
+            Path(path).write_bytes(b"half a checkpoint")
+            raise OSError("disk full")
+        real_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", crash_at_step_4)
+    config = config_for(tmp_path, random_sd_folder, steps=4, checkpoint_every=2)
+    with pytest.raises(OSError, match="disk full"):
+        train_tuner(config)
+    monkeypatch.setattr(torch, "save", real_save)
+    work = tmp_path / "work"
+    assert [p.name for p in work.iterdir()] == ["checkpoint.pt"]  # no temporary file left behind
+    assert torch.load(work / "checkpoint.pt", weights_only=True)["step"] == 2
+    assert not config.out.exists()
+    steps = []
+    train_tuner(replace(config, resume=True), lambda e: steps.append(e.step))
+    assert steps == [3, 4] and config.out.exists()
+
+
+def test_gradient_checkpointing_gives_the_same_weights(tmp_path, random_sd_folder):
+    plain = train_tuner(config_for(tmp_path / "plain", random_sd_folder, steps=2))
+    checkpointed = train_tuner(config_for(tmp_path / "ckpt", random_sd_folder, steps=2, gradient_checkpointing=True))
+    expected, actual = tensors(plain.output), tensors(checkpointed.output)
+    assert all(torch.allclose(expected[k], actual[k], atol=1e-6) for k in expected)
+
+
+def test_previews_come_from_fixed_prompts_every_n_steps(tmp_path, random_sd_folder):
+    events = []
+    config = config_for(
+        tmp_path, random_sd_folder, kind="csc", condition="color", data="shapes", steps=2, preview_every=1, preview_steps=2,
+        preview_prompts=("a red circle in the center on a blue background",), preview_seeds=(0, 1),
+    )
+    result = train_tuner(config, events.append)
+    assert [len(e.previews) for e in events] == [2, 2]
+    assert all(image.size == (64, 64) for e in events for image in e.previews)
+    assert len(result.previews) == 4 and all(path.is_file() for path in result.previews)
+
+
+# --- command line -------------------------------------------------------------------------------------------------
+
+
+def test_cli_trains_and_prints_the_output_path(tmp_path, random_sd_folder, capsys):
+    out = tmp_path / "style.safetensors"
+    code = main(["train", "--kind", "sc", "--data", "shapes:pixelate", "--steps", "2", "--batch", "1", "--out", str(out),
+                 "--trigger", "<sce>", "--model", str(random_sd_folder), "--work-dir", str(tmp_path / "work")])
+    captured = capsys.readouterr()
+    assert code == 0 and captured.out.strip() == str(out)
+    assert "step 2/2" in captured.err
+    assert load_tuner(out)[1].trigger_word == "<sce>"
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["--kind", "sc", "--data", "EMPTY"], "has no images"),
+        (["--kind", "csc", "--data", "shapes"], "needs a condition type"),
+        (["--kind", "csc", "--condition", "canny", "-p", "low=-5", "--data", "shapes"], "low must be between"),
+    ],
+)
+def test_cli_bad_input_exits_with_code_2_and_one_line(arguments, message, tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    arguments = [str(tmp_path / "empty") if a == "EMPTY" else a for a in arguments]
+    code = main(["train", *arguments, "--steps", "5", "--out", str(tmp_path / "x.safetensors")])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and err.count("\n") == 1

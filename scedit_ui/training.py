@@ -165,7 +165,7 @@ class TrainingResult:
     cancelled: bool
     checkpoint: Path | None
     loss: float  # mean loss of the last steps
-    seconds: float
+    seconds: float  # training time, all sessions of a resumed run
     metadata: TunerMetadata | None = None
     previews: list[Path] = field(default_factory=list)
     main_process: bool = True  # False in the other processes of a multi-process run (they write nothing)
@@ -403,10 +403,11 @@ class TunerTrainer:
     def checkpoint_path(self) -> Path:
         return self.config.work / CHECKPOINT_NAME
 
-    def _save_checkpoint(self, step: int, loss: float) -> Path:
+    def _save_checkpoint(self, step: int, loss: float, seconds: float) -> Path:
         state = {
             "step": step,
             "loss": loss,
+            "seconds": seconds,  # training time of all sessions so far
             "identity": json.dumps(self.config.identity()),
             "tuner": self.tuner.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -416,11 +417,11 @@ class TunerTrainer:
             atomic_write(self.checkpoint_path, lambda temporary: torch.save(state, temporary))
         return self.checkpoint_path
 
-    def _load_checkpoint(self) -> tuple[int, float]:
-        """The step to start from (0 without a checkpoint), after restoring the saved state."""
+    def _load_checkpoint(self) -> tuple[int, float, float]:
+        """(step to start from, its loss, training seconds so far) after restoring the saved state; 0 without one."""
         path = self.checkpoint_path
         if not path.is_file():
-            return 0, float("nan")
+            return 0, float("nan"), 0.0
         if not self.config.resume:
             raise UserInputError(
                 f"{path} holds the checkpoint of an earlier run; add --resume to continue it, or pass another --work-dir "
@@ -440,7 +441,7 @@ class TunerTrainer:
         if self.accelerator.scaler is not None and state.get("scaler"):
             self.accelerator.scaler.load_state_dict(state["scaler"])
         logger.info("resuming from %s at step %d", path, state["step"])
-        return int(state["step"]), float(state["loss"])
+        return int(state["step"]), float(state["loss"]), float(state.get("seconds", 0.0))
 
     # -- one step ------------------------------------------------------------------------------------------------
     def _batch_keys(self, step: int, rng: np.random.Generator) -> list[int]:
@@ -549,8 +550,12 @@ class TunerTrainer:
     def run(self, progress: ProgressCallback | None = None, cancel: threading.Event | None = None) -> TrainingResult:
         """Train from the last checkpoint (with `config.resume`) to `config.steps`; `cancel` stops within one step."""
         config, accelerator = self.config, self.accelerator
-        start, last_loss = self._load_checkpoint()
+        start, last_loss, earlier_seconds = self._load_checkpoint()
         started = time.perf_counter()
+
+        def seconds() -> float:
+            return earlier_seconds + time.perf_counter() - started
+
         losses: list[float] = [] if math.isnan(last_loss) else [last_loss]
         preview_paths: list[Path] = []
         checkpoint = self.checkpoint_path if start else None
@@ -558,27 +563,27 @@ class TunerTrainer:
         while step < config.steps:
             if cancel is not None and cancel.is_set():
                 if step > start:
-                    checkpoint = self._save_checkpoint(step, _mean_tail(losses))
+                    checkpoint = self._save_checkpoint(step, _mean_tail(losses), seconds())
                 logger.info("cancelled after step %d; checkpoint %s", step, checkpoint)
-                return TrainingResult(None, step, True, checkpoint, _mean_tail(losses), time.perf_counter() - started,
+                return TrainingResult(None, step, True, checkpoint, _mean_tail(losses), seconds(),
                                       previews=preview_paths, main_process=accelerator.is_main_process)
             losses.append(self._step(step))
             step += 1
             event = TrainingProgress(step, config.steps, losses[-1], _eta(started, step - start, config.steps - step))
             if step % config.checkpoint_every == 0 or step == config.steps:
-                event.checkpoint = checkpoint = self._save_checkpoint(step, _mean_tail(losses))
+                event.checkpoint = checkpoint = self._save_checkpoint(step, _mean_tail(losses), seconds())
             if config.preview_every and (step % config.preview_every == 0 or step == config.steps) and accelerator.is_main_process:
                 event.previews = self.previews()
                 preview_paths += self._write_previews(step, event.previews)
             if progress is not None and accelerator.is_main_process:
                 progress(event)
-        metadata = self._metadata(step, time.perf_counter() - started, _mean_tail(losses))
+        metadata = self._metadata(step, seconds(), _mean_tail(losses))
         if accelerator.is_main_process:
             tuner = self.tuner if config.save_dtype == "float32" else _copy_as(self.tuner, torch.float16)
             save_tuner(tuner, config.out, metadata)
             logger.info("wrote %s after %d steps", config.out, step)
         accelerator.wait_for_everyone()
-        return TrainingResult(config.out, step, False, checkpoint, _mean_tail(losses), time.perf_counter() - started, metadata,
+        return TrainingResult(config.out, step, False, checkpoint, _mean_tail(losses), seconds(), metadata,
                               preview_paths, accelerator.is_main_process)
 
     def _write_previews(self, step: int, images: list[Image.Image]) -> list[Path]:
@@ -596,6 +601,7 @@ class TunerTrainer:
         summary = {
             "base_model": self.base_name,
             "steps": steps,
+            "data": config.data,
             "dataset": self.data.description,
             "dataset_size": self.data.size if self.data.size is not None else steps * config.batch_size * self.accelerator.num_processes,
             "batch_size": config.batch_size,
@@ -604,7 +610,7 @@ class TunerTrainer:
             "resolution": self.resolution,
             "seed": config.seed,
             "final_loss": round(loss, 6),
-            "training_seconds": round(seconds, 1),  # of the last session, when resumed
+            "training_seconds": round(seconds, 1),  # all sessions of a resumed run
         }
         if config.condition_params:
             summary["condition_params"] = dict(config.condition_params)

@@ -1,0 +1,212 @@
+"""Quality of the shipped tuners on the built-in tiny model: control fidelity, few-shot style, composition.
+
+    python bench/tuner_quality.py [--tuners assets/tuners] [--n 50] [--steps 20] [--json] [--model PATH]
+
+Prompts are held-out Shapes-world scenes (combinations the base model never saw); prompt i uses seed i.
+The control image of a prompt is made from the render of its own scene.
+
+- canny: edge F1 with a 2-pixel tolerance between the condition (Canny 100/200 of the render) and the
+  Canny 100/200 of the generated image; with the canny tuner at α = 1 and without control.
+- colour: mean RGB distance (0-255 units, Euclidean) between the mean colours of each 16×16 cell of the
+  generated image and of the colour condition (cells of 16 px, i.e. ratio 16); with and without control.
+- composition: canny and colour tuners (trained separately) together, each at α = `--alpha`; both metrics.
+- style (each style-*.safetensors): the checker's style score of images made with the tuner from the new,
+  style-free prompts, relative to the score of the tuner's own training images (target ≥ 0.8), and the
+  checker's colour accuracy of those images (target ≥ 0.85); training set size and time from the file.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import cv2  # noqa: E402
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from scedit_ui import conditions  # noqa: E402
+from scedit_ui.checker import score_adherence, style_score  # noqa: E402
+from scedit_ui.model_manager import ModelManager  # noqa: E402
+from scedit_ui.request import ConditionUse, GenerationRequest, TunerUse  # noqa: E402
+from scedit_ui.shapes_world import Scene, caption, render_scene, sample_scene  # noqa: E402
+from scedit_ui.training import TrainingConfig, load_training_data  # noqa: E402
+from tuners import read_metadata  # noqa: E402
+
+CELL = 16
+TOLERANCE = 2
+
+
+def edge_f1(reference: np.ndarray, generated: np.ndarray, tolerance: int = TOLERANCE) -> float:
+    """F1 of two binary edge maps, a pixel counting as matched when the other map has an edge within `tolerance` px."""
+    if not reference.any() and not generated.any():
+        return 1.0
+    if not reference.any() or not generated.any():
+        return 0.0
+    to_reference = cv2.distanceTransform((~reference).astype(np.uint8), cv2.DIST_L2, 3)
+    to_generated = cv2.distanceTransform((~generated).astype(np.uint8), cv2.DIST_L2, 3)
+    precision = float((to_reference[generated] <= tolerance).mean())
+    recall = float((to_generated[reference] <= tolerance).mean())
+    return 0.0 if precision + recall == 0 else 2 * precision * recall / (precision + recall)
+
+
+def canny_edges(image: Image.Image) -> np.ndarray:
+    return np.asarray(conditions.extract(image, conditions.ConditionRequest("canny", image.size), cache=None).image)[..., 0] > 0
+
+
+def cell_colours(image: Image.Image, cell: int = CELL) -> np.ndarray:
+    a = np.asarray(image.convert("RGB"), dtype=np.float64)
+    h, w = a.shape[0] // cell, a.shape[1] // cell
+    return a[: h * cell, : w * cell].reshape(h, cell, w, cell, 3).mean(axis=(1, 3))
+
+
+def colour_error(condition: Image.Image, generated: Image.Image) -> float:
+    """Mean over 16×16 cells of the RGB distance between the cells' mean colours."""
+    return float(np.linalg.norm(cell_colours(condition) - cell_colours(generated), axis=-1).mean())
+
+
+@dataclass
+class Prompt:
+    scene: Scene
+    text: str
+    seed: int
+    render: Image.Image
+
+    def condition(self, kind: str) -> Image.Image:
+        params = {"ratio": CELL} if kind == "color" else {}
+        return conditions.extract(self.render, conditions.ConditionRequest(kind, self.render.size, "crop", params), cache=None).image
+
+
+class Bench:
+    def __init__(self, manager: ModelManager, n: int, steps: int, guidance: float) -> None:
+        self.manager, self.steps, self.guidance = manager, steps, guidance
+        size = manager.native_size
+        self.prompts = []
+        for i in range(n):
+            scene = sample_scene(i, split="heldout")
+            self.prompts.append(Prompt(scene, caption(scene), i, render_scene(scene, size)))
+        self._plain: dict[int, Image.Image] = {}
+
+    def generate(self, prompt: Prompt, text: str | None = None, sc: tuple[TunerUse, ...] = (), controls: tuple[ConditionUse, ...] = ()) -> Image.Image:
+        request = GenerationRequest(text or prompt.text, seed=prompt.seed, steps=self.steps, guidance=self.guidance, sc_tuners=sc, conditions=controls)
+        return self.manager.generate(request).images[0]
+
+    def plain(self, prompt: Prompt) -> Image.Image:
+        if prompt.seed not in self._plain:
+            self._plain[prompt.seed] = self.generate(prompt)
+        return self._plain[prompt.seed]
+
+    def control(self, canny: Path | None, colour: Path | None, alpha: float) -> dict:
+        rows: dict[str, list[float]] = {}
+        for prompt in self.prompts:
+            edges, colours = prompt.condition("canny"), prompt.condition("color")
+            reference = np.asarray(edges)[..., 0] > 0
+            base = self.plain(prompt)
+            if canny is not None:
+                rows.setdefault("canny_f1_without", []).append(edge_f1(reference, canny_edges(base)))
+                image = self.generate(prompt, controls=(ConditionUse(str(canny), edges, 1.0),))
+                rows.setdefault("canny_f1_with", []).append(edge_f1(reference, canny_edges(image)))
+            if colour is not None:
+                rows.setdefault("colour_error_without", []).append(colour_error(colours, base))
+                image = self.generate(prompt, controls=(ConditionUse(str(colour), colours, 1.0),))
+                rows.setdefault("colour_error_with", []).append(colour_error(colours, image))
+            if canny is not None and colour is not None:
+                both = (ConditionUse(str(canny), edges, alpha), ConditionUse(str(colour), colours, alpha))
+                image = self.generate(prompt, controls=both)
+                rows.setdefault("composed_canny_f1", []).append(edge_f1(reference, canny_edges(image)))
+                rows.setdefault("composed_colour_error", []).append(colour_error(colours, image))
+        return {key: float(np.mean(values)) for key, values in rows.items()}
+
+    def style(self, path: Path) -> dict:
+        metadata = read_metadata(path)
+        training = metadata.training
+        data = training.get("data", "")
+        style = data.partition(":")[2]
+        config = TrainingConfig(kind="sc", data=data, out=Path("unused.safetensors"), seed=training["seed"],
+                                shapes_images=training["dataset_size"])
+        train_set = load_training_data(config)
+        size = training["resolution"]
+        train_score = float(np.mean([style_score(train_set.image(i, size), style) for i in range(train_set.size)]))
+        prefix = f"{metadata.trigger_word} " if metadata.trigger_word else ""
+        tuned, base, colour_tuned, colour_base = [], [], [], []
+        for prompt in self.prompts:
+            image = self.generate(prompt, prefix + prompt.text, sc=(TunerUse(str(path), 1.0),))
+            tuned.append(style_score(image, style))
+            colour_tuned.append(score_adherence(image, prompt.scene).color_correct)
+            plain = self.plain(prompt)
+            base.append(style_score(plain, style))
+            colour_base.append(score_adherence(plain, prompt.scene).color_correct)
+        return {
+            "style": style,
+            "train_images": training["dataset_size"],
+            "training_seconds": training.get("training_seconds"),
+            "train_score": train_score,
+            "score_with": float(np.mean(tuned)),
+            "score_without": float(np.mean(base)),
+            "score_ratio": float(np.mean(tuned)) / train_score if train_score > 0 else float("nan"),
+            "colour_accuracy_with": float(np.mean(colour_tuned)),
+            "colour_accuracy_without": float(np.mean(colour_base)),
+        }
+
+
+def measure(model: str, tuners: Path, n: int, steps: int, guidance: float, alpha: float) -> dict:
+    manager = ModelManager("auto")
+    info = manager.load(model)
+    bench = Bench(manager, n, steps, guidance)
+    canny, colour = tuners / "canny.safetensors", tuners / "colour.safetensors"
+    result = {
+        "model": info.name, "prompts": n, "steps": steps, "guidance": guidance, "composition_alpha": alpha,
+        "control": bench.control(canny if canny.is_file() else None, colour if colour.is_file() else None, alpha),
+        "styles": [bench.style(path) for path in sorted(tuners.glob("style-*.safetensors"))],
+    }
+    return result
+
+
+def print_table(result: dict) -> None:
+    print(f"model {result['model']}: {result['prompts']} held-out prompts, {result['steps']} DDIM steps, guidance {result['guidance']}")
+    control = result["control"]
+    print(f"{'metric':<44}{'without':>10}{'with':>10}  target")
+    if "canny_f1_with" in control:
+        print(f"{'canny: edge F1 (2 px)':<44}{control['canny_f1_without']:>10.3f}{control['canny_f1_with']:>10.3f}  ≥ 0.6")
+    if "colour_error_with" in control:
+        print(f"{'colour: mean RGB error per 16×16 cell':<44}{control['colour_error_without']:>10.1f}{control['colour_error_with']:>10.1f}  lower")
+    if "composed_canny_f1" in control:
+        a = result["composition_alpha"]
+        print(f"{f'canny + colour (α {a} each): edge F1':<44}{control['canny_f1_with']:>10.3f}{control['composed_canny_f1']:>10.3f}  close (single → composed)")
+        print(f"{f'canny + colour (α {a} each): colour error':<44}{control['colour_error_with']:>10.1f}{control['composed_colour_error']:>10.1f}  close (single → composed)")
+    for s in result["styles"]:
+        seconds = s["training_seconds"]
+        print(f"style {s['style']!r}: {s['train_images']} training images, {seconds:.0f} s of training")
+        print(f"{'  style score (training images ' + format(s['train_score'], '.3f') + ')':<44}{s['score_without']:>10.3f}{s['score_with']:>10.3f}  "
+              f"ratio {s['score_ratio']:.2f} (≥ 0.8)")
+        print(f"{'  colour accuracy on new prompts':<44}{s['colour_accuracy_without']:>10.3f}{s['colour_accuracy_with']:>10.3f}  ≥ 0.85")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="", help="default: the built-in tiny model")
+    parser.add_argument("--tuners", type=Path, default=Path(__file__).resolve().parent.parent / "assets" / "tuners")
+    parser.add_argument("--n", type=int, default=50, help="held-out prompts")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--guidance", type=float, default=5.0)
+    parser.add_argument("--alpha", type=float, default=1.0, help="α of each tuner in the composition")
+    parser.add_argument("--threads", type=int, help="torch CPU threads")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    result = measure(args.model, args.tuners, args.n, args.steps, args.guidance, args.alpha)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print_table(result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

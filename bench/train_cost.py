@@ -14,6 +14,7 @@ CUDA: fp16 autocast at 512×512 (64×64 latents); memory = `torch.cuda.max_memor
   step with only that method set up (weights included), beside the same saved-tensor count.
 Time: median over `--repeats` rounds of one full step (forward, backward, optimizer step), after one
 warm-up step; the methods run round-robin in one process so background load affects them alike.
+Wall-clock and process CPU time are both reported (with one thread, CPU time leaves out waiting for a core).
 
 All methods share one set of UNet weights: each gets a module whose parameters alias the same storage,
 so one process holds everything (peak ≈ 15 GB with full fine-tuning's gradients and AdamW state).
@@ -269,8 +270,10 @@ def run(names: list[str], repeats: int, size: int | None, batch_size: int) -> di
         tasks = {n: (lambda m=m: train_step(m, batch)) for n, m in methods.items()}
         times = _common.round_robin(tasks, repeats, _common.log)
         for name, method in methods.items():
-            rows[name]["step_seconds"] = round(_common.median(times[name]), 3)
-            rows[name]["step_seconds_all"] = [round(t, 3) for t in times[name]]
+            rows[name]["step_seconds"] = round(_common.median(times[name]["wall"]), 3)
+            rows[name]["step_cpu_seconds"] = round(_common.median(times[name]["cpu"]), 3)
+            rows[name]["step_seconds_all"] = [round(t, 3) for t in times[name]["wall"]]
+            rows[name]["step_cpu_seconds_all"] = [round(t, 3) for t in times[name]["cpu"]]
             rows[name]["phase_seconds_median"] = {k: round(_common.median(v), 3) for k, v in method.phases.items()}
     result["machine"]["loadavg_1_5_15_end"] = [round(x, 2) for x in os.getloadavg()]
     result["methods"] = rows
@@ -292,6 +295,7 @@ def ratios(rows: dict[str, dict]) -> dict:
         ("scedit_memory_vs_lora64", "scedit", "lora64", "memory_bytes", 0.5),
         ("scedit_memory_vs_full", "scedit", "full", "memory_bytes", 0.55),
         ("scedit_time_vs_full", "scedit", "full", "step_seconds", 0.8),
+        ("scedit_cpu_time_vs_full", "scedit", "full", "step_cpu_seconds", 0.8),
         ("scedit_ckpt_memory_vs_lora64", "scedit_ckpt", "lora64", "memory_bytes", 0.2),
     ]
     for key, a, b, what, target in checks:
@@ -304,7 +308,11 @@ def ratios(rows: dict[str, dict]) -> dict:
             out["saved_activations"][f"{a}_vs_{b}"] = value
     for name in rows:
         if "full" in rows:
-            out["vs_full"][name] = {"memory": ratio(name, "full", "memory_bytes"), "time": ratio(name, "full", "step_seconds")}
+            out["vs_full"][name] = {
+                "memory": ratio(name, "full", "memory_bytes"),
+                "time": ratio(name, "full", "step_seconds"),
+                "cpu_time": ratio(name, "full", "step_cpu_seconds"),
+            }
     return out
 
 
@@ -328,9 +336,10 @@ def print_table(result: dict) -> None:
             _common.gib(row["gradient_bytes"] + row["optimizer_state_bytes"]), _common.gib(row["memory_bytes"]),
             rel(row, "memory_bytes"),
             f"{row['step_seconds']:.2f} s" if "step_seconds" in row else "-", rel(row, "step_seconds"),
+            f"{row['step_cpu_seconds']:.2f} s" if "step_cpu_seconds" in row else "-", rel(row, "step_cpu_seconds"),
             "/".join(f"{phases[k]:.1f}" for k in ("forward", "backward", "optimizer")) if phases else "-",
         ])
-    header = ["method", "trainable", "saved acts", "grad+optim", "memory", "vs full", "step", "vs full", "fwd/bwd/opt s"]
+    header = ["method", "trainable", "saved acts", "grad+optim", "memory", "vs full", "step", "vs full", "cpu", "vs full", "fwd/bwd/opt s"]
     print(_common.table(rows, header))
     if "checkpointing_check" in result:
         c = result["checkpointing_check"]

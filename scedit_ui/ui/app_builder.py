@@ -139,4 +139,4 @@ def _wire_model_change(state: AppState, model, generate, control, skip, library_
 
     model.load_event.success(
         follow, library_version, [*sizes, *skip.rhos, skip.freeu_preset, *skip.freeu_factors, library_version],
-        api_name="follow_model", api_visibility="private", queue=False)
+        api_name="follow_model", api_visibility="private")  # queued: only then does the State change fire

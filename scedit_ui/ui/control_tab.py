@@ -184,11 +184,11 @@ def build(state: AppState) -> ControlTab:
             fit = gr.Radio(list(FIT_MODES), value="crop", label="Fit the picture to the size")
             extract_button = gr.Button("Extract conditions", elem_id="extract-button")
         with gr.Column(scale=3):
-            prompt = gr.Textbox(label="Prompt", lines=2)
+            prompt = gr.Textbox(label="Prompt", lines=2, elem_id="control-prompt")
             negative = gr.Textbox(label="Negative prompt")
             with gr.Row():
                 seed = gr.Number(label="Seed (-1 = random)", value=-1, precision=0, minimum=-1, maximum=MAX_SEED)
-                steps = gr.Slider(1, 150, value=20, step=1, label="Steps")
+                steps = gr.Slider(1, 150, value=20, step=1, label="Steps", elem_id="control-steps")
                 guidance = gr.Slider(0, 30, value=5.0, step=0.5, label="Guidance")
             with gr.Row():
                 width = gr.Slider(64, 2048, value=native, step=8, label="Width")
@@ -196,7 +196,7 @@ def build(state: AppState) -> ControlTab:
                 scheduler = gr.Dropdown(list(SCHEDULERS), value="DDIM", label="Scheduler")
             normalise = gr.Checkbox(False, label="Normalise α (Σα = 1, as in the paper)")
             generate_button = gr.Button("Generate with conditions", variant="primary", elem_id="control-generate-button")
-            gallery = gr.Gallery(label="Results", format="png", columns=2, height=300)
+            gallery = gr.Gallery(label="Results", format="png", columns=2, height=300, interactive=False, elem_id="control-gallery")
             info = gr.Markdown()
 
     groups, previews, params, settings = {}, {}, {}, {}
@@ -222,7 +222,7 @@ def build(state: AppState) -> ControlTab:
                 blend = gr.Slider(0, 1, value=0.5, step=0.05, label="Blend towards the second picture (used by Generate)")
                 strip_length = gr.Slider(2, 8, value=4, step=1, label="Images in the strip")
                 interpolate_button = gr.Button("Generate the strip")
-        strip = gr.Gallery(label="Interpolation strip", format="png", columns=8, rows=1, height=200)
+        strip = gr.Gallery(label="Interpolation strip", format="png", columns=8, rows=1, height=200, interactive=False)
 
     examples = example_pictures(state)
     gr.Examples([[path, _example_prompt(path)] for path in examples], inputs=[picture, prompt], label="Example pictures")

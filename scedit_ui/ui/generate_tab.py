@@ -64,7 +64,7 @@ def describe_result(request: GenerationRequest, seconds: float, notices: list[st
     size = f"{request.width}×{request.height}" if request.width else "native size"
     seeds = f"seed {request.seed}" if request.batch_size == 1 else f"seeds {request.seed}–{request.seed + request.batch_size - 1}"
     lines = [f"{seeds} · {size} · {request.scheduler}, {request.steps} steps, guidance {request.guidance:g} · {seconds:.1f} s"]
-    return "\n\n".join(lines + [f"⚠ {notice}" for notice in notices])
+    return "\n\n".join(lines + [f"**Note:** {notice}" for notice in notices])
 
 
 def settings_from_png(state: AppState, path: str | None) -> tuple:
@@ -111,12 +111,13 @@ def build(state: AppState) -> GenerateTab:
         with gr.Column(scale=2):
             prompt = gr.Textbox(label="Prompt", lines=2, value=example_prompts(1)[0])
             negative = gr.Textbox(label="Negative prompt", lines=1)
+            with gr.Row(equal_height=True):
+                seed = gr.Number(label="Seed (-1 = random)", value=-1, precision=0, minimum=-1, maximum=MAX_SEED, scale=2)
+                with gr.Column(scale=1, min_width=120):
+                    random_seed = gr.Button("Random seed", size="sm")
+                    reuse_seed = gr.Button("Reuse last seed", size="sm")
             with gr.Row():
-                seed = gr.Number(label="Seed (-1 = random)", value=-1, precision=0, minimum=-1, maximum=MAX_SEED)
-                random_seed = gr.Button("🎲 Random", size="sm", scale=0)
-                reuse_seed = gr.Button("♻ Reuse last", size="sm", scale=0)
-            with gr.Row():
-                steps = gr.Slider(1, 150, value=20, step=1, label="Steps")
+                steps = gr.Slider(1, 150, value=20, step=1, label="Steps", elem_id="generate-steps")
                 guidance = gr.Slider(0, 30, value=5.0, step=0.5, label="Guidance")
             with gr.Row():
                 width = gr.Slider(64, MAX_SIZE, value=native, step=8, label="Width")
@@ -132,7 +133,7 @@ def build(state: AppState) -> GenerateTab:
                         scales.append(gr.Slider(-2, 2, value=1.0, step=0.05, label="Scale", scale=1))
             button = gr.Button("Generate", variant="primary", elem_id="generate-button")
         with gr.Column(scale=3):
-            gallery = gr.Gallery(label="Images (PNG with settings)", format="png", columns=2, height=420, elem_id="generate-gallery")
+            gallery = gr.Gallery(label="Images (PNG with settings)", format="png", columns=2, height=420, interactive=False, elem_id="generate-gallery")
             info = gr.Markdown(elem_id="generate-info")
             with gr.Row():
                 send_to_control = gr.Button("Send to Control", size="sm")

@@ -62,8 +62,8 @@ def readable_upload(component: gr.components.Component, what: str) -> gr.compone
     def checked(payload: Any) -> Any:
         try:
             return preprocess(payload)
-        except (OSError, ValueError, SyntaxError) as error:  # UnidentifiedImageError is an OSError
-            raise gr.Error(f"the {what} is not an image that can be read (PNG, JPEG, WebP, …): {type(error).__name__}", print_exception=False) from None
+        except (OSError, ValueError, SyntaxError):  # UnidentifiedImageError is an OSError
+            raise gr.Error(f"the {what} is not an image that can be read; upload a PNG, JPEG, WebP, BMP or TIFF file", print_exception=False) from None
 
     component.preprocess = checked
     return component

@@ -23,8 +23,7 @@ def describe_model(state: AppState) -> str:
     info = state.manager.info()
     channels = ", ".join(str(c) for c in info.skip_channels)
     return (
-        f"### {info.name}\n\n"
-        f"| | |\n|---|---|\n"
+        f"| base model | {info.name} |\n|---|---|\n"
         f"| family | {FAMILY_NAMES.get(info.family, info.family)} |\n"
         f"| device | {info.device} ({info.dtype}) |\n"
         f"| native size | {info.native_size} px |\n"

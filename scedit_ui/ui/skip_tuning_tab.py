@@ -99,11 +99,11 @@ def build(state: AppState) -> SkipTuningTab:
     layout = state.manager.editor.layout
     with gr.Row():
         with gr.Column(scale=2):
-            prompt = gr.Textbox(label="Prompt", lines=2)
+            prompt = gr.Textbox(label="Prompt", lines=2, elem_id="skip-prompt")
             negative = gr.Textbox(label="Negative prompt")
             with gr.Row():
                 seed = gr.Number(label="Seed (-1 = random)", value=0, precision=0, minimum=-1, maximum=MAX_SEED)
-                steps = gr.Slider(1, 150, value=8, step=1, label="Steps (Skip-Tuning helps most at few steps)")
+                steps = gr.Slider(1, 150, value=8, step=1, label="Steps (few: where Skip-Tuning helps)", elem_id="skip-steps")
                 guidance = gr.Slider(0, 30, value=5.0, step=0.5, label="Guidance")
             with gr.Row():
                 width = gr.Slider(64, 2048, value=info.native_size, step=8, label="Width")
@@ -123,11 +123,13 @@ def build(state: AppState) -> SkipTuningTab:
             rho_inner = gr.Slider(0, 2, value=0.8, step=0.01, label="ρ inner (g = K−1)")
         initial = linear_rhos(info.num_skips, 1.0, 0.8)
         labels = skip_labels(layout)
-        with gr.Row():
-            rhos = [
-                gr.Slider(0, 2, value=initial[g], step=0.01, label=labels[g] if g < len(labels) else f"ρ{g}", visible=g < info.num_skips, min_width=130)
-                for g in range(MAX_SKIPS)
-            ]
+        rhos = []
+        for row_start in range(0, MAX_SKIPS, 6):
+            with gr.Row():
+                rhos += [
+                    gr.Slider(0, 2, value=initial[g], step=0.01, label=labels[g] if g < len(labels) else f"ρ{g}", visible=g < info.num_skips, min_width=140)
+                    for g in range(row_start, row_start + 6)
+                ]
     with gr.Accordion("FreeU (a related trick: scales backbone and skip features)", open=False):
         with gr.Row():
             use_freeu = gr.Checkbox(False, label="FreeU")

@@ -75,16 +75,16 @@ class TrainingJob:
 
     def status(self) -> str:
         if self.error:
-            return f"❌ {self.error}"
+            return f"Failed: {self.error}"
         if self.result is not None and self.result.cancelled:
-            return f"⏹ cancelled after {self.result.steps} steps; nothing was added to the library"
+            return f"Cancelled after {self.result.steps} steps; nothing was added to the library"
         if self.result is not None:
-            return f"✅ finished {self.name}: {self.result.steps} steps in {self.result.seconds:.0f} s, loss {self.result.loss:.4f} — now in the library"
+            return f"Finished {self.name}: {self.result.steps} steps in {self.result.seconds:.0f} s, loss {self.result.loss:.4f} — now in the library"
         if self.cancel.is_set():
-            return "stopping after this step …"
+            return "Stopping after this step …"
         if self.step == 0:
-            return f"preparing {self.name}: loading the data and a copy of the base model …"
-        return f"training {self.name}"
+            return f"Preparing {self.name}: loading the data and a copy of the base model …"
+        return f"Training {self.name}"
 
 
 # -- plain functions -----------------------------------------------------------------------------
@@ -155,7 +155,8 @@ def progress_html(job: TrainingJob | None) -> str:
 
 
 def loss_frame(job: TrainingJob | None) -> pd.DataFrame:
-    return pd.DataFrame(job.losses if job else [], columns=["step", "loss"])
+    """Loss per step, typed as numbers even when empty (the plot keeps the axis types it first sees)."""
+    return pd.DataFrame(job.losses if job else [], columns=["step", "loss"]).astype({"step": "int64", "loss": "float64"})
 
 
 # -- the tab -------------------------------------------------------------------------------------
@@ -177,13 +178,13 @@ def build(state: AppState, library_version: gr.State) -> None:
                 trigger = gr.Textbox(label="Trigger word", value="<sce>")
                 remove_words = gr.Textbox(label="Remove from captions (comma-separated)", value="in stripes style")
             with gr.Row():
-                steps = gr.Slider(1, 5000, value=200, step=1, label="Steps")
+                steps = gr.Slider(1, 5000, value=200, step=1, label="Steps", elem_id="train-steps")
                 learning_rate = gr.Number(value=1e-4, label="Learning rate", minimum=1e-8, maximum=1.0)
             with gr.Row():
-                batch = gr.Slider(1, 64, value=4, step=1, label="Batch")
+                batch = gr.Slider(1, 64, value=4, step=1, label="Batch", elem_id="train-batch")
                 resolution = gr.Slider(64, 1024, value=state.manager.native_size, step=8, label="Resolution")
             with gr.Row():
-                preview_every = gr.Slider(0, 1000, value=50, step=1, label="Preview every N steps (0 = never)")
+                preview_every = gr.Slider(0, 1000, value=50, step=1, label="Preview every N steps (0 = never)", elem_id="train-preview-every")
                 seed = gr.Number(value=0, precision=0, minimum=0, label="Seed")
             with gr.Row():
                 start_button = gr.Button("Start training", variant="primary", elem_id="train-start")
@@ -192,7 +193,7 @@ def build(state: AppState, library_version: gr.State) -> None:
             progress = gr.HTML(progress_html(None), elem_id="train-progress")
             status = gr.Markdown(elem_id="train-status")
             plot = gr.LinePlot(loss_frame(None), x="step", y="loss", title="Training loss", height=240)
-            previews = gr.Gallery(label="Previews (fixed prompts and seeds)", format="png", columns=4, height=240)
+            previews = gr.Gallery(label="Previews (fixed prompts and seeds)", format="png", columns=4, height=240, interactive=False, elem_id="train-previews")
     timer = gr.Timer(POLL_SECONDS, active=False)
 
     @user_errors
@@ -250,7 +251,7 @@ def build(state: AppState, library_version: gr.State) -> None:
     )
     cancel_button.click(cancel, None, status, api_name="train_cancel", queue=False)
     timer.tick(poll, library_version, [progress, status, plot, previews, timer, start_button, cancel_button, library_version],
-               api_name="training_status", show_progress="hidden", queue=False)
+               api_name="training_status", show_progress="hidden")  # queued: only then does the State change fire
     gr.on([kind.change, source.change], show_choices, [kind, source], [condition, style, upload_group],
           api_name="show_training_choices", api_visibility="private", queue=False)
     style.input(style_words, style, remove_words, api_name="style_remove_words", api_visibility="private", queue=False)

@@ -101,7 +101,7 @@ def build(state: AppState, library_version: gr.State) -> TunersTab:
                 rename_button = gr.Button("Rename", size="sm", scale=1)
             delete_button = gr.Button("Delete", variant="stop", size="sm")
             status = gr.Markdown()
-            exported = gr.File(label="Exported file", interactive=False)
+            exported = gr.File(label="Exported file", interactive=False, height=90)
         with gr.Column(scale=2):
             details = gr.JSON(label="Metadata")
     with gr.Accordion("Import", open=False):
@@ -167,7 +167,7 @@ def build(state: AppState, library_version: gr.State) -> TunersTab:
         delete_button.click(delete, selector, [selector, status], api_name="delete_tuner"),
         import_button.click(import_tuner, [files, import_name, import_condition], [selector, status], api_name="import_tuner"),
     ):
-        event.success(changed, library_version, library_version, api_name="library_changed", api_visibility="private", queue=False)
+        event.success(changed, library_version, library_version, api_name="library_changed", api_visibility="private")  # queued: only then does the State change fire
     export_button.click(export, selector, exported, api_name="export_tuner")
     library_version.change(list_tuners, None, [table, selector], api_name="list_tuners", queue=False)
     return TunersTab(selector, load_button, unload_button, status)

@@ -1,0 +1,150 @@
+"""A real headless Chromium (Debian's, driven by Playwright) through every tab of the launched app.
+
+It generates an image, extracts a condition, runs a 2-step training, checks that a bad upload shows an error
+while the app keeps serving, and saves a screenshot of each tab (the path is printed; run pytest with -s).
+"""
+from __future__ import annotations
+
+import re
+import socket
+from pathlib import Path
+
+import pytest
+from diffusers import UNet2DConditionModel
+from PIL import Image
+
+import app
+from scedit_ui.shapes_world import render_scene, sample_scene
+from tuners import CSCTuner, SkipLayout, TunerMetadata, save_tuner
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--no-first-run"]
+TIMEOUT_MS = 120_000
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def app_url(random_sd_folder, tmp_path_factory):
+    root = tmp_path_factory.mktemp("browser-app")
+    layout = SkipLayout.from_config(UNet2DConditionModel.load_config(random_sd_folder / "unet"))
+    edges = CSCTuner(layout, 1, "canny")
+    save_tuner(edges, root / "library" / "edges.safetensors", TunerMetadata.describe(edges, "test"))
+    port = free_port()
+    args = app.build_parser().parse_args(
+        ["--model", str(random_sd_folder), "--device", "cpu", "--library", str(root / "library"), "--outputs", str(root / "outputs"), "--port", str(port)]
+    )
+    demo, state, launch = app.create_app(args)
+    demo.queue(default_concurrency_limit=1)
+    demo.launch(prevent_thread_lock=True, quiet=True, **launch)
+    try:
+        yield f"http://127.0.0.1:{port}/"
+    finally:
+        state.close()
+        demo.close()
+
+
+@pytest.fixture(scope="module")
+def page(app_url):
+    if not CHROMIUM.is_file():
+        pytest.fail(f"{CHROMIUM} is missing: the browser tests need Debian's chromium package (apt-get install -y chromium)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1280, "height": 1000})
+        page.set_default_timeout(TIMEOUT_MS)
+        page.goto(app_url)
+        page.wait_for_selector("#generate-button")
+        try:
+            yield page
+        finally:
+            browser.close()
+
+
+@pytest.fixture(scope="module")
+def shots(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("screenshots")
+    print(f"\nscreenshots in {folder}")
+    return folder
+
+
+def open_tab(page, name: str) -> None:
+    page.get_by_role("tab", name=name, exact=True).click()
+
+
+def set_number(page, elem_id: str, value: float) -> None:
+    field = page.locator(f"#{elem_id} input[type=number]")
+    field.fill(str(value))
+    field.press("Enter")
+
+
+def wait_for_text(page, selector: str, text: str) -> None:
+    page.wait_for_function("([selector, text]) => document.querySelector(selector)?.innerText.includes(text)", arg=[selector, text])
+
+
+def test_generate_tab_makes_an_image(page, shots):
+    open_tab(page, "Generate")
+    set_number(page, "generate-steps", 2)
+    page.click("#generate-button")
+    page.locator("#generate-gallery img").first.wait_for()
+    wait_for_text(page, "#generate-info", "2 steps")
+    page.screenshot(path=shots / "1-generate.png", full_page=True)
+
+
+def test_control_tab_refuses_a_bad_upload_then_extracts_a_condition(page, shots, tmp_path):
+    open_tab(page, "Control")
+    upload = page.locator("#control-picture input[type=file]")
+    bad = tmp_path / "not-a-picture.png"
+    bad.write_text("this is text, not a picture")
+    upload.set_input_files(str(bad))
+    page.get_by_text("the picture is not an image that can be read").first.wait_for()
+    page.locator("[data-testid=toast-close]").first.click()
+    page.locator("#control-picture button[aria-label='Remove Image']").click()
+    picture = tmp_path / "scene.png"
+    render_scene(sample_scene(3), 128).save(picture)
+    upload.set_input_files(str(picture))
+    page.click("#extract-button")
+    page.locator("#preview-canny img").first.wait_for()
+    page.screenshot(path=shots / "2-control.png", full_page=True)
+
+
+def test_skip_tuning_tab_compares_plain_and_edited(page, shots):
+    open_tab(page, "Skip-Tuning")
+    page.fill("#skip-prompt textarea", "a red circle at the top left on a blue background")
+    set_number(page, "skip-steps", 2)
+    page.click("#compare-button")
+    page.locator("#skip-edited img").first.wait_for()
+    page.screenshot(path=shots / "3-skip-tuning.png", full_page=True)
+
+
+def test_train_tab_runs_a_short_training(page, shots):
+    open_tab(page, "Train")
+    page.fill("#train-name textarea, #train-name input", "browser-style")
+    set_number(page, "train-steps", 2)
+    set_number(page, "train-batch", 1)
+    set_number(page, "train-preview-every", 1)
+    page.click("#train-start")
+    page.get_by_text(re.compile("Finished browser-style")).first.wait_for()
+    page.locator("#train-previews img").first.wait_for()
+    page.screenshot(path=shots / "4-train.png", full_page=True)
+    open_tab(page, "Tuners")
+    wait_for_text(page, "#tuner-table", "browser-style")
+
+
+def test_tuners_tab_lists_the_installed_tuners(page, shots):
+    open_tab(page, "Tuners")
+    wait_for_text(page, "#tuner-table", "edges")
+    page.screenshot(path=shots / "5-tuners.png", full_page=True)
+
+
+def test_model_tab_shows_the_base_model(page, shots):
+    open_tab(page, "Model")
+    page.get_by_text("12 (8, 8, 8, 8, 16").first.wait_for()
+    page.screenshot(path=shots / "6-model.png", full_page=True)
+    with Image.open(shots / "6-model.png") as image:
+        assert image.width == 1280 and image.height >= 1000

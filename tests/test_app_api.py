@@ -348,3 +348,14 @@ def test_load_model_explains_a_bad_name_and_keeps_the_current_model(served):
 def test_load_model_loads_another_base(served):
     summary = served.client.predict(str(served.folder), "", api_name="/load_model")
     assert "12 (8, 8, 8, 8, 16, 16, 16, 32, 32, 32, 32, 32 channels)" in summary and "64 px" in summary
+
+
+def test_inpaint_masks_exactly_the_painted_area(served, tmp_path):
+    layer = Image.new("RGBA", (128, 128), (0, 0, 0, 0))
+    layer.paste((255, 255, 255, 255), (0, 0, 64, 64))
+    layer.save(tmp_path / "layer.png")
+    picture = handle_file(str(served.pictures[0]))
+    editor = {"background": picture, "layers": [handle_file(str(tmp_path / "layer.png"))], "composite": picture}
+    previews = served.client.predict(picture, ["inpaint"], "crop", 64, 64, inpaint_mask=editor, api_name="/extract_conditions")
+    condition = pixels(previews[2])
+    assert (condition[:32, :32] == 128).all() and not (condition[32:, 32:] == 128).all(axis=2).all()

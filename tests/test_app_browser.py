@@ -96,6 +96,14 @@ def test_generate_tab_makes_an_image(page, shots):
     page.screenshot(path=shots / "1-generate.png", full_page=True)
 
 
+def test_send_to_control_carries_the_image_and_its_prompt(page):
+    open_tab(page, "Generate")
+    prompt = page.locator("#generate-prompt textarea").input_value()
+    page.get_by_role("button", name="Send to Control").click()
+    page.wait_for_function("(text) => document.querySelector('#control-prompt textarea')?.value === text", arg=prompt)
+    page.locator("#control-picture img").first.wait_for()
+
+
 def test_control_tab_refuses_a_bad_upload_then_extracts_a_condition(page, shots, tmp_path):
     open_tab(page, "Control")
     upload = page.locator("#control-picture input[type=file]")
@@ -110,6 +118,21 @@ def test_control_tab_refuses_a_bad_upload_then_extracts_a_condition(page, shots,
     upload.set_input_files(str(picture))
     page.click("#extract-button")
     page.locator("#preview-canny img").first.wait_for()
+    page.screenshot(path=shots / "2-control.png", full_page=True)
+
+
+def test_a_loaded_csc_tuner_lands_in_its_control_row_and_generates(page, shots):
+    open_tab(page, "Tuners")
+    selector = page.locator("#tuner-selector input")
+    selector.click()
+    selector.fill("edges")
+    selector.press("Enter")
+    page.click("#tuner-load")
+    wait_for_text(page, "#tuner-status", "loaded edges into the canny row")
+    open_tab(page, "Control")
+    set_number(page, "control-steps", 2)
+    page.click("#control-generate-button")
+    page.locator("#control-gallery img").first.wait_for()
     page.screenshot(path=shots / "2-control.png", full_page=True)
 
 
@@ -142,7 +165,14 @@ def test_tuners_tab_lists_the_installed_tuners(page, shots):
     page.screenshot(path=shots / "5-tuners.png", full_page=True)
 
 
-def test_model_tab_shows_the_base_model(page, shots):
+def test_model_tab_loads_a_base_and_the_other_tabs_follow(page, shots, random_sd_folder):
+    open_tab(page, "Skip-Tuning")
+    assert page.locator("#rho-11 input[type=number]").input_value() == "0.8"
+    open_tab(page, "Model")
+    page.fill("#model-name textarea, #model-name input", str(random_sd_folder))
+    page.click("#load-model-button")
+    open_tab(page, "Skip-Tuning")
+    page.wait_for_function("document.querySelector('#rho-11 input[type=number]')?.value === '1'")
     open_tab(page, "Model")
     page.get_by_text("12 (8, 8, 8, 8, 16").first.wait_for()
     page.screenshot(path=shots / "6-model.png", full_page=True)

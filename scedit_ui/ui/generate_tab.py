@@ -109,7 +109,7 @@ def build(state: AppState) -> GenerateTab:
     native = state.manager.native_size
     with gr.Row():
         with gr.Column(scale=2):
-            prompt = gr.Textbox(label="Prompt", lines=2, value=example_prompts(1)[0])
+            prompt = gr.Textbox(label="Prompt", lines=2, value=example_prompts(1)[0], elem_id="generate-prompt")
             negative = gr.Textbox(label="Negative prompt", lines=1)
             with gr.Row(equal_height=True):
                 seed = gr.Number(label="Seed (-1 = random)", value=-1, precision=0, minimum=-1, maximum=MAX_SEED, scale=2)

@@ -44,7 +44,7 @@ def build(state: AppState) -> ModelTab:
     summary = gr.Markdown(describe_model(state), elem_id="model-summary")
     with gr.Group():
         with gr.Row():
-            name = gr.Textbox(label="Base model", placeholder="folder with model_index.json, model.safetensors, owner/name on the hub, or 'tiny'", scale=3)
+            name = gr.Textbox(label="Base model", elem_id="model-name", placeholder="folder with model_index.json, model.safetensors, owner/name on the hub, or 'tiny'", scale=3)
             config = gr.Textbox(label="Config folder (single-file checkpoints only)", placeholder="a diffusers folder of the same architecture", scale=2)
         load_button = gr.Button("Load base model", variant="primary", elem_id="load-model-button")
     with gr.Accordion("Memory options", open=False):

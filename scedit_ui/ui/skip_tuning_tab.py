@@ -127,7 +127,7 @@ def build(state: AppState) -> SkipTuningTab:
         for row_start in range(0, MAX_SKIPS, 6):
             with gr.Row():
                 rhos += [
-                    gr.Slider(0, 2, value=initial[g], step=0.01, label=labels[g] if g < len(labels) else f"ρ{g}", visible=g < info.num_skips, min_width=140)
+                    gr.Slider(0, 2, value=initial[g], step=0.01, label=labels[g] if g < len(labels) else f"ρ{g}", visible=g < info.num_skips, min_width=140, elem_id=f"rho-{g}")
                     for g in range(row_start, row_start + 6)
                 ]
     with gr.Accordion("FreeU (a related trick: scales backbone and skip features)", open=False):

@@ -93,14 +93,14 @@ def build(state: AppState, library_version: gr.State) -> TunersTab:
         with gr.Column(scale=2):
             selector = gr.Dropdown(state.library.names(), value=None, label="Tuner", allow_custom_value=True, elem_id="tuner-selector")
             with gr.Row():
-                load_button = gr.Button("Load into Generate / Control", variant="primary", size="sm")
+                load_button = gr.Button("Load into Generate / Control", variant="primary", size="sm", elem_id="tuner-load")
                 unload_button = gr.Button("Unload", size="sm")
                 export_button = gr.Button("Export", size="sm")
             with gr.Row():
                 new_name = gr.Textbox(label="New name", scale=3)
                 rename_button = gr.Button("Rename", size="sm", scale=1)
             delete_button = gr.Button("Delete", variant="stop", size="sm")
-            status = gr.Markdown()
+            status = gr.Markdown(elem_id="tuner-status")
             exported = gr.File(label="Exported file", interactive=False, height=90)
         with gr.Column(scale=2):
             details = gr.JSON(label="Metadata")

@@ -15,6 +15,7 @@ from gradio_client.exceptions import AppError
 from PIL import Image
 
 import app
+from scedit_ui.errors import UserInputError
 from scedit_ui.request import request_from_png
 from scedit_ui.shapes_world import render_scene, sample_scene
 from tuners import CSCTuner, SCTuner, SkipLayout, TunerMetadata, save_tuner
@@ -359,3 +360,54 @@ def test_inpaint_masks_exactly_the_painted_area(served, tmp_path):
     previews = served.client.predict(picture, ["inpaint"], "crop", 64, 64, inpaint_mask=editor, api_name="/extract_conditions")
     condition = pixels(previews[2])
     assert (condition[:32, :32] == 128).all() and not (condition[32:, 32:] == 128).all(axis=2).all()
+
+
+# -- the plain functions behind the tabs -----------------------------------------------------------
+
+
+def entry(name: str, kind: str, condition: str | None = None):
+    from scedit_ui.tuner_library import TunerEntry
+
+    metadata = TunerMetadata(kind=kind, base_architecture="test", skip_channels=(8,), skip_downsample=(False,), condition_type=condition)
+    return TunerEntry(name, Path(f"{name}.safetensors"), False, 0, 0, metadata)
+
+
+def test_loading_puts_an_sc_tuner_in_the_first_free_slot_and_a_csc_tuner_in_its_row():
+    from scedit_ui.ui.tuners_tab import with_tuner
+
+    assert with_tuner(entry("style", "sc"), ["a", None, None], ["canny"]) == (["a", "style", None], ["canny"], None)
+    assert with_tuner(entry("depthy", "csc", "depth"), [None] * 3, ["seg", "canny"]) == ([None] * 3, ["canny", "depth", "seg"], "depth")
+    with pytest.raises(UserInputError, match="slots of the Generate tab are taken"):
+        with_tuner(entry("style", "sc"), ["a", "b", "c"], [])
+
+
+def test_the_mask_is_the_union_of_the_painted_layers_and_nothing_painted_is_no_mask():
+    from scedit_ui.ui.control_tab import mask_from_editor
+
+    first, second = Image.new("RGBA", (4, 4), (0, 0, 0, 0)), Image.new("RGBA", (4, 4), (0, 0, 0, 0))
+    first.putpixel((0, 0), (255, 255, 255, 255))
+    second.putpixel((3, 3), (255, 0, 0, 40))
+    mask = np.asarray(mask_from_editor({"background": None, "layers": [first, second], "composite": None}))
+    assert mask[0, 0] == mask[3, 3] == 255 and mask.sum() == 2 * 255
+    assert mask_from_editor({"background": first, "layers": [Image.new("RGBA", (4, 4), (0, 0, 0, 0))], "composite": first}) is None
+
+
+def test_seed_minus_one_is_random_and_a_fraction_is_refused():
+    from scedit_ui.ui.generate_tab import pick_seed
+
+    assert pick_seed(7) == 7 and 0 <= pick_seed(-1) <= 2**32 - 1
+    with pytest.raises(UserInputError, match="whole number"):
+        pick_seed(7.5)
+
+
+def test_uploads_without_a_caption_file_get_the_default_caption(tmp_path):
+    from scedit_ui.ui.train_tab import collect_uploads
+
+    (tmp_path / "in").mkdir()
+    for name in ("a.png", "b.png"):
+        Image.new("RGB", (8, 8)).save(tmp_path / "in" / name)
+    (tmp_path / "in" / "a.txt").write_text("own caption")
+    folder = collect_uploads([str(tmp_path / "in" / n) for n in ("a.png", "a.txt", "b.png")], "shared caption", tmp_path / "data")
+    assert (folder / "a.txt").read_text() == "own caption" and (folder / "b.txt").read_text() == "shared caption"
+    with pytest.raises(UserInputError, match="upload the training images"):
+        collect_uploads([str(tmp_path / "in" / "a.txt")], "", tmp_path / "empty")

@@ -36,6 +36,8 @@ class ConditionRow:
 
 @dataclass
 class ControlTab:
+    """What other tabs wire to."""
+
     picture: gr.Image
     kinds: gr.CheckboxGroup
     prompt: gr.Textbox
@@ -46,8 +48,7 @@ class ControlTab:
     width: gr.Slider
     height: gr.Slider
     scheduler: gr.Dropdown
-    tuners: dict[str, gr.Dropdown]
-    previews: dict[str, gr.Image]
+    tuners: dict[str, gr.Dropdown]  # the CSC tuner of each condition row
 
 
 # -- plain functions -----------------------------------------------------------------------------
@@ -315,4 +316,4 @@ def build(state: AppState) -> ControlTab:
 
     picture.change(to_mask_editor, picture, mask_editor, api_name="picture_to_mask_editor", api_visibility="private")
     return ControlTab(picture, kinds, prompt, negative, seed, steps, guidance, width, height, scheduler,
-                      {kind: settings[f"{kind}_tuner"] for kind in KINDS}, previews)
+                      {kind: settings[f"{kind}_tuner"] for kind in KINDS})

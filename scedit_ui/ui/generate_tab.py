@@ -20,20 +20,13 @@ MAX_SIZE = 2048
 
 @dataclass
 class GenerateTab:
-    prompt: gr.Textbox
-    negative: gr.Textbox
-    seed: gr.Number
-    steps: gr.Slider
-    guidance: gr.Slider
+    """What other tabs wire to."""
+
     width: gr.Slider
     height: gr.Slider
-    scheduler: gr.Dropdown
-    batch: gr.Slider
     tuners: list[gr.Dropdown]
-    scales: list[gr.Slider]
     gallery: gr.Gallery
-    selected: gr.State
-    info: gr.Markdown
+    selected: gr.State  # index of the clicked gallery image
     send_to_control: gr.Button
     send_to_skip_tuning: gr.Button
 
@@ -124,7 +117,7 @@ def build(state: AppState) -> GenerateTab:
                 height = gr.Slider(64, MAX_SIZE, value=native, step=8, label="Height")
             with gr.Row():
                 scheduler = gr.Dropdown(list(SCHEDULERS), value="DDIM", label="Scheduler")
-                batch = gr.Slider(1, 8, value=1, step=1, label="Batch")
+                batch = gr.Slider(1, 8, value=1, step=1, label="Batch", elem_id="generate-batch")
             with gr.Accordion("SC tuners", open=True):
                 tuners, scales = [], []
                 for i in range(TUNER_SLOTS):
@@ -133,7 +126,7 @@ def build(state: AppState) -> GenerateTab:
                         scales.append(gr.Slider(-2, 2, value=1.0, step=0.05, label="Scale", scale=1))
             button = gr.Button("Generate", variant="primary", elem_id="generate-button")
         with gr.Column(scale=3):
-            gallery = gr.Gallery(label="Images (PNG with settings)", format="png", columns=2, height=420, interactive=False, elem_id="generate-gallery")
+            gallery = gr.Gallery(label="Images (PNG with settings)", format="png", columns=2, height=620, interactive=False, elem_id="generate-gallery")
             info = gr.Markdown(elem_id="generate-info")
             with gr.Row():
                 send_to_control = gr.Button("Send to Control", size="sm")
@@ -179,4 +172,4 @@ def build(state: AppState) -> GenerateTab:
         return settings_from_png(state, png)
 
     png.upload(read_png, png, [prompt, negative, seed, steps, guidance, width, height, scheduler, *slot_inputs], api_name="read_png_settings")
-    return GenerateTab(prompt, negative, seed, steps, guidance, width, height, scheduler, batch, tuners, scales, gallery, selected, info, send_to_control, send_to_skip_tuning)
+    return GenerateTab(width, height, tuners, gallery, selected, send_to_control, send_to_skip_tuning)

@@ -24,6 +24,8 @@ FREEU_FACTORS = ("s1", "s2", "b1", "b2")
 
 @dataclass
 class SkipTuningTab:
+    """What other tabs wire to."""
+
     prompt: gr.Textbox
     negative: gr.Textbox
     seed: gr.Number

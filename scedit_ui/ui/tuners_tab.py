@@ -17,6 +17,8 @@ TABLE_COLUMNS = ["name", "kind", "base", "condition", "trigger word", "parameter
 
 @dataclass
 class TunersTab:
+    """What other tabs wire to."""
+
     selector: gr.Dropdown
     load_button: gr.Button
     unload_button: gr.Button

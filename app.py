@@ -26,7 +26,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python app.py", description="SCEdit Studio: skip-connection editing of Stable Diffusion, in the browser.")
     parser.add_argument("--model", default="", metavar="PATH_OR_ID", help="diffusers folder, .safetensors file or hub id (default: the built-in tiny model)")
     parser.add_argument("--config", metavar="FOLDER", help="for a single-file --model: a diffusers folder with its configs")
-    parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"), help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 for every interface)")
+    parser.add_argument(
+        "--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
+        help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 for every interface)",
+    )
     parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", DEFAULT_PORT)), help=f"port (default {DEFAULT_PORT})")
     parser.add_argument("--share", action="store_true", help="also open a public gradio.live link (off unless asked for)")
     parser.add_argument("--library", default="library", metavar="DIR", help="folder of your tuners (default: ./library)")

@@ -171,7 +171,8 @@ def test_changed_thresholds_give_a_different_condition(served):
 
 
 def test_extract_outpaint_and_inpaint_with_a_random_mask(served):
-    previews = served.client.predict(handle_file(str(served.pictures[0])), ["inpaint", "outpaint"], "crop", 64, 64, inpaint_seed=4, api_name="/extract_conditions")
+    picture = handle_file(str(served.pictures[0]))
+    previews = served.client.predict(picture, ["inpaint", "outpaint"], "crop", 64, 64, inpaint_seed=4, api_name="/extract_conditions")
     inpaint, outpaint = pixels(previews[2]), pixels(previews[3])
     assert (inpaint == 128).all(axis=2).any() and (outpaint[0] == 128).all()
 

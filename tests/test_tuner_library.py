@@ -38,7 +38,10 @@ def put(library: TunerLibrary, name: str, tuner=None, folder=None):
 
 @pytest.mark.parametrize(
     ("text", "name"),
-    [("my style", "my_style"), ("../../etc/passwd", "etc_passwd"), ("a/b\\c", "a_b_c"), ("x.safetensors", "x"), (" .hidden", "hidden"), ("ok-1.2_a", "ok-1.2_a")],
+    [
+        ("my style", "my_style"), ("../../etc/passwd", "etc_passwd"), ("a/b\\c", "a_b_c"), ("x.safetensors", "x"),
+        (" .hidden", "hidden"), ("ok-1.2_a", "ok-1.2_a"),
+    ],
 )
 def test_names_are_sanitised_to_plain_file_stems(text, name):
     assert sanitize_name(text) == name
@@ -159,7 +162,8 @@ def test_import_files_keeps_the_official_configuration_beside_the_weights(librar
     (tmp_path / "up").mkdir()
     save_file(original.state_dict(), tmp_path / "up" / "adapter_model.safetensors")
     (tmp_path / "configuration.json").write_text(json.dumps({"condition_type": "depth"}))
-    target = library.import_files([tmp_path / "up" / "adapter_model.safetensors", tmp_path / "configuration.json"], layout=LAYOUT, base_architecture="tiny", name="depth")
+    files = [tmp_path / "up" / "adapter_model.safetensors", tmp_path / "configuration.json"]
+    target = library.import_files(files, layout=LAYOUT, base_architecture="tiny", name="depth")
     assert library.entry("depth").metadata.condition_type == "depth" and target.name == "depth.safetensors"
 
 

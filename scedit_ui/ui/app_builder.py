@@ -33,7 +33,7 @@ def build_app(state: AppState) -> gr.Blocks:
             with gr.Tab("Skip-Tuning", id="skip-tuning"):
                 skip = skip_tuning_tab.build(state)
             with gr.Tab("Train", id="train"):
-                train_tab.build(state, library_version)
+                train = train_tab.build(state, library_version)
             with gr.Tab("Tuners", id="tuners"):
                 tuners = tuners_tab.build(state, library_version)
             with gr.Tab("Model", id="model"):
@@ -41,7 +41,10 @@ def build_app(state: AppState) -> gr.Blocks:
         _wire_send_buttons(generate, control, skip, tabs)
         _wire_tuner_choices(state, demo, library_version, generate, control)
         _wire_tuner_use(state, tuners, generate, control, tabs)
-        _wire_model_change(state, model, generate, control, skip, library_version)
+        _wire_model_change(state, model, generate, control, skip, train, library_version)
+        # A page opened (or reloaded) while a training runs follows it too.
+        demo.load(lambda: gr.Timer(active=state.training is not None and state.training.running), None, train.timer,
+                  api_name="follow_training", api_visibility="private", queue=False)
     return demo
 
 
@@ -124,9 +127,9 @@ def _wire_tuner_use(state: AppState, tuners, generate, control, tabs: gr.Tabs) -
     tuners.unload_button.click(unload, inputs, outputs, api_name="unload_tuner", api_visibility="private", queue=False)
 
 
-def _wire_model_change(state: AppState, model, generate, control, skip, library_version: gr.State) -> None:
+def _wire_model_change(state: AppState, model, generate, control, skip, train, library_version: gr.State) -> None:
     """After another base model is loaded: its native size, its skips and its FreeU preset everywhere."""
-    sizes = [generate.width, generate.height, control.width, control.height, skip.width, skip.height]
+    sizes = [generate.width, generate.height, control.width, control.height, skip.width, skip.height, train.resolution]
 
     def follow(version: int) -> list:
         info = state.manager.info()

@@ -177,7 +177,10 @@ def build(state: AppState) -> ControlTab:
     native = state.manager.native_size
     with gr.Row():
         with gr.Column(scale=2):
-            picture = readable_upload(gr.Image(label="Picture", type="filepath", image_mode=None, sources=["upload", "clipboard"], format="png", height=300, elem_id="control-picture"), "picture")
+            picture = readable_upload(gr.Image(
+                label="Picture", type="filepath", image_mode=None, sources=["upload", "clipboard"], format="png", height=300,
+                elem_id="control-picture",
+            ), "picture")
             with gr.Accordion("Draw a picture instead", open=False):
                 sketch = gr.Sketchpad(label="Drawing", type="pil", canvas_size=(512, 512))
                 use_drawing = gr.Button("Use the drawing as the picture", size="sm")
@@ -218,7 +221,9 @@ def build(state: AppState) -> ControlTab:
 
     with gr.Accordion("Interpolate between two pictures (paper Fig. 9b)", open=False):
         with gr.Row():
-            second_picture = readable_upload(gr.Image(label="Second picture", type="filepath", image_mode=None, sources=["upload", "clipboard"], format="png", height=220), "second picture")
+            second_picture = readable_upload(gr.Image(
+                label="Second picture", type="filepath", image_mode=None, sources=["upload", "clipboard"], format="png", height=220,
+            ), "second picture")
             with gr.Column():
                 blend = gr.Slider(0, 1, value=0.5, step=0.05, label="Blend towards the second picture (used by Generate)")
                 strip_length = gr.Slider(2, 8, value=4, step=1, label="Images in the strip")
@@ -296,19 +301,23 @@ def build(state: AppState) -> ControlTab:
     all_inputs = {**params, **settings}
     preview_list = [previews[kind] for kind in KINDS]
     extract_inputs = [picture, kinds, fit, width, height]
-    extract_button.click(optional_keywords(extract, param_inputs), extract_inputs, preview_list, inputs_kwargs=param_inputs, api_name="extract_conditions", concurrency_id="extract")
+    extract_button.click(optional_keywords(extract, param_inputs), extract_inputs, preview_list, inputs_kwargs=param_inputs,
+                         api_name="extract_conditions", concurrency_id="extract")
     automatic = [c.release if isinstance(c, gr.Slider) else c.change for c in params.values() if not isinstance(c, gr.ImageEditor)]
     gr.on(automatic + [fit.change], re_extract, extract_inputs, preview_list, inputs_kwargs=param_inputs,
           api_name="re_extract_conditions", api_visibility="private", concurrency_id="extract", trigger_mode="always_last", show_progress="minimal")
 
     shared = [picture, kinds, fit, prompt, negative, seed, steps, guidance, width, height, scheduler, normalise, second_picture]
-    generate_button.click(optional_keywords(on_gpu(generate), all_inputs), [*shared, blend], [gallery, info, *preview_list], inputs_kwargs=all_inputs, api_name="control_generate", concurrency_id=GPU_QUEUE)
-    interpolate_button.click(optional_keywords(on_gpu(interpolate), all_inputs), [*shared, strip_length], strip, inputs_kwargs=all_inputs, api_name="control_interpolate", concurrency_id=GPU_QUEUE)
+    generate_button.click(optional_keywords(on_gpu(generate), all_inputs), [*shared, blend], [gallery, info, *preview_list],
+                          inputs_kwargs=all_inputs, api_name="control_generate", concurrency_id=GPU_QUEUE)
+    interpolate_button.click(optional_keywords(on_gpu(interpolate), all_inputs), [*shared, strip_length], strip,
+                             inputs_kwargs=all_inputs, api_name="control_interpolate", concurrency_id=GPU_QUEUE)
 
     kinds.change(lambda chosen: [gr.Group(visible=kind in (chosen or [])) for kind in KINDS], kinds, [groups[k] for k in KINDS],
                  api_name="show_condition_rows", api_visibility="private", queue=False)
     use_drawing.click(lambda drawing: drawing["composite"] if drawing else None, sketch, picture, api_name="use_drawing", api_visibility="private")
     mask_editor = params["inpaint_mask"]
+
     @user_errors
     def to_mask_editor(picture: str | None) -> dict | None:
         image = load_picture(picture)

@@ -9,7 +9,10 @@ from scedit_ui.errors import UserInputError
 from scedit_ui.ui.handlers import GPU_QUEUE, on_gpu, user_errors
 from scedit_ui.ui.state import AppState
 
-FAMILY_NAMES = {"tiny": "built-in tiny model (SD 1.5 blocks)", "sd15": "Stable Diffusion 1.x", "sd21": "Stable Diffusion 2.x", "sdxl": "SDXL", "custom": "custom U-Net"}
+FAMILY_NAMES = {
+    "tiny": "built-in tiny model (SD 1.5 blocks)", "sd15": "Stable Diffusion 1.x", "sd21": "Stable Diffusion 2.x", "sdxl": "SDXL",
+    "custom": "custom U-Net",
+}
 
 
 @dataclass
@@ -44,8 +47,10 @@ def build(state: AppState) -> ModelTab:
     summary = gr.Markdown(describe_model(state), elem_id="model-summary")
     with gr.Group():
         with gr.Row():
-            name = gr.Textbox(label="Base model", elem_id="model-name", placeholder="folder with model_index.json, model.safetensors, owner/name on the hub, or 'tiny'", scale=3)
-            config = gr.Textbox(label="Config folder (single-file checkpoints only)", placeholder="a diffusers folder of the same architecture", scale=2)
+            name = gr.Textbox(label="Base model", elem_id="model-name", scale=3,
+                              placeholder="folder with model_index.json, model.safetensors, owner/name on the hub, or 'tiny'")
+            config = gr.Textbox(label="Config folder (single-file checkpoints only)", scale=2,
+                                placeholder="a diffusers folder of the same architecture")
         load_button = gr.Button("Load base model", variant="primary", elem_id="load-model-button")
     with gr.Accordion("Memory options", open=False):
         with gr.Row():

@@ -7,7 +7,7 @@ import gradio as gr
 
 from scedit_ui.errors import UserInputError
 from scedit_ui.request import FREEU_PRESETS, MAX_SEED, SCHEDULERS, GenerationRequest, SkipTuningSettings
-from scedit_ui.ui.generate_tab import describe_result, pick_seed
+from scedit_ui.ui.generate_tab import describe_result, example_prompts, pick_seed
 from scedit_ui.ui.handlers import GPU_QUEUE, on_gpu, user_errors, whole_number
 from scedit_ui.ui.state import AppState
 from tuners import SkipLayout, rho_schedule
@@ -129,7 +129,8 @@ def build(state: AppState) -> SkipTuningTab:
         for row_start in range(0, MAX_SKIPS, 6):
             with gr.Row():
                 rhos += [
-                    gr.Slider(0, 2, value=initial[g], step=0.01, label=labels[g] if g < len(labels) else f"ρ{g}", visible=g < info.num_skips, min_width=140, elem_id=f"rho-{g}")
+                    gr.Slider(0, 2, value=initial[g], step=0.01, label=labels[g] if g < len(labels) else f"ρ{g}",
+                              visible=g < info.num_skips, min_width=140, elem_id=f"rho-{g}")
                     for g in range(row_start, row_start + 6)
                 ]
     with gr.Accordion("FreeU (a related trick: scales backbone and skip features)", open=False):
@@ -138,6 +139,7 @@ def build(state: AppState) -> SkipTuningTab:
             freeu_preset = gr.Dropdown(["model default", *FREEU_PRESETS], value="model default", label="FreeU preset")
         with gr.Row():
             factors = [gr.Slider(0, 2, value=v, step=0.05, label=name) for name, v in zip(FREEU_FACTORS, state.manager.freeu_preset())]
+    gr.Examples([[p] for p in example_prompts()], inputs=[prompt], label="Held-out prompts")
 
     @user_errors
     def run_comparison(

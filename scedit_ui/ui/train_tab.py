@@ -162,7 +162,15 @@ def loss_frame(job: TrainingJob | None) -> pd.DataFrame:
 # -- the tab -------------------------------------------------------------------------------------
 
 
-def build(state: AppState, library_version: gr.State) -> None:
+@dataclass
+class TrainTab:
+    """What other tabs wire to."""
+
+    timer: gr.Timer  # polls the running training; active only while one runs
+    resolution: gr.Slider
+
+
+def build(state: AppState, library_version: gr.State) -> TrainTab:
     with gr.Row():
         with gr.Column(scale=2):
             name = gr.Textbox(label="Tuner name", value="my-style", elem_id="train-name")
@@ -255,3 +263,4 @@ def build(state: AppState, library_version: gr.State) -> None:
     gr.on([kind.change, source.change], show_choices, [kind, source], [condition, style, upload_group],
           api_name="show_training_choices", api_visibility="private", queue=False)
     style.input(style_words, style, remove_words, api_name="style_remove_words", api_visibility="private", queue=False)
+    return TrainTab(timer, resolution)

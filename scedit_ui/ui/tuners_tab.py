@@ -169,7 +169,8 @@ def build(state: AppState, library_version: gr.State) -> TunersTab:
         delete_button.click(delete, selector, [selector, status], api_name="delete_tuner"),
         import_button.click(import_tuner, [files, import_name, import_condition], [selector, status], api_name="import_tuner"),
     ):
-        event.success(changed, library_version, library_version, api_name="library_changed", api_visibility="private")  # queued: only then does the State change fire
+        # Queued (the default): only then does the State's change event fire in the browser.
+        event.success(changed, library_version, library_version, api_name="library_changed", api_visibility="private")
     export_button.click(export, selector, exported, api_name="export_tuner")
     library_version.change(list_tuners, None, [table, selector], api_name="list_tuners", queue=False)
     return TunersTab(selector, load_button, unload_button, status)

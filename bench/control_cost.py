@@ -5,6 +5,8 @@ to the plain UNet.
 
 Variants (all through `tuners.SkipEditor` except ControlNet):
   plain          the UNet alone
+  plain_aa       the UNet alone again, as a second module on the same weights (what every editor variant
+                 uses): an A/A control whose ratio to plain is the noise of the measurement
   csc1/2/3       1, 2, 3 CSC-Tuners (k = `--kernel`), each with its own condition image; condition
                  features cached: computed once per image, reused by every call and both CFG halves
   csc1_recompute 1 CSC-Tuner recomputing the condition branch on every UNet call, as the reference
@@ -53,6 +55,7 @@ from tuners import ControlCondition, CSCTuner, SCTuner, SkipEditor, SkipScaling 
 
 VARIANTS = {
     "plain": "plain UNet",
+    "plain_aa": "plain UNet again (A/A control)",
     "csc1": "+1 CSC (cached features)",
     "csc2": "+2 CSC (cached features)",
     "csc3": "+3 CSC (cached features)",
@@ -116,9 +119,12 @@ def make_variants(names: list[str], base: torch.nn.Module, text: torch.Tensor, s
     for name in names:
         if name == "plain":
             variants[name] = Variant(name, lambda x, t: base(x, t, text).sample)
+        elif name == "plain_aa":  # a second module on the same weights, no edits: shows the noise floor
+            unet = _common.unet_view(base).eval()
+            variants[name] = Variant(name, lambda x, t, unet=unet: unet(x, t, text).sample)
         elif name == "controlnet":
-            controlnet = ControlNetModel.from_unet(base).eval()
-            if dtype != torch.float32:
+            controlnet = ControlNetModel.from_unet(base).to(device).eval()
+            if dtype != torch.float32:  # (casting to float32 would only print a diffusers warning)
                 controlnet.to(dtype)
             hint = images[0].to(dtype).repeat(2, 1, 1, 1)
             timer = AddedCostTimer()
@@ -266,6 +272,8 @@ def run(names: list[str], mode: str | None, steps: int, repeats: int, kernel: in
             if "ratio_from_added_cost" in rows[name]:
                 added = rows[name]["ratio_from_added_cost"][primary]
                 target.update(value_from_added_cost=added, met_from_added_cost=added <= limit)
+            if "plain_aa" in ratios:
+                target["a_a_control"] = ratios["plain_aa"][primary]
             targets[name] = target
     return {
         "benchmark": "control_cost",

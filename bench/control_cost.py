@@ -40,7 +40,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -66,8 +66,6 @@ VARIANTS = {
 }
 TARGETS = {"csc1": 1.08, "csc3": 1.2, "sc": 1.05, "rho": 1.01}
 GUIDANCE = 7.5
-
-
 CLOCKS = ("wall", "cpu")
 
 
@@ -108,7 +106,6 @@ class Variant:
     editor: SkipEditor | None = None
     per_image: Callable[[], None] | None = None  # once-per-image work (condition features)
     timer: AddedCostTimer | None = None
-    keep: list = field(default_factory=list)
 
 
 def make_variants(names: list[str], base: torch.nn.Module, text: torch.Tensor, size: int, kernel: int) -> dict[str, Variant]:
@@ -135,7 +132,7 @@ def make_variants(names: list[str], base: torch.nn.Module, text: torch.Tensor, s
                 timer.end()
                 return base(x, t, text, down_block_additional_residuals=down, mid_block_additional_residual=mid).sample
 
-            variants[name] = Variant(name, call, timer=timer, keep=[controlnet])
+            variants[name] = Variant(name, call, timer=timer)
         else:
             unet = _common.unet_view(base).eval()
             editor = SkipEditor(unet)
@@ -181,8 +178,10 @@ def once_per_image_seconds(variant: Variant, repeats: int = 5) -> dict[str, floa
         return dict.fromkeys(CLOCKS, 0.0)
     samples = []
     for _ in range(repeats):
+        _common.sync()
         started = clocks()
         variant.per_image()
+        _common.sync()
         ended = clocks()
         samples.append({c: ended[c] - started[c] for c in CLOCKS})
     return {c: _common.median(s[c] for s in samples) for c in CLOCKS}

@@ -30,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
         help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 for every interface)",
     )
-    parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", DEFAULT_PORT)), help=f"port (default {DEFAULT_PORT})")
+    parser.add_argument("--port", type=port_number, default=int(os.environ.get("GRADIO_SERVER_PORT", DEFAULT_PORT)), help=f"port (default {DEFAULT_PORT})")
     parser.add_argument("--share", action="store_true", help="also open a public gradio.live link (off unless asked for)")
     parser.add_argument("--library", default="library", metavar="DIR", help="folder of your tuners (default: ./library)")
     parser.add_argument("--outputs", default="outputs", metavar="DIR", help="folder for generated images (default: ./outputs)")
@@ -38,6 +38,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="auto", choices=("auto", "cuda", "mps", "cpu"), help="where the model runs (default: auto)")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
     return parser
+
+
+def port_number(text: str) -> int:
+    """A TCP port from the command line (argparse turns the ValueError into a usage error)."""
+    port = int(text)
+    if not 1 <= port <= 65535:
+        raise ValueError(f"port {port} is not between 1 and 65535")
+    return port
 
 
 def create_app(args: argparse.Namespace) -> tuple[gr.Blocks, AppState, dict]:
@@ -53,8 +61,11 @@ def create_app(args: argparse.Namespace) -> tuple[gr.Blocks, AppState, dict]:
     manager = ModelManager(args.device)
     manager.load(args.model, args.config)
     library, outputs = Path(args.library), Path(args.outputs)
-    library.mkdir(parents=True, exist_ok=True)
-    outputs.mkdir(parents=True, exist_ok=True)
+    for folder in (library, outputs):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise UserInputError(f"cannot use {folder} as a folder: {error.strerror}") from None
     state = AppState(manager, TunerLibrary(library), outputs)
     demo = build_app(state)
     # Returned files may only come from these folders (and Gradio's own upload cache).
@@ -75,6 +86,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo.queue(default_concurrency_limit=1)
     try:
         demo.launch(**launch)  # blocks until Ctrl-C
+    except OSError as error:  # the port is taken, or the address is not this machine's
+        print(f"error: cannot serve on {args.host}:{args.port}: {error}", file=sys.stderr)
+        return 2
     finally:
         state.close()
     return 0

@@ -38,6 +38,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserInputError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except OSError as error:  # a path given on the command line that cannot be read or written
+        print(f"error: {_describe_os_error(error)}", file=sys.stderr)
+        logging.getLogger(__name__).info("where the error above came from", exc_info=error)  # shown with -v
+        return 2
+
+
+def _describe_os_error(error: OSError) -> str:
+    """'cannot use FILE: reason', with FILE shortened (a name too long for the file system fills the screen)."""
+    reason = error.strerror or str(error)
+    if error.filename is None:
+        return reason
+    name = str(error.filename)
+    return f"cannot use {name if len(name) <= 100 else name[:100] + '…'}: {reason}"
 
 
 def _quiet_libraries(verbose: bool) -> None:

@@ -556,9 +556,12 @@ def _inpaint(image: Image.Image, fitted: Image.Image, box: Box, request: Conditi
 # --- reading pictures ---------------------------------------------------------------------------------------
 
 
-def load_image(source: str | Path | bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Read a picture as RGB (see `normalize_image`), refusing non-images and pictures over `max_pixels`."""
-    return normalize_image(_open(source, max_pixels), max_pixels=max_pixels)
+def load_image(source: str | Path | bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, name: str | None = None) -> Image.Image:
+    """Read a picture as RGB (see `normalize_image`), refusing non-images and pictures over `max_pixels`.
+
+    `name` is how messages call the file (default: its path; a server passes the uploaded file's name).
+    """
+    return normalize_image(_open(source, max_pixels, name), max_pixels=max_pixels)
 
 
 def load_mask(source: str | Path | bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
@@ -619,13 +622,18 @@ def _check_pixels(size: Size, max_pixels: int, name: str) -> None:
         raise UserInputError(f"{name} is empty ({width}x{height})")
 
 
-def _open(source: str | Path | bytes, max_pixels: int) -> Image.Image:
+def _open(source: str | Path | bytes, max_pixels: int, name: str | None = None) -> Image.Image:
     if isinstance(source, (bytes, bytearray)):
-        name, stream = "the uploaded data", io.BytesIO(source)
+        name, stream = name or "the uploaded data", io.BytesIO(source)
     elif isinstance(source, (str, Path)):
-        name, stream = str(source), Path(source)
-        if not stream.is_file():
-            raise UserInputError(f"{name}: no such file")
+        name, stream = name or str(source), Path(source)
+        if len(name) > 200:  # a name too long for the file system would fill the screen
+            name = f"{name[:200]}…"
+        try:
+            if not stream.is_file():
+                raise UserInputError(f"{name}: no such file")
+        except OSError as error:
+            raise UserInputError(f"{name}: cannot be opened ({error.strerror})") from None
     else:
         raise UserInputError(f"expected a file path or image bytes, not {type(source).__name__}")
     try:
@@ -633,8 +641,8 @@ def _open(source: str | Path | bytes, max_pixels: int) -> Image.Image:
             # Our own limit, checked below before decoding, replaces Pillow's warning.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image = Image.open(stream)
-    except Image.DecompressionBombError as error:
-        raise UserInputError(f"{name} is too large to open safely: {error}") from None
+    except Image.DecompressionBombError:
+        raise UserInputError(f"{name} is too large to open safely; shrink it below {max_pixels / 1e6:.0f} megapixels first") from None
     except UnidentifiedImageError:
         raise UserInputError(f"{name} is not an image Pillow can read (PNG, JPEG, WebP, TIFF, BMP, GIF, ...)") from None
     except OSError as error:

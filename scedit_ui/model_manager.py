@@ -27,6 +27,7 @@ from diffusers.loaders.single_file_utils import SingleFileComponentError
 from PIL import Image
 from safetensors import safe_open
 
+from scedit_ui.conditions import normalize_image
 from scedit_ui.errors import UserInputError
 from scedit_ui.request import FREEU_PRESETS, GenerationRequest, attach_metadata
 from tuners import ControlCondition, SkipEditor, SkipScaling, TunerFileError, load_tuner
@@ -65,6 +66,12 @@ def resolve_source(name: str | None, builtin: Path = BUILTIN_MODEL) -> ModelSour
             raise UserInputError(f"the built-in model is missing: no model_index.json in {builtin}; reinstall the project files")
         return ModelSource("builtin", str(builtin))
     path = Path(name).expanduser()
+    try:
+        path.stat()
+    except (FileNotFoundError, NotADirectoryError):
+        pass  # not a local file: perhaps a hub id
+    except OSError as error:  # a name too long for a path, a folder without permission, ...
+        raise UserInputError(f"model {name[:80]!r} cannot be looked up as a local path: {error.strerror}") from None
     if path.is_dir():
         if not (path / "model_index.json").is_file():
             raise UserInputError(f"{path} is a folder but not a diffusers pipeline (no model_index.json); point at the folder that has one")
@@ -226,7 +233,7 @@ class ModelManager:
     ) -> GenerationResult:
         """Validate (before any work), apply the request's edits, run the pipeline, return tagged PNGs."""
         pipeline = self._require_pipeline()
-        request = request.validated(self.native_size)
+        request = request.validated(self.native_size, self.editor.layout.num_skips)
         notices = self._prompt_notices(request)
         with self.lock:
             started = time.perf_counter()
@@ -311,7 +318,7 @@ class ModelManager:
 
 def image_to_tensor(image: Image.Image, size: tuple[int, int]) -> torch.Tensor:
     """A condition image as (1, 3, H, W) in [0, 1] at the generation size."""
-    image = image.convert("RGB")
+    image = normalize_image(image)  # 16-bit, CMYK, palette and transparent images as the UI would read them
     if image.size != size:
         image = image.resize(size, Image.Resampling.BILINEAR)
     return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)[None]

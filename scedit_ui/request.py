@@ -5,7 +5,9 @@ import base64
 import io
 import json
 import math
+import os
 from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
 from typing import Any
 
 from PIL import Image
@@ -20,6 +22,8 @@ FREEU_PRESETS: dict[str, tuple[float, float, float, float]] = {  # s1, s2, b1, b
     "sdxl": (0.9, 0.2, 1.3, 1.4),
 }
 MAX_SEED = 2**32 - 1
+# CLIP reads 77 tokens; far longer text is a mistake (or an attack on the tokenizer's time), not a prompt.
+MAX_PROMPT_CHARACTERS = 10_000
 METADATA_KEY = "scedit"
 
 
@@ -71,8 +75,24 @@ class GenerationRequest:
     freeu: tuple[float, float, float, float] | None = None
     extra: dict[str, Any] = field(default_factory=dict, compare=False)  # notes carried into metadata
 
-    def validated(self, native_size: int) -> GenerationRequest:
-        """A copy with sizes filled in, or `UserInputError` naming the first bad value; no work is done."""
+    def validated(self, native_size: int, num_skips: int | None = None) -> GenerationRequest:
+        """A copy with sizes filled in, or `UserInputError` naming the first bad value; no work is done.
+
+        With `num_skips` (the loaded UNet's), Skip-Tuning overrides must name existing skips.
+        """
+        for name, text in (("prompt", self.prompt), ("negative prompt", self.negative_prompt)):
+            if not isinstance(text, str):
+                raise UserInputError(f"the {name} must be text, got {type(text).__name__}")
+            if len(text) > MAX_PROMPT_CHARACTERS:
+                raise UserInputError(
+                    f"the {name} is {len(text):,} characters long; the limit is {MAX_PROMPT_CHARACTERS:,}; the model reads only the first 77 tokens"
+                )
+        for use in (*self.sc_tuners, *self.conditions):
+            if not isinstance(use.tuner, (str, os.PathLike)):
+                raise UserInputError(f"a tuner must be given as a file path, got {use.tuner!r}")
+        for use in self.conditions:
+            if not isinstance(use.image, Image.Image) or not isinstance(use.blend_image, (Image.Image, type(None))):
+                raise UserInputError(f"the condition images of {use.tuner} must be PIL images")
         numbers = {
             "seed": self.seed, "steps": self.steps, "guidance": self.guidance, "batch size": self.batch_size,
             **{f"scale of {t.tuner}": t.scale for t in self.sc_tuners},
@@ -105,6 +125,9 @@ class GenerationRequest:
             st = self.skip_tuning
             for name, value in [("ρ outer", st.rho_outer), ("ρ inner", st.rho_inner), *((f"ρ of skip {g}", r) for g, r in st.overrides)]:
                 _check_range(name, value, 0.0, 4.0)
+            last_skip = num_skips - 1 if num_skips is not None else math.inf
+            for g, _ in st.overrides:
+                _check_range("Skip-Tuning skip index", g, 0, last_skip, integer=True)
             _check_step_range("Skip-Tuning step range", st.step_range)
         if self.freeu is not None:
             if len(self.freeu) != 4:
@@ -163,14 +186,20 @@ class GenerationRequest:
         return f"{self.prompt}{negative}\n{', '.join(settings)}"
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _check_range(name: str, value: float, low: float, high: float, integer: bool = False) -> None:
-    if integer and (isinstance(value, bool) or not isinstance(value, int) and not float(value).is_integer()):
+    if integer and not (isinstance(value, int) and not isinstance(value, bool) or isinstance(value, float) and value.is_integer()):
         raise UserInputError(f"{name} must be a whole number, got {value!r}")
-    if not (isinstance(value, (int, float)) and math.isfinite(value) and low <= value <= high):
+    if not (_is_number(value) and math.isfinite(value) and low <= value <= high):
         raise UserInputError(f"{name} must be between {low} and {high}, got {value!r}")
 
 
 def _check_step_range(name: str, step_range: tuple[float, float]) -> None:
+    if not (isinstance(step_range, (tuple, list)) and len(step_range) == 2 and all(_is_number(v) for v in step_range)):
+        raise UserInputError(f"{name} must be two numbers (start, end), got {step_range!r}")
     start, end = step_range
     if not (math.isfinite(start) and math.isfinite(end) and 0.0 <= start <= end <= 1.0):
         raise UserInputError(f"{name} must satisfy 0 ≤ start ≤ end ≤ 1, got {step_range}")
@@ -210,5 +239,30 @@ def request_from_png(image: Image.Image) -> tuple[GenerationRequest, int, str]:
     text = image.info.get(METADATA_KEY)
     if not text:
         raise UserInputError("this image carries no SCEdit Studio metadata (was it saved as PNG by this app?)")
-    data = json.loads(text)
-    return GenerationRequest.from_json(json.dumps(data["request"])), data["index"], data["model"]
+    # The text may have been edited or damaged: anything unexpected in it is one clear error.
+    try:
+        data = json.loads(text)
+        request = GenerationRequest.from_json(json.dumps(data["request"]))
+        index, model = data["index"], data["model"]
+    except (ValueError, KeyError, TypeError, AttributeError, OSError) as error:
+        raise UserInputError(f"the SCEdit Studio metadata of this image is damaged ({type(error).__name__}: {error})") from None
+    try:
+        request.validated(native_size=request.width or 512)
+        _check_range("image index", index, 0, request.batch_size - 1, integer=True)
+    except UserInputError as error:
+        raise UserInputError(f"the SCEdit Studio metadata of this image is damaged: {error}") from None
+    return request, int(index), str(model)
+
+
+def read_png_request(path: str | Path) -> tuple[GenerationRequest, int, str]:
+    """`request_from_png` of the image file at `path`; a file that is no readable image is one clear error."""
+    name = Path(path).name
+    try:
+        with Image.open(path) as image:  # the text chunks are read here; the pixels are never decoded
+            return request_from_png(image)
+    except UserInputError:
+        raise
+    except Image.DecompressionBombError:
+        raise UserInputError(f"{name} is too large to open safely") from None
+    except (OSError, SyntaxError, ValueError) as error:  # UnidentifiedImageError is an OSError
+        raise UserInputError(f"{name} is not a PNG that can be read ({type(error).__name__})") from None

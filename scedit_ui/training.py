@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import pickle
 import re
 import threading
 import time
@@ -270,7 +271,7 @@ def _folder_data(config: TrainingConfig, folder: Path) -> TrainingData:
         )
     for path in files:  # decode every picture now: a broken file must not stop training at step 900
         try:
-            conditions.load_image(path)
+            conditions.load_image(path, name=path.name)
         except UserInputError as error:
             raise UserInputError(f"cannot train on {path.name}: {error}. Remove or replace it") from None
     captions = [prepare_caption(text, config.trigger, config.remove_words) for text in captions]
@@ -430,8 +431,11 @@ class TunerTrainer:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
             saved = json.loads(state["identity"])
-        except (OSError, RuntimeError, KeyError, json.JSONDecodeError) as error:
+        except (OSError, RuntimeError, KeyError, TypeError, json.JSONDecodeError) as error:
             raise UserInputError(f"cannot resume from {path}: {error}. Delete it to start over") from None
+        except (pickle.UnpicklingError, EOFError, ValueError) as error:  # not (or no longer) a checkpoint of ours
+            raise UserInputError(f"cannot resume from {path}: it is not a checkpoint of this program ({type(error).__name__}). "
+                                 "Delete it to start over") from None
         differing = sorted(k for k, v in self.config.identity().items() if saved.get(k) != v)
         if differing:
             details = "; ".join(f"{k}: checkpoint {saved.get(k)!r}, now {self.config.identity()[k]!r}" for k in differing)

@@ -17,7 +17,7 @@ from safetensors import SafetensorError, safe_open
 from scedit_ui.errors import UserInputError
 from scedit_ui.model_manager import ASSETS
 from tuners import LayoutMismatchError, SkipLayout, TunerFileError, TunerMetadata, load_tuner, read_metadata, save_tuner
-from tuners.io import Tuner, atomic_write
+from tuners.io import METADATA_KEY, Tuner, atomic_write
 from tuners.official import OFFICIAL_FILES, import_official
 
 SHIPPED_TUNERS = ASSETS / "tuners"
@@ -214,11 +214,12 @@ class TunerLibrary:
 
 
 def _has_own_metadata(path: Path) -> bool:
+    """True when the file carries an SCEdit metadata entry (a damaged one is then reported as such, not as "official")."""
     try:
-        read_metadata(path)
-    except TunerFileError:
+        with safe_open(str(path), framework="pt") as handle:
+            return METADATA_KEY in (handle.metadata() or {})
+    except (SafetensorError, OSError):
         return False
-    return True
 
 
 def _official_name(source: Path, condition_type: str | None) -> str:

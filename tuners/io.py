@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -58,14 +58,41 @@ class TunerMetadata:
 
     @classmethod
     def from_json(cls, text: str) -> TunerMetadata:
+        """Parse and check the metadata entry: a file may come from anywhere, so every field is checked."""
         data = json.loads(text)
+        if not isinstance(data, dict):
+            raise TunerFileError(f"metadata is a JSON {type(data).__name__}, expected an object")
         if data.get("format") != FORMAT:
             raise TunerFileError(f"metadata format is {data.get('format')!r}, expected {FORMAT!r}")
-        if data.get("version", 0) > VERSION:
-            raise TunerFileError(f"tuner file version {data['version']} is newer than this program ({VERSION}); upgrade")
-        data["skip_channels"] = tuple(data["skip_channels"])
-        data["skip_downsample"] = tuple(data["skip_downsample"])
-        return cls(**data)
+        version = data.get("version", 0)
+        if not _is_int(version):
+            raise TunerFileError(f"metadata version must be a whole number, got {version!r}")
+        if version > VERSION:
+            raise TunerFileError(f"tuner file version {version} is newer than this program ({VERSION}); upgrade")
+        unknown = sorted(set(data) - {f.name for f in fields(cls)})
+        if unknown:
+            raise TunerFileError(f"metadata has unknown fields: {', '.join(unknown)}")
+        channels, downsample = data.get("skip_channels"), data.get("skip_downsample")
+        if not (isinstance(channels, list) and channels and all(_is_int(c) and c > 0 for c in channels)):
+            raise TunerFileError(f"skip_channels must be a list of positive whole numbers, got {channels!r}")
+        if not (isinstance(downsample, list) and len(downsample) == len(channels) and all(isinstance(d, bool) for d in downsample)):
+            raise TunerFileError(f"skip_downsample must be {len(channels)} true/false values, got {downsample!r}")
+        ratio, kernel = data.get("down_ratio", 1.0), data.get("kernel_size")
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 4:
+            raise TunerFileError(f"down_ratio must be a number in (0, 4], got {ratio!r}")
+        if kernel not in (None, 1, 3):
+            raise TunerFileError(f"kernel_size must be 1 or 3, got {kernel!r}")
+        for name in ("base_architecture", "condition_type", "trigger_word"):
+            if not isinstance(data.get(name, ""), (str, type(None))):
+                raise TunerFileError(f"{name} must be text, got {data[name]!r}")
+        if not isinstance(data.get("training", {}), dict):
+            raise TunerFileError(f"training must be an object, got {data['training']!r}")
+        data["skip_channels"] = tuple(channels)
+        data["skip_downsample"] = tuple(downsample)
+        try:
+            return cls(**data)
+        except TypeError as error:  # a required field is missing
+            raise TunerFileError(f"metadata is incomplete: {error}") from error
 
 
 def build_tuner(metadata: TunerMetadata, layout: SkipLayout | None = None) -> Tuner:
@@ -109,7 +136,7 @@ def read_metadata(path: str | Path) -> TunerMetadata:
         raise TunerFileError(f"{path.name} has no SCEdit metadata; import official checkpoints with the import command")
     try:
         return TunerMetadata.from_json(header[METADATA_KEY])
-    except (json.JSONDecodeError, TypeError, KeyError) as error:
+    except (TunerFileError, json.JSONDecodeError, TypeError, KeyError) as error:
         raise TunerFileError(f"{path.name} has unreadable SCEdit metadata: {error}") from error
 
 
@@ -121,7 +148,33 @@ def load_tuner(path: str | Path, layout: SkipLayout | None = None, dtype: torch.
         layout.check_matches(metadata.layout, f"tuner file {path.name}")
     tuner = build_tuner(metadata, layout)
     try:
-        tuner.load_state_dict(load_file(str(path)), strict=True)
-    except (SafetensorError, RuntimeError) as error:
-        raise TunerFileError(f"{path.name}: weights do not fit its own metadata ({error})") from error
+        state = load_file(str(path))
+    except (SafetensorError, OSError) as error:
+        raise TunerFileError(f"{path.name} is not a readable safetensors file: {error}") from error
+    load_exactly(tuner, state, f"{path.name}: weights do not fit its own metadata")
     return tuner.to(dtype), metadata
+
+
+def load_exactly(tuner: Tuner, state: dict[str, torch.Tensor], what: str) -> None:
+    """Load `state` into `tuner`, or `TunerFileError` starting with `what` that names the first differences.
+
+    PyTorch's own message lists every missing key; a file for another layout would fill a screen.
+    """
+    expected = tuner.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    mismatched = [
+        f"{k} {tuple(state[k].shape)} instead of {tuple(expected[k].shape)}"
+        for k in expected if k in state and state[k].shape != expected[k].shape
+    ]
+    problems = [
+        f"{len(keys)} {label} (first: {keys[0]})" for label, keys in
+        (("missing tensors", missing), ("unexpected tensors", unexpected), ("tensors of the wrong shape", mismatched)) if keys
+    ]
+    if problems:
+        raise TunerFileError(f"{what}: {'; '.join(problems)}")
+    tuner.load_state_dict(state, strict=True)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)

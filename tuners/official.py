@@ -12,10 +12,11 @@ import re
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from tuners.csc_tuner import CSCTuner
-from tuners.io import Tuner, TunerFileError, TunerMetadata
+from tuners.io import Tuner, TunerFileError, TunerMetadata, load_exactly
 from tuners.layout import SkipLayout
 from tuners.sc_tuner import SCTuner
 
@@ -36,15 +37,24 @@ def read_official_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor],
     else:
         weights_file = path
     config_file = weights_file.parent / "configuration.json"
-    config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else {}
+    except (ValueError, OSError) as error:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise TunerFileError(f"configuration.json beside {weights_file.name} is not readable JSON: {error}") from error
+    if not isinstance(config, dict):
+        raise TunerFileError(f"configuration.json beside {weights_file.name} must hold a JSON object")
 
     if weights_file.suffix == ".safetensors":
-        raw = load_file(str(weights_file))
+        try:
+            raw = load_file(str(weights_file))
+        except (SafetensorError, OSError) as error:
+            raise TunerFileError(f"{weights_file.name} is not a readable safetensors file: {error}") from error
     else:
         try:
             raw = torch.load(weights_file, map_location="cpu", weights_only=True)
         except Exception as error:  # torch raises many types for non-weights pickles; all mean "refused"
-            raise TunerFileError(f"{weights_file.name} is not a weights-only PyTorch checkpoint: {error}") from error
+            raise TunerFileError(f"{weights_file.name} is not a weights-only PyTorch checkpoint ({_refusal_reason(error)}); "
+                                 "it was not unpickled") from error
         if isinstance(raw, dict) and isinstance(raw.get("state_dict"), dict):
             raw = raw["state_dict"]
     if not isinstance(raw, dict):
@@ -95,10 +105,16 @@ def _csc_from_official(state: dict[str, torch.Tensor], layout: SkipLayout, condi
 
 
 def _load_exactly(tuner: Tuner, state: dict[str, torch.Tensor]) -> None:
-    try:
-        tuner.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
-    except RuntimeError as error:
-        raise TunerFileError(f"official checkpoint does not fit the expected tuner layout: {error}") from error
+    load_exactly(tuner, state, "official checkpoint does not fit the expected tuner layout")
+
+
+_TORCH_ADVICE = ("Weights only load failed", "Please file an issue", "Check the documentation")
+
+
+def _refusal_reason(error: Exception) -> str:
+    """The line of torch's refusal that names what was refused, without its advice to turn the check off."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip() and not line.strip().startswith(_TORCH_ADVICE)]
+    return lines[0][:200] if lines else type(error).__name__
 
 
 def import_official(

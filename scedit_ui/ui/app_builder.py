@@ -6,9 +6,9 @@ from PIL import Image
 
 from scedit_ui.conditions import CONDITION_KINDS
 from scedit_ui.errors import UserInputError
-from scedit_ui.request import request_from_png
+from scedit_ui.request import read_png_request
 from scedit_ui.ui import control_tab, generate_tab, model_tab, skip_tuning_tab, train_tab, tuners_tab
-from scedit_ui.ui.handlers import user_errors
+from scedit_ui.ui.handlers import clear_value_errors, user_errors
 from scedit_ui.ui.state import AppState
 
 TITLE = "SCEdit Studio"
@@ -45,12 +45,12 @@ def build_app(state: AppState) -> gr.Blocks:
         # A page opened (or reloaded) while a training runs follows it too.
         demo.load(lambda: gr.Timer(active=state.training is not None and state.training.running), None, train.timer,
                   api_name="follow_training", api_visibility="private", queue=False)
+    clear_value_errors(demo)
     return demo
 
 
 def _settings_of(path: str):
-    with Image.open(path) as image:
-        request, index, _ = request_from_png(image)
+    request, index, _ = read_png_request(path)
     return request, request.seed + index
 
 

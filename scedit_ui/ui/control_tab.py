@@ -73,7 +73,7 @@ def mask_from_editor(value: dict | Image.Image | None) -> Image.Image | None:
 
 def load_picture(path: str | None) -> Image.Image | None:
     """An uploaded picture as RGB (None when there is none); unreadable or huge files are refused."""
-    return conditions.load_image(path) if path else None
+    return conditions.load_image(path, name=Path(path).name) if path else None
 
 
 def extract_rows(picture: Image.Image | None, rows: list[ConditionRow], size: tuple[int, int], fit: str, progress=None) -> dict[str, Image.Image]:

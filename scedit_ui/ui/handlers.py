@@ -9,6 +9,7 @@ from collections.abc import Callable
 from typing import Any
 
 import gradio as gr
+from PIL import Image
 
 from scedit_ui.errors import UserInputError
 
@@ -62,11 +63,37 @@ def readable_upload(component: gr.components.Component, what: str) -> gr.compone
     def checked(payload: Any) -> Any:
         try:
             return preprocess(payload)
+        except Image.DecompressionBombError:  # Pillow refuses it at open, before our own pixel limit is checked
+            raise gr.Error(f"the {what} is too large to open safely; upload a picture under 40 megapixels", print_exception=False) from None
         except (OSError, ValueError, SyntaxError):  # UnidentifiedImageError is an OSError
             raise gr.Error(f"the {what} is not an image that can be read; upload a PNG, JPEG, WebP, BMP or TIFF file", print_exception=False) from None
 
     component.preprocess = checked
     return component
+
+
+def clear_value_errors(demo: gr.Blocks) -> None:
+    """Make every input component of `demo` report a value it cannot take as one error that names it.
+
+    Gradio's own preprocessing fails without a message on values a browser never sends but an API client
+    can: nothing or text for a number, NaN for a whole number.
+    """
+    for block in demo.blocks.values():
+        if isinstance(block, gr.components.Component):
+            block.preprocess = _named_value_errors(block.preprocess, block.label or type(block).__name__)
+
+
+def _named_value_errors(preprocess: Callable, label: str) -> Callable:
+    def checked(payload: Any) -> Any:
+        try:
+            return preprocess(payload)
+        except gr.Error:  # Gradio's own messages (out of range, not a choice) are clear already
+            raise
+        except (TypeError, ValueError, OverflowError):
+            shown = repr(payload) if len(repr(payload)) <= 60 else f"{repr(payload)[:60]}…"
+            raise gr.Error(f"{label}: {shown} is not a valid value", print_exception=False) from None
+
+    return checked
 
 
 def optional_keywords(fn: Callable, keyword_inputs: dict[str, gr.components.Component]) -> Callable:

@@ -59,6 +59,9 @@ def rho_slider_updates(layout: SkipLayout, rhos: list[float]) -> list[gr.Slider]
 
 def linear_rhos(num_skips: int, rho_outer: float, rho_inner: float) -> list[float]:
     """ρ from the linear schedule, rounded to the sliders' resolution."""
+    for name, value in (("ρ outer", rho_outer), ("ρ inner", rho_inner)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 4.0:  # NaN fails too
+            raise UserInputError(f"{name} must be a number from 0 to 4, got {value!r}")
     return [round(r, 3) for r in rho_schedule(num_skips, float(rho_outer), float(rho_inner))] + [1.0] * (MAX_SKIPS - num_skips)
 
 
@@ -154,6 +157,7 @@ def build(state: AppState) -> SkipTuningTab:
         values = [float(rho_values.get(f"rho_{g}", 1.0)) for g in range(MAX_SKIPS)]
         return compare(state, request, values, (s1, s2, b1, b2) if use_freeu else None, progress)
 
+    @user_errors
     def apply_schedule(rho_outer: float, rho_inner: float) -> list[float]:
         """ρ per skip from the linear schedule between ρ outer and ρ inner."""
         return linear_rhos(state.manager.info().num_skips, rho_outer, rho_inner)

@@ -68,7 +68,7 @@ def resolve_source(name: str | None, builtin: Path = BUILTIN_MODEL) -> ModelSour
     path = Path(name).expanduser()
     try:
         path.stat()
-    except (FileNotFoundError, NotADirectoryError):
+    except (FileNotFoundError, NotADirectoryError, ValueError):  # ValueError: a NUL character
         pass  # not a local file: perhaps a hub id
     except OSError as error:  # a name too long for a path, a folder without permission, ...
         raise UserInputError(f"model {name[:80]!r} cannot be looked up as a local path: {error.strerror}") from None

@@ -92,11 +92,12 @@ class GenerationRequest:
                 raise UserInputError(f"a tuner must be given as a file path, got {use.tuner!r}")
         for use in self.conditions:
             if not isinstance(use.image, Image.Image) or not isinstance(use.blend_image, (Image.Image, type(None))):
-                raise UserInputError(f"the condition images of {use.tuner} must be PIL images")
+                raise UserInputError(f"the condition images of {Path(use.tuner).name} must be PIL images")
+        # Messages name a tuner by its file name: on a server its folder means nothing to the user.
         numbers = {
             "seed": self.seed, "steps": self.steps, "guidance": self.guidance, "batch size": self.batch_size,
-            **{f"scale of {t.tuner}": t.scale for t in self.sc_tuners},
-            **{f"alpha of {c.tuner}": c.alpha for c in self.conditions},
+            **{f"scale of {Path(t.tuner).name}": t.scale for t in self.sc_tuners},
+            **{f"alpha of {Path(c.tuner).name}": c.alpha for c in self.conditions},
         }
         for name, value in numbers.items():
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
@@ -114,11 +115,11 @@ class GenerationRequest:
             if value % 8:
                 raise UserInputError(f"{name} must be a multiple of 8 (the VAE downsamples by 8), got {value}")
         for use in self.sc_tuners:
-            _check_range(f"scale of {use.tuner}", use.scale, -4.0, 4.0)
+            _check_range(f"scale of {Path(use.tuner).name}", use.scale, -4.0, 4.0)
         for use in self.conditions:
-            _check_range(f"alpha of {use.tuner}", use.alpha, 0.0, 4.0)
-            _check_step_range(f"step range of {use.tuner}", use.step_range)
-            _check_range(f"blend of {use.tuner}", use.blend, 0.0, 1.0)
+            _check_range(f"alpha of {Path(use.tuner).name}", use.alpha, 0.0, 4.0)
+            _check_step_range(f"step range of {Path(use.tuner).name}", use.step_range)
+            _check_range(f"blend of {Path(use.tuner).name}", use.blend, 0.0, 1.0)
         if self.normalise_alpha and self.conditions and sum(c.alpha for c in self.conditions) <= 0:
             raise UserInputError("cannot normalise α: the condition weights sum to 0")
         if self.skip_tuning is not None:

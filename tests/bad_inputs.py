@@ -39,7 +39,7 @@ def _noise(size: int = 64) -> Image.Image:
 BROKEN_IMAGES: dict[str, tuple[bytes, str]] = {
     "not an image": (b"this is a text file, not a picture", "not an image"),
     "truncated PNG": (png_bytes(_noise())[:200], "truncated or corrupt|not an image"),
-    "truncated JPEG": (png_bytes(_noise(), "JPEG")[:400], "truncated or corrupt|cannot read"),
+    "truncated JPEG": (png_bytes(_noise(), "JPEG")[:400], "truncated or corrupt|cannot read|not an image"),
     "0x0 PNG": (png_claiming(0, 0), "not an image|empty"),
     "decompression bomb": (png_claiming(30_000, 30_000), "too large to open safely"),
 }

@@ -139,6 +139,17 @@ def test_the_server_keeps_serving_after_bad_uploads(served, tmp_path):
     assert seed_of(path) == 12
 
 
+@pytest.mark.parametrize("api_name", ["/control_generate", "/control_interpolate"])
+def test_control_endpoints_refuse_a_bomb_as_either_picture(served, api_name, tmp_path):
+    (tmp_path / "bomb.png").write_bytes(BROKEN_IMAGES["decompression bomb"][0])
+    good = save_picture(Image.new("RGB", (32, 32), "red"), tmp_path / "good.png")
+    arguments = dict(condition_types=["canny"], fit="crop", prompt="a", negative_prompt="", seed=1, steps=2, guidance=5.0,
+                     width=64, height=64, scheduler="DDIM", normalise_alpha=False, canny_tuner="style")
+    for first, second, what in ((tmp_path / "bomb.png", good, "the picture"), (good, tmp_path / "bomb.png", "the second picture")):
+        with pytest.raises(AppError, match=f"^{what} is too large to open safely"):
+            served.client.predict(handle_file(str(first)), second_picture=handle_file(str(second)), **arguments, api_name=api_name)
+
+
 @pytest.mark.parametrize(
     "content, message",
     [
@@ -192,6 +203,8 @@ def test_generate_refuses_bad_values_by_name(served, change, message):
         ("generate", {"width": float("nan")}, "width must be a whole number, got nan"),
         ("generate", {"scale_1": float("nan"), "tuner_1": "style"}, "scale of style.safetensors must be a finite number, got nan"),
         ("rho_schedule", {"rho_inner": float("nan")}, "ρ inner must be a number from 0 to 4, got nan"),
+        ("skip_tuning_compare", {"rho_3": float("nan")}, "ρ of skip 3 must be between 0.0 and 4.0, got nan"),
+        ("skip_tuning_compare", {"use_freeu": True, "s1": float("nan")}, "FreeU s1 must be between 0.0 and 4.0, got nan"),
         ("train_start", {"name": "nan-run", "learning_rate": float("nan")}, "learning rate must be a number"),
     ],
 )

@@ -5,6 +5,7 @@ Random-weight SD folder (64 px, CPU); see docs/hardening.md for the table of wha
 from __future__ import annotations
 
 import json
+import socket
 from dataclasses import replace
 from pathlib import Path
 
@@ -408,7 +409,21 @@ def test_app_refuses_a_library_that_is_a_file_and_a_port_out_of_range(capsys, ra
     (tmp_path / "library").write_text("a file")
     code = app.main(["--model", str(random_sd_folder), "--device", "cpu", "--library", str(tmp_path / "library"),
                      "--outputs", str(tmp_path / "outputs")])
-    assert code == 2 and capsys.readouterr().err.strip() == f"error: cannot use {tmp_path / 'library'} as a folder: File exists"
+    lines = capsys.readouterr().err.strip().splitlines()  # before it: the model's loading progress bars
+    assert code == 2 and lines[-1] == f"error: cannot use {tmp_path / 'library'} as a folder: File exists"
+    assert not any("Traceback" in line for line in lines)
     with pytest.raises(SystemExit) as usage:
         app.build_parser().parse_args(["--port", "99999"])
     assert usage.value.code == 2 and "invalid port_number value: '99999'" in capsys.readouterr().err
+
+
+def test_app_on_a_busy_port_is_one_line(capsys, random_sd_folder, tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code = app.main(["--model", str(random_sd_folder), "--device", "cpu", "--library", str(tmp_path / "library"),
+                         "--outputs", str(tmp_path / "outputs"), "--port", str(port)])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and lines[-1].startswith(f"error: cannot serve on 127.0.0.1:{port}: ")
+    assert not any("Traceback" in line for line in lines)

@@ -6,12 +6,13 @@ CLIP BPE tokenizer, a ``UNet2DConditionModel`` with SD 1.5's block types (12 ski
 and a DDIM scheduler with SD's noise schedule. ``StableDiffusionPipeline.from_pretrained`` loads
 it exactly like real SD weights.
 
-It is trained from scratch on the Shapes world (:mod:`scedit_ui.shapes_world`) in three
+It is trained from scratch on the Shapes world (:mod:`scedit_ui.shapes_world`) in four
 resumable stages, each checkpointed atomically under a work directory::
 
     python -m scedit_ui.tiny_model train --work runs/tiny --out assets/tiny-sd
 
-1. ``vae``   -- the autoencoder on random crops, then full 128 px images;
+1. ``vae``   -- the autoencoder on random crops, then full 128 px images of plain scenes;
+1b. ``decoder`` -- the decoder alone on plain and styled scenes (the latents do not change);
 2. ``cache`` -- the scaling factor (1 / std of latents) and the latents of the training scenes;
 3. ``unet``  -- UNet and text encoder jointly on the cached latents (EMA weights are exported).
 
@@ -37,9 +38,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from PIL import Image
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from scedit_ui.errors import UserInputError
@@ -74,7 +73,7 @@ def unet_config() -> dict:
         cross_attention_dim=TEXT_HIDDEN,
         # diffusers reads this as the number of heads: 16 channels per head in every block.
         attention_head_dim=(2, 4, 8, 8),
-        norm_num_groups=32,
+        norm_num_groups=8,  # at least 4 channels per group (SD 1.5 has 10)
     )
 
 
@@ -88,7 +87,9 @@ def vae_config() -> dict:
         block_out_channels=(16, 32, 64, 64),
         layers_per_block=1,
         latent_channels=4,
-        norm_num_groups=16,
+        # Four channels per group at full resolution, like SD's VAE: with one channel per group,
+        # GroupNorm erases the colour of flat regions (a uniform background normalises to zero).
+        norm_num_groups=4,
         sample_size=IMAGE_SIZE,
         scaling_factor=1.0,  # replaced by 1 / std of the training latents after stage 1
         force_upcast=False,
@@ -259,13 +260,21 @@ class TrainConfig:
 
     seed: int = 0
     # stage 1: VAE
-    vae_crop_steps: int = 500  # 64 px random crops, batch vae_crop_batch
-    vae_full_steps: int = 100  # full 128 px images, batch vae_full_batch
-    vae_crop_batch: int = 32
-    vae_full_batch: int = 16
-    vae_lr: float = 1e-3
+    vae_crop_steps: int = 3_500  # random crops of vae_crop_size px, batch vae_crop_batch
+    vae_full_steps: int = 200  # full 128 px images, batch vae_full_batch
+    vae_crop_size: int = 48
+    vae_crop_batch: int = 16
+    vae_full_batch: int = 8
+    vae_lr: float = 1.5e-3
+    vae_shape_weight: float = 4.0  # extra loss weight of shape pixels (small next to the background)
+    vae_initial_logvar: float = -6.0
     vae_kl_weight: float = 1e-6
     vae_edge_weight: float = 0.5
+    # stage 1b: decoder on plain and styled scenes (encoder frozen)
+    decoder_steps: int = 800
+    decoder_batch: int = 8
+    decoder_lr: float = 5e-4
+    decoder_styled_fraction: float = 0.5
     # stage 2: latent cache
     cache_scenes: int = 30_000
     cache_chunk: int = 2_000
@@ -285,6 +294,7 @@ class TrainConfig:
 
 
 VAE_SEED_OFFSET = 10_000_000  # VAE images use scene seeds disjoint from the cached UNet scenes
+DECODER_SEED_OFFSET = 20_000_000
 EVAL_SEED = 777
 
 
@@ -311,14 +321,26 @@ def _step_generator(seed: int, stage: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + stage * 100_000_007 + step)
 
 
-def _scene_images(seeds: Sequence[int]) -> tuple[torch.Tensor, list[str], list]:
-    """Rendered training scenes as a [-1, 1] batch, their captions and scenes."""
+def _scene_images(
+    seeds: Sequence[int], styles: Sequence[str | None] | None = None
+) -> tuple[torch.Tensor, list[str], list]:
+    """Rendered training scenes (plain, or in ``styles[i]``) as a [-1, 1] batch, their captions and scenes."""
     from scedit_ui import shapes_world
 
-    scenes = [shapes_world.sample_scene(int(s), split="train") for s in seeds]
+    styles = styles if styles is not None else [None] * len(seeds)
+    scenes = [shapes_world.sample_scene(int(s), split="train", style=st) for s, st in zip(seeds, styles)]
     arrays = np.stack([np.asarray(shapes_world.render_scene(s, IMAGE_SIZE)) for s in scenes])
     images = torch.from_numpy(arrays).permute(0, 3, 1, 2).float() / 127.5 - 1.0
     return images, [shapes_world.caption(s) for s in scenes], scenes
+
+
+def _shape_mask(images: torch.Tensor, scenes: list) -> torch.Tensor:
+    """1 where a [-1, 1] image differs from its scene's background colour, else 0 (N x 1 x H x W)."""
+    from scedit_ui import shapes_world
+
+    background = torch.tensor([shapes_world.COLORS[s.background] for s in scenes], dtype=torch.float32)
+    background = (background / 127.5 - 1.0)[:, :, None, None]
+    return ((images - background).abs().amax(dim=1, keepdim=True) > 0.05).float()
 
 
 def _cosine_lr(step: int, total: int, warmup: int, final_fraction: float) -> float:
@@ -331,7 +353,9 @@ def _cosine_lr(step: int, total: int, warmup: int, final_fraction: float) -> flo
 # ---------------------------------------------------------------------------- stage 1: VAE
 
 
-def _vae_loss(vae: AutoencoderKL, images: torch.Tensor, cfg: TrainConfig, generator: torch.Generator) -> torch.Tensor:
+def _vae_loss(
+    vae: AutoencoderKL, images: torch.Tensor, weight: torch.Tensor, cfg: TrainConfig, generator: torch.Generator
+) -> torch.Tensor:
     posterior = vae.encode(images).latent_dist
     noise = torch.randn(posterior.mean.shape, generator=generator).to(images.device)
     z = posterior.mean + posterior.std * noise
@@ -339,7 +363,8 @@ def _vae_loss(vae: AutoencoderKL, images: torch.Tensor, cfg: TrainConfig, genera
     diff = recon - images
     # Shapes are flat colours with sharp edges: L1 keeps colours exact, the gradient term the edges.
     edge = (diff[..., 1:, :] - diff[..., :-1, :]).abs().mean() + (diff[..., :, 1:] - diff[..., :, :-1]).abs().mean()
-    return diff.abs().mean() + diff.pow(2).mean() + cfg.vae_edge_weight * edge + cfg.vae_kl_weight * posterior.kl().mean()
+    pixel = (weight * (diff.abs() + diff.pow(2))).mean()
+    return pixel + cfg.vae_edge_weight * edge + cfg.vae_kl_weight * posterior.kl().mean()
 
 
 def train_vae(work: Path, cfg: TrainConfig, device: torch.device) -> AutoencoderKL:
@@ -349,7 +374,12 @@ def train_vae(work: Path, cfg: TrainConfig, device: torch.device) -> Autoencoder
         return AutoencoderKL.from_pretrained(final)
     work.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
-    vae = build_vae().to(device)
+    vae = build_vae()
+    # Start with a nearly deterministic posterior: at the default std of 1 the sampling noise
+    # drowns the detail of young latents, and the tiny KL weight takes thousands of steps to lower it.
+    with torch.no_grad():
+        vae.quant_conv.bias[vae.config.latent_channels :] = cfg.vae_initial_logvar
+    vae = vae.to(device)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
     total = cfg.vae_crop_steps + cfg.vae_full_steps
     ckpt_path = work / "vae.pt"
@@ -366,14 +396,16 @@ def train_vae(work: Path, cfg: TrainConfig, device: torch.device) -> Autoencoder
         g = _step_generator(cfg.seed, 1, step)
         crop = step < cfg.vae_crop_steps
         batch = cfg.vae_crop_batch if crop else cfg.vae_full_batch
-        images, _, _ = _scene_images(range(VAE_SEED_OFFSET + step * batch, VAE_SEED_OFFSET + (step + 1) * batch))
+        images, _, scenes = _scene_images(range(VAE_SEED_OFFSET + step * batch, VAE_SEED_OFFSET + (step + 1) * batch))
+        weight = 1 + cfg.vae_shape_weight * _shape_mask(images, scenes)
         if crop:
-            size = IMAGE_SIZE // 2
+            size = cfg.vae_crop_size
             ys, xs = torch.randint(0, IMAGE_SIZE - size + 1, (2, batch), generator=g).tolist()
             images = torch.stack([im[:, y : y + size, x : x + size] for im, y, x in zip(images, ys, xs)])
+            weight = torch.stack([w[:, y : y + size, x : x + size] for w, y, x in zip(weight, ys, xs)])
         for group in optimizer.param_groups:
             group["lr"] = cfg.vae_lr * _cosine_lr(step, total, 50, 0.05)
-        loss = _vae_loss(vae, images.to(device), cfg, g)
+        loss = _vae_loss(vae, images.to(device), weight.to(device), cfg, g)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), cfg.grad_clip)
@@ -390,6 +422,65 @@ def train_vae(work: Path, cfg: TrainConfig, device: torch.device) -> Autoencoder
     vae.save_pretrained(tmp)
     os.replace(tmp, final)
     logger.info("vae: done in %.1f min", (time.time() - t0) / 60)
+    return vae
+
+
+def train_decoder(work: Path, vae: AutoencoderKL, cfg: TrainConfig, device: torch.device) -> AutoencoderKL:
+    """Stage 1b. Fine-tunes the decoder on plain and styled scenes; resumes from ``work/decoder.pt``.
+
+    Stage 1 sees plain scenes only, and its decoder cannot draw stripes, dots, outlines or pixel
+    blocks, so no style tuner could show them. The encoder stays frozen: the latents (and a UNet
+    trained on them) do not change.
+    """
+    from scedit_ui import shapes_world
+
+    final = work / "vae_decoder"
+    if (final / "config.json").exists():
+        return AutoencoderKL.from_pretrained(final)
+    vae = vae.to(device)
+    trained = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
+    for module in (vae.encoder, vae.quant_conv):
+        module.requires_grad_(False)
+    optimizer = torch.optim.AdamW(trained, lr=cfg.decoder_lr, weight_decay=0.0)
+    ckpt_path = work / "decoder.pt"
+    start = 0
+    if ckpt_path.exists():
+        state = torch.load(ckpt_path, map_location=device, weights_only=True)
+        vae.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start = state["step"]
+        logger.info("decoder: resuming at step %d/%d", start, cfg.decoder_steps)
+    vae.train()
+    t0, running, batch = time.time(), 0.0, cfg.decoder_batch
+    for step in range(start, cfg.decoder_steps):
+        g = _step_generator(cfg.seed, 2, step)
+        styled = torch.rand(batch, generator=g) < cfg.decoder_styled_fraction
+        picks = torch.randint(0, len(shapes_world.STYLES), (batch,), generator=g).tolist()
+        styles = [shapes_world.STYLES[k] if s else None for k, s in zip(picks, styled.tolist())]
+        seeds = range(DECODER_SEED_OFFSET + step * batch, DECODER_SEED_OFFSET + (step + 1) * batch)
+        images, _, scenes = _scene_images(seeds, styles)
+        weight = 1 + cfg.vae_shape_weight * _shape_mask(images, scenes)
+        for group in optimizer.param_groups:
+            group["lr"] = cfg.decoder_lr * _cosine_lr(step, cfg.decoder_steps, 20, 0.05)
+        loss = _vae_loss(vae, images.to(device), weight.to(device), cfg, g)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trained, cfg.grad_clip)
+        optimizer.step()
+        running += loss.item()
+        done = step + 1
+        if done % 50 == 0 or done == cfg.decoder_steps:
+            logger.info(
+                "decoder: step %d/%d loss %.4f (%.2f s/step)", done, cfg.decoder_steps, running / 50, (time.time() - t0) / (done - start)
+            )
+            running = 0.0
+        if done % cfg.checkpoint_every == 0 or done == cfg.decoder_steps:
+            _atomic_save({"step": done, "model": vae.state_dict(), "optimizer": optimizer.state_dict()}, ckpt_path)
+    vae.eval().requires_grad_(True)
+    tmp = final.with_name("vae_decoder.tmp")
+    vae.save_pretrained(tmp)
+    os.replace(tmp, final)
+    logger.info("decoder: done in %.1f min", (time.time() - t0) / 60)
     return vae
 
 
@@ -516,15 +607,15 @@ def train_unet(
                 },
                 ckpt_path,
             )
-        if done % cfg.eval_every == 0 or done == cfg.unet_steps:
+        if done % cfg.eval_every == 0 and done < cfg.unet_steps:
             export(out, vae, tokenizer, unet, text_encoder, params, ema, device)
-            if _checker_available():
-                quick_eval(out, cfg.eval_prompts, device, log_dir=work, tag=f"step{done}")
-            else:
-                logger.warning("eval skipped at step %d: scedit_ui.checker is not installed yet", done)
+            evaluate_export(out, cfg.eval_prompts, work, f"step{done}")
             unet.train()
             text_encoder.train()
     logger.info("unet: done (%.1f min this run)", (time.time() - t0) / 60)
+    # Outside the loop, so rerunning a finished run exports again (e.g. after a new decoder).
+    export(out, vae, tokenizer, unet, text_encoder, params, ema, device)
+    evaluate_export(out, cfg.eval_prompts, work, f"step{cfg.unet_steps}")
 
 
 def export(
@@ -552,69 +643,23 @@ def export(
     logger.info("export: %s (%.1f MB)", out, folder_size_bytes(out) / 1e6)
 
 
-# ---------------------------------------------------------------------------- quick eval
+# ---------------------------------------------------------------------------- eval
 
 
-def _checker_available() -> bool:
-    import importlib.util
+def evaluate_export(out: Path, n: int, work: Path, tag: str) -> None:
+    """Score the exported folder with the app's own loader and metric (`python -m scedit_ui eval adherence`)."""
+    from scedit_ui.evaluation import evaluate_adherence
+    from scedit_ui.model_manager import ModelManager
 
-    return importlib.util.find_spec("scedit_ui.checker") is not None
-
-
-def load_pipeline(path: Path, device: torch.device | str = "cpu") -> StableDiffusionPipeline:
-    """The shipped folder as an fp32 pipeline with DDIM (the same call works for real SD folders)."""
-    pipe = StableDiffusionPipeline.from_pretrained(path, dtype=torch.float32)
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device)
-
-
-@torch.no_grad()
-def quick_eval(
-    path: Path,
-    n: int,
-    device: torch.device | str = "cpu",
-    *,
-    steps: int = 20,
-    guidance: float = 5.0,
-    log_dir: Path | None = None,
-    tag: str = "eval",
-) -> dict[str, float]:
-    """Mean colour / shape adherence of ``n`` held-out prompts (checker), logged and returned.
-
-    Writes a preview grid ``{log_dir}/{tag}.png`` of the first 16 images when ``log_dir`` is set.
-    """
-    from scedit_ui import shapes_world
-    from scedit_ui.checker import score_adherence
-
-    pipe = load_pipeline(path, device)
-    scenes = [shapes_world.sample_scene(EVAL_SEED * 100_000 + i, split="heldout") for i in range(n)]
-    prompts = [shapes_world.caption(s) for s in scenes]
-    images: list[Image.Image] = []
-    t0 = time.time()
-    for i in range(0, n, 16):
-        generator = torch.Generator().manual_seed(EVAL_SEED + i)
-        images += pipe(
-            prompts[i : i + 16], num_inference_steps=steps, guidance_scale=guidance, generator=generator
-        ).images
-    scores = [score_adherence(im, sc) for im, sc in zip(images, scenes)]
-    result = {
-        "color": float(np.mean([s.color_correct for s in scores])),
-        "shape": float(np.mean([s.shape_correct for s in scores])),
-        "n": n,
-    }
+    manager = ModelManager("auto")
+    manager.load(str(out))
+    report = evaluate_adherence(manager, n, seed=EVAL_SEED)
     logger.info(
         "eval %s: colour %.3f shape %.3f (n=%d, %d DDIM steps, guidance %g, %.0f s)",
-        tag, result["color"], result["shape"], n, steps, guidance, time.time() - t0,
+        tag, report.color_accuracy, report.shape_accuracy, n, report.steps, report.guidance, report.seconds,
     )
-    if log_dir is not None:
-        grid = Image.new("RGB", (IMAGE_SIZE * 8, IMAGE_SIZE * 2))
-        for k, im in enumerate(images[:16]):
-            grid.paste(im, ((k % 8) * IMAGE_SIZE, (k // 8) * IMAGE_SIZE))
-        grid.save(Path(log_dir) / f"{tag}.png")
-        with open(Path(log_dir) / "eval.jsonl", "a") as f:
-            f.write(json.dumps({"tag": tag, **result}) + "\n")
-    return result
+    with open(work / "eval.jsonl", "a") as f:
+        f.write(json.dumps({"tag": tag, **report.to_dict()}) + "\n")
 
 
 # ---------------------------------------------------------------------------- all stages
@@ -638,7 +683,7 @@ def train(work: Path, out: Path, cfg: TrainConfig = TrainConfig(), threads: int 
     device = pick_device(threads)
     logger.info("training on %s (%d CPU threads) with %s", device, torch.get_num_threads(), cfg)
     t0 = time.time()
-    vae = train_vae(work, cfg, device)
+    vae = train_decoder(work, train_vae(work, cfg, device), cfg, device)
     t1 = time.time()
     latents, captions = cache_latents(work, vae, cfg, device)
     t2 = time.time()
@@ -659,9 +704,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_train.add_argument("--work", type=Path, default=DEFAULT_WORK, help="checkpoints, caches and train.log")
     p_train.add_argument("--out", type=Path, default=DEFAULT_OUT)
     p_train.add_argument("--threads", type=int, default=2, help="CPU threads (1 is faster on a busy shared CPU)")
-    p_eval = sub.add_parser("eval", help="colour/shape adherence of a model folder on held-out prompts")
-    p_eval.add_argument("--model", type=Path, default=DEFAULT_OUT)
-    p_eval.add_argument("-n", type=int, default=200)
     args = parser.parse_args(argv)
 
     handlers: list[logging.Handler] = [logging.StreamHandler()]
@@ -672,10 +714,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "build-tokenizer":
             build_clip_tokenizer(args.bpe_vocab, args.out / "tokenizer")
-        elif args.command == "train":
-            train(args.work, args.out, threads=args.threads)
         else:
-            quick_eval(args.model, args.n, pick_device())
+            train(args.work, args.out, threads=args.threads)
     except UserInputError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -18,7 +18,13 @@ def hint_encoder() -> nn.Sequential:
     """Convs with SiLU between them; Sequential indices match the reference `pre_hint_blocks.{i}`."""
     layers: list[nn.Module] = []
     for in_channels, out_channels, stride in _HINT_CONVS:
-        layers += [nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1), nn.SiLU()]
+        conv = nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1)
+        # He init: with PyTorch's default init each conv shrinks its input, and after seven of them a
+        # sparse condition (a canny map is ~2 % white) barely changes the output, so the zero convs
+        # above it get almost no image-dependent gradient and training stalls.
+        nn.init.kaiming_normal_(conv.weight, nonlinearity="relu")
+        nn.init.zeros_(conv.bias)
+        layers += [conv, nn.SiLU()]
     return nn.Sequential(*layers[:-1])
 
 

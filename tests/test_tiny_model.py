@@ -1,0 +1,178 @@
+"""The shipped tiny SD model (assets/tiny-sd) and the functions that build and train it."""
+
+import gzip
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from scedit_ui import tiny_model
+from scedit_ui.errors import UserInputError
+
+MODEL_DIR = Path(__file__).resolve().parents[1] / "assets" / "tiny-sd"
+
+
+@pytest.fixture(scope="module")
+def pipe() -> StableDiffusionPipeline:
+    return StableDiffusionPipeline.from_pretrained(MODEL_DIR, dtype=torch.float32)
+
+
+def _skip_counts(unet: UNet2DConditionModel) -> list[int]:
+    """Number of skip tensors each up block receives in one forward pass."""
+    counts: list[int] = []
+    hooks = [
+        block.register_forward_pre_hook(
+            lambda _m, args, kwargs: counts.append(len(kwargs["res_hidden_states_tuple"])), with_kwargs=True
+        )
+        for block in unet.up_blocks
+    ]
+    cross_dim = unet.config.cross_attention_dim
+    with torch.no_grad():
+        unet(torch.randn(1, 4, 16, 16), 500, torch.randn(1, 77, cross_dim))
+    for hook in hooks:
+        hook.remove()
+    return counts
+
+
+# ---------------------------------------------------------------------------- shipped folder
+
+
+def test_shipped_folder_loads_as_a_standard_sd_pipeline(pipe):
+    assert isinstance(pipe.vae, AutoencoderKL)
+    assert isinstance(pipe.text_encoder, CLIPTextModel)
+    assert isinstance(pipe.tokenizer, CLIPTokenizer)
+    assert isinstance(pipe.unet, UNet2DConditionModel)
+    assert pipe.safety_checker is None and pipe.feature_extractor is None
+    assert pipe.unet.dtype == pipe.vae.dtype == pipe.text_encoder.dtype == torch.float32
+    index = json.loads((MODEL_DIR / "model_index.json").read_text())
+    assert index["safety_checker"] == [None, None] and index["requires_safety_checker"] is False
+
+
+def test_unet_has_sd15_block_types_and_twelve_skips(pipe):
+    config = pipe.unet.config
+    assert tuple(config.down_block_types) == ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",)
+    assert tuple(config.up_block_types) == ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3
+    assert config.layers_per_block == 2
+    assert _skip_counts(pipe.unet) == [3, 3, 3, 3]
+
+
+def test_vae_maps_128px_images_to_4x16x16_latents(pipe):
+    assert pipe.vae_scale_factor == 8
+    with torch.no_grad():
+        latents = pipe.vae.encode(torch.zeros(1, 3, 128, 128)).latent_dist.mean
+    assert latents.shape == (1, 4, 16, 16)
+    assert pipe.vae.config.scaling_factor != 1.0  # measured on the training latents
+
+
+def test_scheduler_uses_sd_noise_schedule_with_ddim(pipe):
+    config = pipe.scheduler.config
+    assert isinstance(pipe.scheduler, DDIMScheduler)
+    assert (config.beta_schedule, config.beta_start, config.beta_end) == ("scaled_linear", 0.00085, 0.012)
+    assert config.num_train_timesteps == 1000
+
+
+def test_tokenizer_gives_clip_ids_for_english_prompts(pipe):
+    ids = pipe.tokenizer("a red circle at the top left").input_ids
+    assert ids == [49406, 320, 736, 7117, 536, 518, 1253, 1823, 49407]
+
+
+def test_tokenizer_handles_arbitrary_text_and_truncates_to_77(pipe):
+    text = "Ünïcödé, emoji 🎉 and a sentence about a LARGE purple Giraffe! " * 20
+    ids = tiny_model.tokenize(pipe.tokenizer, [text, ""])
+    assert ids.shape == (2, 77)
+    assert ids[0, 0] == 49406 and ids[0, -1] == 49407
+    assert (ids[0] != pipe.tokenizer.unk_token_id).sum() > 70  # real tokens, not unknowns
+    assert pipe.tokenizer.model_max_length == 77
+
+
+def test_two_step_generation_returns_a_128px_image(pipe):
+    pipe.set_progress_bar_config(disable=True)
+    image = pipe(
+        "a red circle at the top left on a blue background",
+        num_inference_steps=2,
+        guidance_scale=5.0,
+        generator=torch.Generator().manual_seed(0),
+    ).images[0]
+    assert image.size == (128, 128)
+
+
+def test_weights_are_fp16_safetensors_within_40_mb():
+    weight_files = sorted(MODEL_DIR.rglob("*.safetensors"))
+    assert {p.parent.name for p in weight_files} == {"vae", "text_encoder", "unet"}
+    from safetensors import safe_open
+
+    for path in weight_files:
+        with safe_open(path, "pt") as f:
+            assert all(f.get_slice(k).get_dtype() == "F16" for k in f.keys())
+    assert sum(p.stat().st_size for p in weight_files) <= 40_000_000
+
+
+# ---------------------------------------------------------------------------- builders
+
+
+def test_fresh_pipeline_round_trips_through_fp16_folder(tmp_path):
+    tokenizer = CLIPTokenizer.from_pretrained(MODEL_DIR / "tokenizer")
+    fresh = tiny_model.assemble_pipeline(
+        tiny_model.build_vae(), tiny_model.build_text_encoder(), tokenizer, tiny_model.build_unet()
+    )
+    tiny_model.save_pipeline_fp16(fresh, tmp_path / "model")
+    loaded = StableDiffusionPipeline.from_pretrained(tmp_path / "model", dtype=torch.float32)
+    original = fresh.unet.state_dict()
+    for name, value in loaded.unet.state_dict().items():
+        torch.testing.assert_close(value, original[name].half().float())
+    assert fresh.unet.dtype == torch.float32  # saving in fp16 leaves the live model alone
+
+
+def test_tokenizer_builder_rejects_a_file_that_is_not_clip_vocab(tmp_path):
+    bogus = tmp_path / "bpe.txt.gz"
+    bogus.write_bytes(gzip.compress("#version: 0.2\na b\nab c\n".encode()))
+    with pytest.raises(UserInputError, match="not CLIP's BPE vocabulary"):
+        tiny_model.build_clip_tokenizer(bogus, tmp_path / "tokenizer")
+
+
+class _Killed(Exception):
+    pass
+
+
+def test_vae_stage_resumes_to_identical_weights(tmp_path, monkeypatch):
+    cfg = tiny_model.TrainConfig(
+        vae_crop_steps=2, vae_full_steps=2, vae_crop_batch=2, vae_full_batch=1, checkpoint_every=2
+    )
+    cpu = torch.device("cpu")
+    straight = tiny_model.train_vae(tmp_path / "straight", cfg, cpu)
+
+    real_loss, calls = tiny_model._vae_loss, []
+
+    def counted_loss(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise _Killed
+        return real_loss(*args)
+
+    monkeypatch.setattr(tiny_model, "_vae_loss", counted_loss)
+    with pytest.raises(_Killed):  # killed during step 3, after the step-2 checkpoint
+        tiny_model.train_vae(tmp_path / "interrupted", cfg, cpu)
+    resumed = tiny_model.train_vae(tmp_path / "interrupted", cfg, cpu)
+
+    assert len(calls) == 3 + 2  # the rerun computed steps 3 and 4 only
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        torch.testing.assert_close(a, b, msg=name)
+
+
+def test_decoder_stage_trains_the_decoder_only_so_latents_stay_valid(tmp_path):
+    cfg = tiny_model.TrainConfig(
+        vae_crop_steps=1, vae_full_steps=0, vae_crop_batch=1, decoder_steps=2, decoder_batch=2, checkpoint_every=1
+    )
+    cpu = torch.device("cpu")
+    vae = tiny_model.train_vae(tmp_path, cfg, cpu)
+    before = {name: value.clone() for name, value in vae.state_dict().items()}
+    tuned = tiny_model.train_decoder(tmp_path, vae, cfg, cpu)
+    changed = {name for name, value in tuned.state_dict().items() if not torch.equal(value, before[name])}
+    assert changed and all(name.startswith(("decoder.", "post_quant_conv.")) for name in changed)
+    assert all(p.requires_grad for p in tuned.parameters())  # the frozen encoder is released again
+    saved = tiny_model.train_decoder(tmp_path, tiny_model.build_vae(), cfg, cpu)  # finished: read back
+    for name, value in tuned.state_dict().items():
+        torch.testing.assert_close(saved.state_dict()[name], value, msg=name)

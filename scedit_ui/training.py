@@ -48,6 +48,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".g
 # Conditions whose geometry matches the picture (outpaint changes the canvas, so it is trained as inpaint).
 TRAINABLE_CONDITIONS = ("canny", "color", "inpaint", "sketch", "scribble", "hed", "depth", "pose", "seg")
 DEFAULT_SHAPES_IMAGES = 30
+TEXT_CACHE_SIZE = 4096  # prompt embeddings kept for a stream of Shapes-world captions
 CHECKPOINT_NAME = "checkpoint.pt"
 PREVIEW_DIR = "previews"
 # What a checkpoint must share with the run that resumes it (steps may grow: training continues).
@@ -462,13 +463,13 @@ class TunerTrainer:
 
     @torch.no_grad()
     def _encode_text(self, captions: Sequence[str]) -> torch.Tensor:
+        if self.data.size is None and len(self._text) > TEXT_CACHE_SIZE:  # a stream's captions rarely repeat
+            self._text.clear()  # before looking up this batch, whose cached captions would go too
         missing = [c for c in dict.fromkeys(captions) if c not in self._text]
         if missing:
             tokenizer = self.pipeline.tokenizer
             ids = tokenizer(missing, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
             embeddings = self.pipeline.text_encoder(ids.to(self.device))[0]
-            if self.data.size is None and len(self._text) > 4096:  # a stream's captions rarely repeat
-                self._text.clear()
             self._text.update(zip(missing, embeddings))
         return torch.stack([self._text[c] for c in captions])
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from scedit_ui import training
 from scedit_ui.cli import main
 from scedit_ui.errors import UserInputError
 from scedit_ui.shapes_world import caption, render_scene, sample_scene
@@ -155,6 +156,13 @@ def test_csc_output_names_its_condition_type(tmp_path, random_sd_folder):
     _, metadata = load_tuner(result.output)
     assert metadata.kind == "csc" and metadata.condition_type == "canny" and metadata.kernel_size == 1
     assert metadata.training["dataset"] == "Shapes world, endless stream"
+
+
+def test_a_stream_outgrowing_the_prompt_cache_keeps_training(tmp_path, random_sd_folder, monkeypatch):
+    # Found training a canny tuner: the cache was emptied after this batch's cached prompts (often "") were looked up.
+    monkeypatch.setattr(training, "TEXT_CACHE_SIZE", 2)
+    config = config_for(tmp_path, random_sd_folder, kind="csc", condition="canny", data="shapes", steps=4, batch_size=3, caption_dropout=0.5)
+    assert train_tuner(config).output.is_file()
 
 
 def test_cancel_stops_within_one_step_and_keeps_the_checkpoint(tmp_path, random_sd_folder):

@@ -48,6 +48,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".g
 # Conditions whose geometry matches the picture (outpaint changes the canvas, so it is trained as inpaint).
 TRAINABLE_CONDITIONS = ("canny", "color", "inpaint", "sketch", "scribble", "hed", "depth", "pose", "seg")
 DEFAULT_SHAPES_IMAGES = 30
+CALIBRATION_IMAGES = 16  # condition images that set the scale of a fresh CSC tuner's hint encoder
 TEXT_CACHE_SIZE = 4096  # prompt embeddings kept for a stream of Shapes-world captions
 CHECKPOINT_NAME = "checkpoint.pt"
 PREVIEW_DIR = "previews"
@@ -390,6 +391,11 @@ class TunerTrainer:
             self.editor.add_sc_tuner("training", self.tuner)
         else:
             self.tuner.to(self.device)
+            # A resumed run loads its trained weights over this later.
+            rng = np.random.default_rng(config.seed)
+            pictures = [self.data.image(k, self.resolution) for k in self.data.preview_keys(CALIBRATION_IMAGES)]
+            hints = _to_tensor([make_condition(p, config.condition, dict(config.condition_params), rng) for p in pictures])
+            self.tuner.calibrate_hint_encoder(hints.to(self.device))
             placeholder = torch.zeros(1, 3, self.resolution, self.resolution, device=self.device)
             self.editor.set_conditions([ControlCondition(self.tuner, placeholder)])
         if config.gradient_checkpointing:

@@ -111,6 +111,25 @@ def test_zero_initialised_tuners_leave_the_output_unchanged(tiny_unet, unet_inpu
         assert not torch.allclose(run(tiny_unet, unet_inputs), baseline)
 
 
+def test_a_fresh_csc_tuner_passes_a_sparse_condition_to_every_skip_at_a_trainable_scale(tiny_unet, unet_inputs):
+    layout = SkipLayout.from_unet(tiny_unet)
+    torch.manual_seed(0)
+    edges = (torch.rand(4, 3, 64, 64) < 0.02).float()  # as sparse as a canny map
+    tuner = CSCTuner(layout)
+    tuner.calibrate_hint_encoder(edges)
+    hint = tuner.pre_hint_blocks(edges)
+    assert 0.5 < hint.std().item() < 2.0
+    assert (hint - tuner.pre_hint_blocks(edges.roll(1, 0))).abs().mean() > 0.1  # it depends on the image
+    baseline = run(tiny_unet, unet_inputs)
+    with SkipEditor(tiny_unet) as editor:  # still the identity: c_0 starts at zero, and with it every c_g
+        editor.set_conditions([ControlCondition(tuner, edges[:1])])
+        assert torch.equal(run(tiny_unet, unet_inputs), baseline)
+    with torch.no_grad():  # once c_0 moves, the deepest skip sees the image too (an all-zero cascade gives 0)
+        nn.init.normal_(tuner.dense_hint_blocks[0][1].weight, std=0.1)
+        deepest = tuner.condition_features(edges)[-1]
+    assert (deepest - deepest.roll(1, 0)).abs().mean() > 1e-6
+
+
 def test_rho_of_one_leaves_the_output_unchanged(tiny_unet, unet_inputs):
     baseline = run(tiny_unet, unet_inputs)
     with SkipEditor(tiny_unet) as editor:

@@ -62,7 +62,33 @@ class CSCTuner(nn.Module):
             nn.Sequential(nn.SiLU(), zero_conv(c_in, c_out, kernel_size, 2 if down else 1))
             for c_in, c_out, down in zip(in_channels, layout.channels, layout.is_downsample)
         )
+        # Only c_0 must start at zero for the tuner to start as the identity (SiLU(0) = 0 keeps every
+        # later c_g at zero). Later convs start as the identity on the shared channels: from all zeros,
+        # c_g's gradient is a product over all earlier stages, and the deep skips would not see the
+        # condition for thousands of steps.
+        for block in self.dense_hint_blocks[1:]:
+            conv = block[1]
+            shared = min(conv.in_channels, conv.out_channels)
+            with torch.no_grad():
+                conv.weight[range(shared), range(shared), kernel_size // 2, kernel_size // 2] = 1.0
         self.lsc_tuner_blocks = nn.ModuleList(_TunerBlock(c) for c in layout.channels)
+
+    @torch.no_grad()
+    def calibrate_hint_encoder(self, images: torch.Tensor) -> None:
+        """Rescale each hint conv so that its output has unit standard deviation on `images` (LSUV init).
+
+        For training from scratch. Sparse conditions (a canny map is ~2 % white) leave the freshly
+        initialised hint encoder's output around 0.01, and c_0 = ZeroConv(SiLU(hint)) then needs weights
+        of ~100 to matter: AdamW moves each weight by ~lr per step, so training would stall.
+        """
+        x = images.to(self.dense_hint_blocks[0][1].weight.dtype)
+        for layer in self.pre_hint_blocks:
+            x = layer(x)
+            if isinstance(layer, nn.Conv2d):
+                std = x.std().clamp_min(1e-6)
+                layer.weight /= std
+                layer.bias /= std
+                x = x / std
 
     def condition_features(self, image: torch.Tensor) -> ConditionFeatures:
         """c_g for every skip from a condition image (B, 3, 8·h, 8·w) in [0, 1]; depends on nothing else."""

@@ -316,6 +316,17 @@ def _atomic_save(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def _resume(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, device: torch.device, stage: str, total: int) -> int:
+    """Load a stage checkpoint written by ``_atomic_save`` if there is one; returns the step to continue from."""
+    if not path.exists():
+        return 0
+    state = torch.load(path, map_location=device, weights_only=True)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    logger.info("%s: resuming at step %d/%d", stage, state["step"], total)
+    return state["step"]
+
+
 def _step_generator(seed: int, stage: int, step: int) -> torch.Generator:
     """Each step draws its randomness from its own seed, so a resumed run repeats it exactly."""
     return torch.Generator().manual_seed(seed * 1_000_003 + stage * 100_000_007 + step)
@@ -383,13 +394,7 @@ def train_vae(work: Path, cfg: TrainConfig, device: torch.device) -> Autoencoder
     optimizer = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
     total = cfg.vae_crop_steps + cfg.vae_full_steps
     ckpt_path = work / "vae.pt"
-    start = 0
-    if ckpt_path.exists():
-        state = torch.load(ckpt_path, map_location=device, weights_only=True)
-        vae.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        start = state["step"]
-        logger.info("vae: resuming at step %d/%d", start, total)
+    start = _resume(ckpt_path, vae, optimizer, device, "vae", total)
     vae.train()
     t0, running = time.time(), 0.0
     for step in range(start, total):
@@ -443,13 +448,7 @@ def train_decoder(work: Path, vae: AutoencoderKL, cfg: TrainConfig, device: torc
         module.requires_grad_(False)
     optimizer = torch.optim.AdamW(trained, lr=cfg.decoder_lr, weight_decay=0.0)
     ckpt_path = work / "decoder.pt"
-    start = 0
-    if ckpt_path.exists():
-        state = torch.load(ckpt_path, map_location=device, weights_only=True)
-        vae.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        start = state["step"]
-        logger.info("decoder: resuming at step %d/%d", start, cfg.decoder_steps)
+    start = _resume(ckpt_path, vae, optimizer, device, "decoder", cfg.decoder_steps)
     vae.train()
     t0, running, batch = time.time(), 0.0, cfg.decoder_batch
     for step in range(start, cfg.decoder_steps):

@@ -83,3 +83,13 @@ def random_sd_folder(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("random-sd")
     build_random_sd_pipeline().save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="module")
+def manager(random_sd_folder):
+    """A ModelManager on the random tiny SD folder, shared by a test module."""
+    from scedit_ui.model_manager import ModelManager
+
+    manager = ModelManager("cpu")
+    manager.load(str(random_sd_folder))
+    return manager

@@ -1,7 +1,6 @@
 """The launched app through gradio_client: every public endpoint, on a random-weight SD folder (64 px, CPU)."""
 from __future__ import annotations
 
-import socket
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -15,6 +14,7 @@ from gradio_client.exceptions import AppError
 from PIL import Image
 
 import app
+from app_server import served_app
 from scedit_ui.errors import UserInputError
 from scedit_ui.request import request_from_png
 from scedit_ui.shapes_world import render_scene, sample_scene
@@ -27,12 +27,6 @@ PUBLIC_ENDPOINTS = {
     "/skip_tuning_compare", "/rho_schedule", "/tuner_details", "/rename_tuner", "/delete_tuner", "/import_tuner",
     "/export_tuner", "/list_tuners", "/load_model", "/memory_options", "/train_start", "/train_cancel", "/training_status",
 }
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def randomised(tuner, seed: int):
@@ -57,19 +51,9 @@ def served(random_sd_folder, tmp_path_factory):
         pictures.append(root / f"scene-{seed}.png")
         render_scene(sample_scene(seed), 128).save(pictures[-1])
 
-    port = free_port()
-    args = app.build_parser().parse_args(
-        ["--model", str(random_sd_folder), "--device", "cpu", "--library", str(library), "--outputs", str(root / "outputs"), "--port", str(port)]
-    )
-    demo, state, launch = app.create_app(args)
-    demo.queue(default_concurrency_limit=1)
-    demo.launch(prevent_thread_lock=True, quiet=True, **launch)
-    try:
-        client = Client(f"http://127.0.0.1:{port}/", verbose=False, download_files=str(root / "downloads"))
-        yield SimpleNamespace(client=client, state=state, root=root, library=library, pictures=pictures, folder=random_sd_folder)
-    finally:
-        state.close()
-        demo.close()
+    with served_app(random_sd_folder, root) as server:
+        client = Client(server.url, verbose=False, download_files=str(root / "downloads"))
+        yield SimpleNamespace(client=client, state=server.state, root=root, library=library, pictures=pictures, folder=random_sd_folder)
 
 
 def pixels(path: str | Path) -> np.ndarray:

@@ -6,14 +6,13 @@ while the app keeps serving, and saves a screenshot of each tab (the path is pri
 from __future__ import annotations
 
 import re
-import socket
 from pathlib import Path
 
 import pytest
 from diffusers import UNet2DConditionModel
 from PIL import Image
 
-import app
+from app_server import served_app
 from scedit_ui.shapes_world import render_scene, sample_scene
 from tuners import CSCTuner, SkipLayout, TunerMetadata, save_tuner
 
@@ -22,30 +21,14 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networki
 TIMEOUT_MS = 120_000
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def app_url(random_sd_folder, tmp_path_factory):
     root = tmp_path_factory.mktemp("browser-app")
     layout = SkipLayout.from_config(UNet2DConditionModel.load_config(random_sd_folder / "unet"))
     edges = CSCTuner(layout, 1, "canny")
     save_tuner(edges, root / "library" / "edges.safetensors", TunerMetadata.describe(edges, "test"))
-    port = free_port()
-    args = app.build_parser().parse_args(
-        ["--model", str(random_sd_folder), "--device", "cpu", "--library", str(root / "library"), "--outputs", str(root / "outputs"), "--port", str(port)]
-    )
-    demo, state, launch = app.create_app(args)
-    demo.queue(default_concurrency_limit=1)
-    demo.launch(prevent_thread_lock=True, quiet=True, **launch)
-    try:
-        yield f"http://127.0.0.1:{port}/"
-    finally:
-        state.close()
-        demo.close()
+    with served_app(random_sd_folder, root) as server:
+        yield server.url
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,7 @@ from PIL.PngImagePlugin import PngInfo
 import app
 from scedit_ui import cli, conditions
 from scedit_ui.errors import UserInputError
-from scedit_ui.model_manager import ModelManager, image_to_tensor, resolve_source
+from scedit_ui.model_manager import image_to_tensor, resolve_source
 from scedit_ui.request import (
     ConditionUse,
     GenerationRequest,
@@ -40,13 +40,6 @@ from scedit_ui.tuner_library import TunerLibrary
 from tuners import SCTuner, TunerMetadata, save_tuner
 
 FAST = dict(steps=2, guidance=5.0)
-
-
-@pytest.fixture(scope="module")
-def manager(random_sd_folder) -> ModelManager:
-    manager = ModelManager("cpu")
-    manager.load(str(random_sd_folder))
-    return manager
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ Random-weight SD folder (64 px, CPU). Every refused input must give one clear me
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import time
 from pathlib import Path
@@ -32,6 +31,7 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 import app
+from app_server import served_app
 from scedit_ui.request import read_png_request
 from tuners import SCTuner, SkipLayout, TunerMetadata, save_tuner
 
@@ -39,12 +39,6 @@ FAST = dict(prompt="a red circle at the top left on a blue background", negative
             height=64, scheduler="DDIM", batch_size=1)
 # Folders below the served root that the app (library, outputs) and the test client (downloads) may write to.
 WRITABLE = ("library", "outputs", "downloads")
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -59,21 +53,10 @@ def served(random_sd_folder, tmp_path_factory):
     damaged = tuner_files["metadata-a-list"][0]
     (library / "damaged.safetensors").write_bytes(damaged.read_bytes())
 
-    port = free_port()
-    args = app.build_parser().parse_args(
-        ["--model", str(random_sd_folder), "--device", "cpu", "--library", str(library), "--outputs", str(root / "outputs"), "--port", str(port)]
-    )
-    demo, state, launch = app.create_app(args)
-    demo.queue(default_concurrency_limit=1)
-    demo.launch(prevent_thread_lock=True, quiet=True, **launch)
-    url = f"http://127.0.0.1:{port}/"
-    try:
-        client = Client(url, verbose=False, download_files=str(root / "downloads"))
-        yield SimpleNamespace(client=client, url=url, state=state, demo=demo, launch=launch, root=root, library=library,
-                              tuner_files=tuner_files, marker=marker)
-    finally:
-        state.close()
-        demo.close()
+    with served_app(random_sd_folder, root) as server:
+        client = Client(server.url, verbose=False, download_files=str(root / "downloads"))
+        yield SimpleNamespace(client=client, url=server.url, state=server.state, demo=server.demo, launch=server.launch, root=root,
+                              library=library, tuner_files=tuner_files, marker=marker)
 
 
 def generate(client: Client, **overrides) -> tuple[list[str], str]:

@@ -28,13 +28,6 @@ from tuners import CSCTuner, SCTuner, TunerMetadata, save_tuner
 FAST = dict(steps=2, guidance=5.0)
 
 
-@pytest.fixture(scope="module")
-def manager(random_sd_folder) -> ModelManager:
-    manager = ModelManager("cpu")
-    manager.load(str(random_sd_folder))
-    return manager
-
-
 def pixels(image: Image.Image) -> np.ndarray:
     return np.asarray(image.convert("RGB"))
 

@@ -396,3 +396,15 @@ def test_uploads_without_a_caption_file_get_the_default_caption(tmp_path):
     assert (folder / "a.txt").read_text() == "own caption" and (folder / "b.txt").read_text() == "shared caption"
     with pytest.raises(UserInputError, match="upload the training images"):
         collect_uploads([str(tmp_path / "in" / "a.txt")], "", tmp_path / "empty")
+
+
+def test_the_shipped_example_pictures_are_the_scenes_their_prompts_describe():
+    from scedit_ui.checker import score_adherence
+    from scedit_ui.ui.control_tab import _example_prompt, example_pictures
+    from scedit_ui.ui.state import AppState
+
+    pictures = example_pictures(AppState(manager=None, library=None))
+    assert len(pictures) == 3
+    for path in pictures:
+        adherence = score_adherence(Image.open(path), _example_prompt(path))
+        assert adherence.overall == 1.0, (path, adherence)

@@ -13,14 +13,13 @@ from scedit_ui import conditions
 from scedit_ui.conditions import CONDITION_KINDS, FIT_MODES, ParamSpec
 from scedit_ui.errors import UserInputError
 from scedit_ui.request import MAX_SEED, SCHEDULERS, ConditionUse, GenerationRequest
-from scedit_ui.shapes_world import caption, render_scene, sample_scene
+from scedit_ui.shapes_world import caption, sample_scene
 from scedit_ui.ui.generate_tab import describe_result, pick_seed
 from scedit_ui.ui.handlers import GPU_QUEUE, on_gpu, optional_keywords, readable_upload, user_errors, whole_number
 from scedit_ui.ui.state import AppState
 
 KINDS = tuple(CONDITION_KINDS)
 ROW_FIELDS = ("tuner", "alpha", "start", "end")
-EXAMPLE_SCENES = (3, 11, 27)
 
 
 @dataclass(frozen=True)
@@ -132,19 +131,8 @@ def interpolation_strip(state: AppState, request: GenerationRequest, count: int,
 
 
 def example_pictures(state: AppState) -> list[str]:
-    """Pictures from assets/examples, or Shapes-world scenes rendered into the output folder when there are none."""
-    shipped = sorted(str(p) for p in (state.assets_dir / "examples").glob("*.png"))
-    if shipped:
-        return shipped
-    folder = state.output_dir / "examples"
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for seed in EXAMPLE_SCENES:
-        path = folder / f"scene-{seed}.png"
-        if not path.is_file():
-            render_scene(sample_scene(seed), 256).save(path)
-        paths.append(str(path.resolve()))
-    return paths
+    """The example pictures shipped in assets/examples (Shapes-world scenes named scene-SEED.png)."""
+    return sorted(str(p.resolve()) for p in (state.assets_dir / "examples").glob("*.png"))
 
 
 def _example_prompt(path: str) -> str:

@@ -291,6 +291,14 @@ class TrainConfig:
     checkpoint_every: int = 100
     eval_every: int = 800
     eval_prompts: int = 48
+    # stage 4: offset-noise fine-tune of the stage-3 export (see finetune_offset_noise)
+    finetune_steps: int = 1_500
+    finetune_lr: float = 2e-4
+    finetune_warmup: int = 50
+    finetune_final_lr_fraction: float = 0.1
+    finetune_ema_decay: float = 0.995
+    finetune_scenes: int = 8_000
+    offset_noise: float = 0.3
 
 
 VAE_SEED_OFFSET = 10_000_000  # VAE images use scene seeds disjoint from the cached UNet scenes
@@ -528,6 +536,111 @@ def _snr(scheduler: DDIMScheduler, timesteps: torch.Tensor) -> torch.Tensor:
     return alphas_cumprod / (1 - alphas_cumprod)
 
 
+@dataclass(frozen=True)
+class DenoiserSchedule:
+    """What differs between stage 3 (from scratch) and stage 4 (offset-noise fine-tune)."""
+
+    stage: int
+    steps: int
+    lr: float
+    warmup: int
+    final_lr_fraction: float
+    ema_decay: float
+    offset_noise: float
+    eval_every: int | None
+
+
+def _train_denoiser(
+    checkpoint: Path,
+    out: Path,
+    vae: AutoencoderKL,
+    tokenizer: CLIPTokenizer,
+    unet: UNet2DConditionModel,
+    text_encoder: CLIPTextModel,
+    latents: torch.Tensor,
+    captions: list[str],
+    cfg: TrainConfig,
+    plan: DenoiserSchedule,
+    device: torch.device,
+) -> None:
+    """UNet and text encoder trained jointly (epsilon, Min-SNR-gamma weighting, CFG dropout), resumable.
+
+    Every ``plan.eval_every`` steps and at the end the EMA weights are exported to ``out`` and scored.
+    """
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    ema = [p.detach().clone() for p in params]
+    optimizer = torch.optim.AdamW(params, lr=plan.lr, weight_decay=1e-2)
+    scheduler = build_scheduler()
+    start = 0
+    if checkpoint.exists():
+        state = torch.load(checkpoint, map_location=device, weights_only=True)
+        unet.load_state_dict(state["unet"])
+        text_encoder.load_state_dict(state["text_encoder"])
+        optimizer.load_state_dict(state["optimizer"])
+        for e, saved in zip(ema, state["ema"]):
+            e.copy_(saved)
+        start = state["step"]
+        logger.info("stage %d: resuming at step %d/%d", plan.stage, start, plan.steps)
+    token_ids = tokenize(tokenizer, captions)
+    empty_ids = tokenize(tokenizer, [""])[0]
+    unet.train()
+    text_encoder.train()
+    t0, running = time.time(), 0.0
+    for step in range(start, plan.steps):
+        g = _step_generator(cfg.seed, plan.stage, step)
+        idx = torch.randint(0, len(latents), (cfg.unet_batch,), generator=g)
+        x0 = latents[idx]
+        ids = token_ids[idx].clone()
+        ids[torch.rand(cfg.unet_batch, generator=g) < cfg.caption_dropout] = empty_ids
+        noise = torch.randn(x0.shape, generator=g)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (cfg.unet_batch,), generator=g)
+        if plan.offset_noise:
+            noise += plan.offset_noise * torch.randn((*x0.shape[:2], 1, 1), generator=g)
+        noisy = scheduler.add_noise(x0, noise, t)
+        for group in optimizer.param_groups:
+            group["lr"] = plan.lr * _cosine_lr(step, plan.steps, plan.warmup, plan.final_lr_fraction)
+        text = text_encoder(ids.to(device))[0]
+        pred = unet(noisy.to(device), t.to(device), text).sample
+        snr = _snr(scheduler, t)
+        weight = (torch.clamp(snr, max=cfg.min_snr_gamma) / snr).to(device)  # Min-SNR-gamma for epsilon
+        loss = (weight * (pred - noise.to(device)).pow(2).mean(dim=(1, 2, 3))).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        optimizer.step()
+        decay = min(plan.ema_decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - decay)
+        running += loss.item()
+        done = step + 1
+        if done % 50 == 0 or done == plan.steps:
+            logger.info(
+                "stage %d: step %d/%d loss %.4f lr %.2e (%.2f s/step)",
+                plan.stage, done, plan.steps, running / 50, optimizer.param_groups[0]["lr"], (time.time() - t0) / (done - start),
+            )
+            running = 0.0
+        if done % cfg.checkpoint_every == 0 or done == plan.steps:
+            _atomic_save(
+                {
+                    "step": done,
+                    "unet": unet.state_dict(),
+                    "text_encoder": text_encoder.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "ema": ema,
+                },
+                checkpoint,
+            )
+        if plan.eval_every and done % plan.eval_every == 0 and done < plan.steps:
+            export(out, vae, tokenizer, unet, text_encoder, params, ema, device)
+            evaluate_export(out, cfg.eval_prompts, checkpoint.parent, f"stage{plan.stage}-step{done}")
+            unet.train()
+            text_encoder.train()
+    logger.info("stage %d: done (%.1f min this run)", plan.stage, (time.time() - t0) / 60)
+    # Outside the loop, so rerunning a finished run exports again (e.g. after a new decoder).
+    export(out, vae, tokenizer, unet, text_encoder, params, ema, device)
+    evaluate_export(out, cfg.eval_prompts, checkpoint.parent, f"stage{plan.stage}-step{plan.steps}")
+
+
 def train_unet(
     work: Path,
     out: Path,
@@ -538,83 +651,63 @@ def train_unet(
     cfg: TrainConfig,
     device: torch.device,
 ) -> None:
-    """Stage 3: UNet and text encoder trained jointly (epsilon, Min-SNR-gamma weighting, CFG dropout).
-
-    Every ``eval_every`` steps and at the end the EMA weights are exported to ``out`` and scored.
-    """
+    """Stage 3: UNet and text encoder from scratch on the cached latents; the EMA weights go to ``out``."""
     torch.manual_seed(cfg.seed + 1)
     unet, text_encoder = build_unet().to(device), build_text_encoder().to(device)
-    params = list(unet.parameters()) + list(text_encoder.parameters())
-    ema = [p.detach().clone() for p in params]
-    optimizer = torch.optim.AdamW(params, lr=cfg.unet_lr, weight_decay=1e-2)
-    scheduler = build_scheduler()
-    ckpt_path = work / "unet.pt"
-    start = 0
-    if ckpt_path.exists():
-        state = torch.load(ckpt_path, map_location=device, weights_only=True)
-        unet.load_state_dict(state["unet"])
-        text_encoder.load_state_dict(state["text_encoder"])
-        optimizer.load_state_dict(state["optimizer"])
-        for e, saved in zip(ema, state["ema"]):
-            e.copy_(saved)
-        start = state["step"]
-        logger.info("unet: resuming at step %d/%d", start, cfg.unet_steps)
-    token_ids = tokenize(tokenizer, captions)
-    empty_ids = tokenize(tokenizer, [""])[0]
-    unet.train()
-    text_encoder.train()
-    t0, running = time.time(), 0.0
-    for step in range(start, cfg.unet_steps):
-        g = _step_generator(cfg.seed, 3, step)
-        idx = torch.randint(0, len(latents), (cfg.unet_batch,), generator=g)
-        x0 = latents[idx]
-        ids = token_ids[idx].clone()
-        ids[torch.rand(cfg.unet_batch, generator=g) < cfg.caption_dropout] = empty_ids
-        noise = torch.randn(x0.shape, generator=g)
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (cfg.unet_batch,), generator=g)
-        noisy = scheduler.add_noise(x0, noise, t)
-        for group in optimizer.param_groups:
-            group["lr"] = cfg.unet_lr * _cosine_lr(step, cfg.unet_steps, cfg.unet_warmup, cfg.unet_final_lr_fraction)
-        text = text_encoder(ids.to(device))[0]
-        pred = unet(noisy.to(device), t.to(device), text).sample
-        snr = _snr(scheduler, t)
-        weight = (torch.clamp(snr, max=cfg.min_snr_gamma) / snr).to(device)  # Min-SNR-gamma for epsilon
-        loss = (weight * (pred - noise.to(device)).pow(2).mean(dim=(1, 2, 3))).mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        optimizer.step()
-        decay = min(cfg.ema_decay, (1 + step) / (10 + step))
+    plan = DenoiserSchedule(
+        stage=3, steps=cfg.unet_steps, lr=cfg.unet_lr, warmup=cfg.unet_warmup, final_lr_fraction=cfg.unet_final_lr_fraction,
+        ema_decay=cfg.ema_decay, offset_noise=0.0, eval_every=cfg.eval_every,
+    )
+    _train_denoiser(work / "unet.pt", out, vae, tokenizer, unet, text_encoder, latents, captions, cfg, plan, device)
+
+
+# ---------------------------------------------------------------------------- stage 4: offset-noise fine-tune
+
+FINETUNE_MARKER = "offset_noise_finetune.json"
+
+
+def finetune_offset_noise(work: Path, out: Path, cfg: TrainConfig, device: torch.device) -> None:
+    """Stage 4: fine-tune the exported UNet and text encoder with offset noise; the result replaces ``out``.
+
+    Why: SD's noise schedule keeps sqrt(alpha_bar) = 0.07 of the image at the first sampling step, and
+    on 16x16 latents the mean over 256 pixels makes that a clear signal of the background colour. The
+    stage-3 model learned to read the background from it instead of from the prompt, and sampling starts
+    from pure noise, which carries no such signal: backgrounds ignored the prompt (0.105 accuracy). A
+    random per-channel constant added to the noise (offset noise) hides the mean, so the text must give it.
+
+    Starts from the stage-3 export in ``out`` (never from an already fine-tuned one: ``out`` then holds
+    ``FINETUNE_MARKER``), resumes from ``work/finetune.pt``, and writes the marker with the settings.
+    """
+    out, work = Path(out), Path(work)
+    work.mkdir(parents=True, exist_ok=True)
+    checkpoint = work / "finetune.pt"
+    if not checkpoint.exists() and (out / FINETUNE_MARKER).exists():
+        raise UserInputError(
+            f"{out} is already fine-tuned with offset noise ({FINETUNE_MARKER}); start from a stage-3 export "
+            "or resume with the --work folder of that run."
+        )
+    pipe = StableDiffusionPipeline.from_pretrained(out, dtype=torch.float32)
+    vae, unet, text_encoder = pipe.vae.to(device).eval(), pipe.unet.to(device), pipe.text_encoder.to(device)
+    latents_path = work / "finetune_latents.pt"
+    if not latents_path.exists():
+        chunks, captions = [], []
         with torch.no_grad():
-            torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - decay)
-        running += loss.item()
-        done = step + 1
-        if done % 50 == 0 or done == cfg.unet_steps:
-            logger.info(
-                "unet: step %d/%d loss %.4f lr %.2e (%.2f s/step)",
-                done, cfg.unet_steps, running / 50, optimizer.param_groups[0]["lr"], (time.time() - t0) / (done - start),
-            )
-            running = 0.0
-        if done % cfg.checkpoint_every == 0 or done == cfg.unet_steps:
-            _atomic_save(
-                {
-                    "step": done,
-                    "unet": unet.state_dict(),
-                    "text_encoder": text_encoder.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "ema": ema,
-                },
-                ckpt_path,
-            )
-        if done % cfg.eval_every == 0 and done < cfg.unet_steps:
-            export(out, vae, tokenizer, unet, text_encoder, params, ema, device)
-            evaluate_export(out, cfg.eval_prompts, work, f"step{done}")
-            unet.train()
-            text_encoder.train()
-    logger.info("unet: done (%.1f min this run)", (time.time() - t0) / 60)
-    # Outside the loop, so rerunning a finished run exports again (e.g. after a new decoder).
-    export(out, vae, tokenizer, unet, text_encoder, params, ema, device)
-    evaluate_export(out, cfg.eval_prompts, work, f"step{cfg.unet_steps}")
+            for i in range(0, cfg.finetune_scenes, 200):
+                images, caps, _ = _scene_images(range(i, min(i + 200, cfg.finetune_scenes)))
+                chunks.append(vae.encode(images.to(device)).latent_dist.mean.cpu())
+                captions += caps
+        _atomic_save({"latents": torch.cat(chunks) * vae.config.scaling_factor, "captions": captions}, latents_path)
+    cached = torch.load(latents_path, weights_only=True)
+    plan = DenoiserSchedule(
+        stage=4, steps=cfg.finetune_steps, lr=cfg.finetune_lr, warmup=cfg.finetune_warmup,
+        final_lr_fraction=cfg.finetune_final_lr_fraction, ema_decay=cfg.finetune_ema_decay,
+        offset_noise=cfg.offset_noise, eval_every=None,
+    )
+    t0 = time.time()
+    _train_denoiser(checkpoint, out, vae, pipe.tokenizer, unet, text_encoder, cached["latents"], cached["captions"], cfg, plan, device)
+    summary = {"steps": plan.steps, "lr": plan.lr, "offset_noise": plan.offset_noise, "scenes": cfg.finetune_scenes,
+               "seconds_last_run": round(time.time() - t0)}
+    (out / FINETUNE_MARKER).write_text(json.dumps(summary, indent=1) + "\n")
 
 
 def export(
@@ -664,8 +757,19 @@ def evaluate_export(out: Path, n: int, work: Path, tag: str) -> None:
 # ---------------------------------------------------------------------------- all stages
 
 
+def _claim_work_folder(work: Path, cfg: TrainConfig) -> Path:
+    """``work``, created and stamped with ``cfg``; a folder of a run with another configuration is refused."""
+    work = Path(work)
+    work.mkdir(parents=True, exist_ok=True)
+    config_path = work / "config.json"
+    if config_path.exists() and json.loads(config_path.read_text()) != asdict(cfg):
+        raise UserInputError(f"{work} holds a run with a different configuration; use another --work folder.")
+    config_path.write_text(json.dumps(asdict(cfg), indent=1))
+    return work
+
+
 def train(work: Path, out: Path, cfg: TrainConfig = TrainConfig(), threads: int = 2) -> None:
-    """Run (or resume) all three stages; the tokenizer must already be in ``out/tokenizer``."""
+    """Run (or resume) every stage; the tokenizer must already be in ``out/tokenizer``."""
     tokenizer_dir = Path(out) / "tokenizer"
     if not (tokenizer_dir / "vocab.json").exists():
         raise UserInputError(
@@ -673,12 +777,7 @@ def train(work: Path, out: Path, cfg: TrainConfig = TrainConfig(), threads: int 
             f"build-tokenizer --bpe-vocab PATH/bpe_simple_vocab_16e6.txt.gz --out {out}"
         )
     tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
-    work = Path(work)
-    work.mkdir(parents=True, exist_ok=True)
-    config_path = work / "config.json"
-    if config_path.exists() and json.loads(config_path.read_text()) != asdict(cfg):
-        raise UserInputError(f"{work} holds a run with a different configuration; use another --work folder.")
-    config_path.write_text(json.dumps(asdict(cfg), indent=1))
+    work = _claim_work_folder(work, cfg)
     device = pick_device(threads)
     logger.info("training on %s (%d CPU threads) with %s", device, torch.get_num_threads(), cfg)
     t0 = time.time()
@@ -687,9 +786,11 @@ def train(work: Path, out: Path, cfg: TrainConfig = TrainConfig(), threads: int 
     latents, captions = cache_latents(work, vae, cfg, device)
     t2 = time.time()
     train_unet(work, Path(out), vae, tokenizer, latents, captions, cfg, device)
+    t3 = time.time()
+    finetune_offset_noise(work, Path(out), cfg, device)
     logger.info(
-        "all stages done: vae %.1f min, cache %.1f min, unet %.1f min (this run)",
-        (t1 - t0) / 60, (t2 - t1) / 60, (time.time() - t2) / 60,
+        "all stages done: vae %.1f min, cache %.1f min, unet %.1f min, offset-noise fine-tune %.1f min (this run)",
+        (t1 - t0) / 60, (t2 - t1) / 60, (t3 - t2) / 60, (time.time() - t3) / 60,
     )
 
 
@@ -703,16 +804,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_train.add_argument("--work", type=Path, default=DEFAULT_WORK, help="checkpoints, caches and train.log")
     p_train.add_argument("--out", type=Path, default=DEFAULT_OUT)
     p_train.add_argument("--threads", type=int, default=2, help="CPU threads (1 is faster on a busy shared CPU)")
+    p_finetune = sub.add_parser("finetune", help="stage 4 alone: offset-noise fine-tune of the stage-3 export in --out")
+    p_finetune.add_argument("--work", type=Path, required=True, help="checkpoint, latents and train.log of this stage")
+    p_finetune.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    p_finetune.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
 
     handlers: list[logging.Handler] = [logging.StreamHandler()]
-    if args.command == "train":
+    if args.command in ("train", "finetune"):
         args.work.mkdir(parents=True, exist_ok=True)
         handlers.append(logging.FileHandler(args.work / "train.log"))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", handlers=handlers)
     try:
         if args.command == "build-tokenizer":
             build_clip_tokenizer(args.bpe_vocab, args.out / "tokenizer")
+        elif args.command == "finetune":
+            finetune_offset_noise(_claim_work_folder(args.work, TrainConfig()), args.out, TrainConfig(), pick_device(args.threads))
         else:
             train(args.work, args.out, threads=args.threads)
     except UserInputError as error:

@@ -99,6 +99,20 @@ def test_two_step_generation_returns_a_128px_image(pipe):
     assert image.size == (128, 128)
 
 
+def test_the_background_follows_the_prompt(pipe):
+    """Before the offset-noise stage the model took the background from the first step's noise, not the prompt."""
+    from scedit_ui.checker import score_adherence
+    from scedit_ui.shapes_world import Scene, ShapeSpec, caption
+
+    pipe.set_progress_bar_config(disable=True)
+    right = 0
+    for seed, background in enumerate(("green", "blue", "yellow", "black")):
+        scene = Scene((ShapeSpec("circle", "red", "center"),), background)
+        image = pipe(caption(scene), num_inference_steps=20, guidance_scale=5.0, generator=torch.Generator().manual_seed(seed)).images[0]
+        right += score_adherence(image, scene).background_correct
+    assert right >= 3
+
+
 def test_weights_are_fp16_safetensors_within_40_mb():
     weight_files = sorted(MODEL_DIR.rglob("*.safetensors"))
     assert {p.parent.name for p in weight_files} == {"vae", "text_encoder", "unet"}
@@ -176,3 +190,25 @@ def test_decoder_stage_trains_the_decoder_only_so_latents_stay_valid(tmp_path):
     saved = tiny_model.train_decoder(tmp_path, tiny_model.build_vae(), cfg, cpu)  # finished: read back
     for name, value in tuned.state_dict().items():
         torch.testing.assert_close(saved.state_dict()[name], value, msg=name)
+
+
+def test_offset_noise_stage_fine_tunes_the_export_once_and_resumes(tmp_path):
+    tokenizer = CLIPTokenizer.from_pretrained(MODEL_DIR / "tokenizer")
+    out = tmp_path / "model"
+    tiny_model.save_pipeline_fp16(
+        tiny_model.assemble_pipeline(tiny_model.build_vae(), tiny_model.build_text_encoder(), tokenizer, tiny_model.build_unet()), out
+    )
+    before = StableDiffusionPipeline.from_pretrained(out, dtype=torch.float32).unet.state_dict()
+    cfg = tiny_model.TrainConfig(finetune_steps=2, finetune_warmup=1, finetune_scenes=4, unet_batch=2, checkpoint_every=1, eval_prompts=1)
+    cpu = torch.device("cpu")
+
+    tiny_model.finetune_offset_noise(tmp_path / "work", out, cfg, cpu)
+    tuned = StableDiffusionPipeline.from_pretrained(out, dtype=torch.float32).unet.state_dict()
+    assert any(not torch.equal(value, before[name]) for name, value in tuned.items())
+    assert json.loads((out / tiny_model.FINETUNE_MARKER).read_text())["offset_noise"] == cfg.offset_noise
+
+    with pytest.raises(UserInputError, match="already fine-tuned"):  # a second fine-tune on top of the first
+        tiny_model.finetune_offset_noise(tmp_path / "other-work", out, cfg, cpu)
+    tiny_model.finetune_offset_noise(tmp_path / "work", out, cfg, cpu)  # finished: exports the same weights again
+    for name, value in StableDiffusionPipeline.from_pretrained(out, dtype=torch.float32).unet.state_dict().items():
+        assert torch.equal(value, tuned[name]), name

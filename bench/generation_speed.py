@@ -1,6 +1,6 @@
 """Model load time and time per image on the built-in tiny model (issue targets: ≤ 5 s and ≤ 3 s on a 2-core CPU).
 
-    python bench/generation_speed.py [--model PATH_OR_ID] [--repeats 5] [--json]
+    python bench/generation_speed.py [--model PATH_OR_ID] [--repeats 5] [--threads 1] [--json]
 
 Load is measured in a fresh process state (first load in this process: imports are excluded, file
 reads and module construction are included). Generation: one 128×128 image (the model's native
@@ -15,7 +15,10 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common  # noqa: E402
+
+_common.set_threads()
 
 import torch  # noqa: E402
 
@@ -49,6 +52,7 @@ def main() -> int:
     parser.add_argument("--model", default="", help="default: the built-in tiny model")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     result = measure(args.model, args.repeats, args.steps)

@@ -537,10 +537,10 @@ def _snr(scheduler: DDIMScheduler, timesteps: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass(frozen=True)
-class DenoiserSchedule:
+class DenoiserStage:
     """What differs between stage 3 (from scratch) and stage 4 (offset-noise fine-tune)."""
 
-    stage: int
+    number: int
     steps: int
     lr: float
     warmup: int
@@ -560,16 +560,16 @@ def _train_denoiser(
     latents: torch.Tensor,
     captions: list[str],
     cfg: TrainConfig,
-    plan: DenoiserSchedule,
+    stage: DenoiserStage,
     device: torch.device,
 ) -> None:
     """UNet and text encoder trained jointly (epsilon, Min-SNR-gamma weighting, CFG dropout), resumable.
 
-    Every ``plan.eval_every`` steps and at the end the EMA weights are exported to ``out`` and scored.
+    Every ``stage.eval_every`` steps and at the end the EMA weights are exported to ``out`` and scored.
     """
     params = list(unet.parameters()) + list(text_encoder.parameters())
     ema = [p.detach().clone() for p in params]
-    optimizer = torch.optim.AdamW(params, lr=plan.lr, weight_decay=1e-2)
+    optimizer = torch.optim.AdamW(params, lr=stage.lr, weight_decay=1e-2)
     scheduler = build_scheduler()
     start = 0
     if checkpoint.exists():
@@ -580,25 +580,25 @@ def _train_denoiser(
         for e, saved in zip(ema, state["ema"]):
             e.copy_(saved)
         start = state["step"]
-        logger.info("stage %d: resuming at step %d/%d", plan.stage, start, plan.steps)
+        logger.info("stage %d: resuming at step %d/%d", stage.number, start, stage.steps)
     token_ids = tokenize(tokenizer, captions)
     empty_ids = tokenize(tokenizer, [""])[0]
     unet.train()
     text_encoder.train()
     t0, running = time.time(), 0.0
-    for step in range(start, plan.steps):
-        g = _step_generator(cfg.seed, plan.stage, step)
+    for step in range(start, stage.steps):
+        g = _step_generator(cfg.seed, stage.number, step)
         idx = torch.randint(0, len(latents), (cfg.unet_batch,), generator=g)
         x0 = latents[idx]
         ids = token_ids[idx].clone()
         ids[torch.rand(cfg.unet_batch, generator=g) < cfg.caption_dropout] = empty_ids
         noise = torch.randn(x0.shape, generator=g)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (cfg.unet_batch,), generator=g)
-        if plan.offset_noise:
-            noise += plan.offset_noise * torch.randn((*x0.shape[:2], 1, 1), generator=g)
+        if stage.offset_noise:
+            noise += stage.offset_noise * torch.randn((*x0.shape[:2], 1, 1), generator=g)
         noisy = scheduler.add_noise(x0, noise, t)
         for group in optimizer.param_groups:
-            group["lr"] = plan.lr * _cosine_lr(step, plan.steps, plan.warmup, plan.final_lr_fraction)
+            group["lr"] = stage.lr * _cosine_lr(step, stage.steps, stage.warmup, stage.final_lr_fraction)
         text = text_encoder(ids.to(device))[0]
         pred = unet(noisy.to(device), t.to(device), text).sample
         snr = _snr(scheduler, t)
@@ -608,18 +608,18 @@ def _train_denoiser(
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         optimizer.step()
-        decay = min(plan.ema_decay, (1 + step) / (10 + step))
+        decay = min(stage.ema_decay, (1 + step) / (10 + step))
         with torch.no_grad():
             torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - decay)
         running += loss.item()
         done = step + 1
-        if done % 50 == 0 or done == plan.steps:
+        if done % 50 == 0 or done == stage.steps:
             logger.info(
                 "stage %d: step %d/%d loss %.4f lr %.2e (%.2f s/step)",
-                plan.stage, done, plan.steps, running / 50, optimizer.param_groups[0]["lr"], (time.time() - t0) / (done - start),
+                stage.number, done, stage.steps, running / 50, optimizer.param_groups[0]["lr"], (time.time() - t0) / (done - start),
             )
             running = 0.0
-        if done % cfg.checkpoint_every == 0 or done == plan.steps:
+        if done % cfg.checkpoint_every == 0 or done == stage.steps:
             _atomic_save(
                 {
                     "step": done,
@@ -630,15 +630,15 @@ def _train_denoiser(
                 },
                 checkpoint,
             )
-        if plan.eval_every and done % plan.eval_every == 0 and done < plan.steps:
+        if stage.eval_every and done % stage.eval_every == 0 and done < stage.steps:
             export(out, vae, tokenizer, unet, text_encoder, params, ema, device)
-            evaluate_export(out, cfg.eval_prompts, checkpoint.parent, f"stage{plan.stage}-step{done}")
+            evaluate_export(out, cfg.eval_prompts, checkpoint.parent, f"stage{stage.number}-step{done}")
             unet.train()
             text_encoder.train()
-    logger.info("stage %d: done (%.1f min this run)", plan.stage, (time.time() - t0) / 60)
+    logger.info("stage %d: done (%.1f min this run)", stage.number, (time.time() - t0) / 60)
     # Outside the loop, so rerunning a finished run exports again (e.g. after a new decoder).
     export(out, vae, tokenizer, unet, text_encoder, params, ema, device)
-    evaluate_export(out, cfg.eval_prompts, checkpoint.parent, f"stage{plan.stage}-step{plan.steps}")
+    evaluate_export(out, cfg.eval_prompts, checkpoint.parent, f"stage{stage.number}-step{stage.steps}")
 
 
 def train_unet(
@@ -654,16 +654,17 @@ def train_unet(
     """Stage 3: UNet and text encoder from scratch on the cached latents; the EMA weights go to ``out``."""
     torch.manual_seed(cfg.seed + 1)
     unet, text_encoder = build_unet().to(device), build_text_encoder().to(device)
-    plan = DenoiserSchedule(
-        stage=3, steps=cfg.unet_steps, lr=cfg.unet_lr, warmup=cfg.unet_warmup, final_lr_fraction=cfg.unet_final_lr_fraction,
+    stage = DenoiserStage(
+        number=3, steps=cfg.unet_steps, lr=cfg.unet_lr, warmup=cfg.unet_warmup, final_lr_fraction=cfg.unet_final_lr_fraction,
         ema_decay=cfg.ema_decay, offset_noise=0.0, eval_every=cfg.eval_every,
     )
-    _train_denoiser(work / "unet.pt", out, vae, tokenizer, unet, text_encoder, latents, captions, cfg, plan, device)
+    _train_denoiser(work / "unet.pt", out, vae, tokenizer, unet, text_encoder, latents, captions, cfg, stage, device)
 
 
 # ---------------------------------------------------------------------------- stage 4: offset-noise fine-tune
 
 FINETUNE_MARKER = "offset_noise_finetune.json"
+
 
 
 def finetune_offset_noise(work: Path, out: Path, cfg: TrainConfig, device: torch.device) -> None:
@@ -698,14 +699,14 @@ def finetune_offset_noise(work: Path, out: Path, cfg: TrainConfig, device: torch
                 captions += caps
         _atomic_save({"latents": torch.cat(chunks) * vae.config.scaling_factor, "captions": captions}, latents_path)
     cached = torch.load(latents_path, weights_only=True)
-    plan = DenoiserSchedule(
-        stage=4, steps=cfg.finetune_steps, lr=cfg.finetune_lr, warmup=cfg.finetune_warmup,
+    stage = DenoiserStage(
+        number=4, steps=cfg.finetune_steps, lr=cfg.finetune_lr, warmup=cfg.finetune_warmup,
         final_lr_fraction=cfg.finetune_final_lr_fraction, ema_decay=cfg.finetune_ema_decay,
         offset_noise=cfg.offset_noise, eval_every=None,
     )
     t0 = time.time()
-    _train_denoiser(checkpoint, out, vae, pipe.tokenizer, unet, text_encoder, cached["latents"], cached["captions"], cfg, plan, device)
-    summary = {"steps": plan.steps, "lr": plan.lr, "offset_noise": plan.offset_noise, "scenes": cfg.finetune_scenes,
+    _train_denoiser(checkpoint, out, vae, pipe.tokenizer, unet, text_encoder, cached["latents"], cached["captions"], cfg, stage, device)
+    summary = {"steps": stage.steps, "lr": stage.lr, "offset_noise": stage.offset_noise, "scenes": cfg.finetune_scenes,
                "seconds_last_run": round(time.time() - t0)}
     (out / FINETUNE_MARKER).write_text(json.dumps(summary, indent=1) + "\n")
 

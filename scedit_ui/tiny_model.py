@@ -666,7 +666,6 @@ def train_unet(
 FINETUNE_MARKER = "offset_noise_finetune.json"
 
 
-
 def finetune_offset_noise(work: Path, out: Path, cfg: TrainConfig, device: torch.device) -> None:
     """Stage 4: fine-tune the exported UNet and text encoder with offset noise; the result replaces ``out``.
 
@@ -808,7 +807,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_finetune = sub.add_parser("finetune", help="stage 4 alone: offset-noise fine-tune of the stage-3 export in --out")
     p_finetune.add_argument("--work", type=Path, required=True, help="checkpoint, latents and train.log of this stage")
     p_finetune.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    p_finetune.add_argument("--threads", type=int, default=2)
+    p_finetune.add_argument("--threads", type=int, default=2, help="CPU threads (1 is faster on a busy shared CPU)")
     args = parser.parse_args(argv)
 
     handlers: list[logging.Handler] = [logging.StreamHandler()]
@@ -820,7 +819,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "build-tokenizer":
             build_clip_tokenizer(args.bpe_vocab, args.out / "tokenizer")
         elif args.command == "finetune":
-            finetune_offset_noise(_claim_work_folder(args.work, TrainConfig()), args.out, TrainConfig(), pick_device(args.threads))
+            cfg = TrainConfig()
+            finetune_offset_noise(_claim_work_folder(args.work, cfg), args.out, cfg, pick_device(args.threads))
         else:
             train(args.work, args.out, threads=args.threads)
     except UserInputError as error:

@@ -3,7 +3,7 @@
     python bench/skip_tuning.py [--model PATH] [--n 50] [--steps 5,10,20] [--rho 1.0,0.9,0.8,0.7] [--json [PATH]]
 
 Every cell generates the same `--n` held-out Shapes-world prompts with the same seeds (scene i, image
-seed `--seed`+i, the scenes of `scedit_ui.evaluation.evaluate_adherence`), so cells differ only in steps
+seed `--seed`+i, the scenes of `scedit_ui.shapes.evaluation.evaluate_adherence`), so cells differ only in steps
 and ρ. ρ is linear from ρ_outer = 1 at the outermost skip to ρ_inner at the innermost, applied at every
 step through `GenerationRequest.skip_tuning`. Each image is scored by the Shapes-world checker; the
 adherence score is the mean of its five accuracies (colour, shape, position, count, background).
@@ -24,7 +24,7 @@ import _common  # noqa: E402
 
 _common.set_threads()
 
-from scedit_ui.evaluation import evaluate_adherence  # noqa: E402
+from scedit_ui.use_cases import measure_adherence  # noqa: E402
 from scedit_ui.model_manager import ModelManager  # noqa: E402
 from scedit_ui.request import GenerationRequest, SkipTuningSettings  # noqa: E402
 
@@ -59,7 +59,7 @@ def run(model: str, n: int, seed: int, steps_list: list[int], rhos: list[float],
         for steps in steps_list:
             for rho in rhos:
                 tuned = WithSkipTuning(manager, SkipTuningSettings(rho_outer=1.0, rho_inner=rho))
-                report = evaluate_adherence(tuned, n=1, seed=seed + i, steps=steps, guidance=guidance)
+                report = measure_adherence(tuned.generate, GenerationRequest(prompt="", steps=steps, guidance=guidance), n=1, seed=seed + i)
                 scores[steps][rho].append({k: getattr(report, k) for k in ACCURACIES})
         _common.log(f"prompt {i + 1}/{n} ({time.perf_counter() - started:.0f} s)")
 
@@ -86,7 +86,7 @@ def run(model: str, n: int, seed: int, steps_list: list[int], rhos: list[float],
         "model": asdict(info),
         "setting": {
             "n": n, "seed": seed, "guidance": guidance, "scheduler": "DDIM", "rho_outer": 1.0,
-            "prompts": "held-out Shapes-world scenes (scedit_ui.shapes_world.sample_scene(split='heldout'))",
+            "prompts": "held-out Shapes-world scenes (scedit_ui.shapes.world.sample_scene(split='heldout'))",
             "score": "mean of the checker's colour, shape, position, count and background accuracies",
             "seconds": round(time.perf_counter() - started, 1),
         },

@@ -212,18 +212,20 @@ def _add_eval_command(subparsers: argparse._SubParsersAction) -> None:
     def run(args: argparse.Namespace) -> int:
         import json
 
-        from scedit_ui.evaluation import evaluate_adherence
         from scedit_ui.model_manager import ModelManager
+        from scedit_ui.request import GenerationRequest
+        from scedit_ui.use_cases import measure_adherence
 
         if args.n < 1:
             raise UserInputError(f"--n must be at least 1, got {args.n}")
         manager = ModelManager(args.device)
         manager.load(args.model, args.config)
-        report = evaluate_adherence(manager, args.n, args.seed, args.steps, args.guidance)
+        report = measure_adherence(manager.generate, GenerationRequest(prompt="", steps=args.steps, guidance=args.guidance), args.n, args.seed)
+        values = {"steps": args.steps, "guidance": args.guidance, **report.to_dict()}
         if args.json:
-            print(json.dumps(report.to_dict(), indent=2))
+            print(json.dumps(values, indent=2))
         else:
-            for key, value in report.to_dict().items():
+            for key, value in values.items():
                 print(f"{key:<22} {value:.3f}" if isinstance(value, float) else f"{key:<22} {value}")
         return 0
 

@@ -36,7 +36,7 @@ from PIL import Image
 from scedit_ui import conditions
 from scedit_ui.errors import UserInputError
 from scedit_ui.model_manager import load_pipeline, resolve_source
-from scedit_ui.shapes_world import STYLES, caption, render_scene, sample_scene
+from scedit_ui.shapes.world import STYLES, caption, render_scene, sample_scene
 from tuners import ControlCondition, CSCTuner, SCTuner, SkipEditor, TunerMetadata, save_tuner
 from tuners.io import Tuner, atomic_write
 from tuners.reference_configs import guess_architecture

@@ -17,7 +17,7 @@ import app
 from app_server import served_app
 from scedit_ui.errors import UserInputError
 from scedit_ui.request import request_from_png
-from scedit_ui.shapes_world import render_scene, sample_scene
+from scedit_ui.shapes.world import render_scene, sample_scene
 from tuners import CSCTuner, SCTuner, SkipLayout, TunerMetadata, save_tuner
 
 FAST = dict(steps=2, guidance=5.0, width=64, height=64, scheduler="DDIM")
@@ -399,7 +399,7 @@ def test_uploads_without_a_caption_file_get_the_default_caption(tmp_path):
 
 
 def test_the_shipped_example_pictures_are_the_scenes_their_prompts_describe():
-    from scedit_ui.checker import score_adherence
+    from scedit_ui.shapes.checker import score_adherence
     from scedit_ui.ui.control_tab import _example_prompt, example_pictures
     from scedit_ui.ui.state import AppState
 

@@ -13,7 +13,7 @@ from diffusers import UNet2DConditionModel
 from PIL import Image
 
 from app_server import served_app
-from scedit_ui.shapes_world import render_scene, sample_scene
+from scedit_ui.shapes.world import render_scene, sample_scene
 from tuners import CSCTuner, SkipLayout, TunerMetadata, save_tuner
 
 CHROMIUM = Path("/usr/bin/chromium")

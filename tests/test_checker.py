@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from scedit_ui.checker import (
+from scedit_ui.shapes.checker import (
     detect_background,
     detect_shapes,
     parse_prompt,
@@ -13,7 +13,7 @@ from scedit_ui.checker import (
     style_score,
 )
 from scedit_ui.errors import UserInputError
-from scedit_ui.shapes_world import (
+from scedit_ui.shapes.world import (
     COLORS,
     SHAPES,
     STYLES,

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from scedit_ui.errors import UserInputError
-from scedit_ui.shapes_world import (
+from scedit_ui.shapes.world import (
     COLORS,
     POSITIONS,
     SHAPES,

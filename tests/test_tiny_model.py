@@ -9,7 +9,7 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from scedit_ui import tiny_model
+from scedit_ui.shapes import tiny_model
 from scedit_ui.errors import UserInputError
 
 MODEL_DIR = Path(__file__).resolve().parents[1] / "assets" / "tiny-sd"
@@ -101,8 +101,8 @@ def test_two_step_generation_returns_a_128px_image(pipe):
 
 def test_the_background_follows_the_prompt(pipe):
     """Before the offset-noise stage the model took the background from the first step's noise, not the prompt."""
-    from scedit_ui.checker import score_adherence
-    from scedit_ui.shapes_world import Scene, ShapeSpec, caption
+    from scedit_ui.shapes.checker import score_adherence
+    from scedit_ui.shapes.world import Scene, ShapeSpec, caption
 
     pipe.set_progress_bar_config(disable=True)
     right = 0

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from scedit_ui import training
 from scedit_ui.cli import main
 from scedit_ui.errors import UserInputError
-from scedit_ui.shapes_world import caption, render_scene, sample_scene
+from scedit_ui.shapes.world import caption, render_scene, sample_scene
 from scedit_ui.training import (
     TrainingConfig,
     TunerTrainer,

@@ -13,7 +13,7 @@ from scedit_ui import conditions
 from scedit_ui.conditions import CONDITION_KINDS, FIT_MODES, ParamSpec
 from scedit_ui.errors import UserInputError
 from scedit_ui.request import MAX_SEED, SCHEDULERS, ConditionUse, GenerationRequest
-from scedit_ui.shapes_world import caption, sample_scene
+from scedit_ui.shapes.world import caption, sample_scene
 from scedit_ui.ui.generate_tab import describe_result, pick_seed
 from scedit_ui.ui.handlers import GPU_QUEUE, on_gpu, optional_keywords, readable_upload, user_errors, whole_number
 from scedit_ui.ui.state import AppState

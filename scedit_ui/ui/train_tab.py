@@ -14,7 +14,7 @@ import pandas as pd
 from PIL import Image
 
 from scedit_ui.errors import UserInputError
-from scedit_ui.shapes_world import STYLES
+from scedit_ui.shapes.world import STYLES
 from scedit_ui.training import TRAINABLE_CONDITIONS, TrainingConfig, TrainingProgress, TrainingResult, load_training_data, train_tuner
 from scedit_ui.ui.handlers import user_errors, whole_number
 from scedit_ui.ui.state import AppState

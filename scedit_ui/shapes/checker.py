@@ -4,7 +4,7 @@ No learned model: colour segmentation (opencv + numpy), contours and template ma
 tolerant of the blur and noise of generated images (median filtering, nearest named colour in
 CIELAB, morphological opening, small blobs ignored).
 
-Metrics (:func:`score_adherence`, against a :class:`~scedit_ui.shapes_world.Scene` or a caption):
+Metrics (:func:`score_adherence`, against a :class:`~scedit_ui.shapes.world.Scene` or a caption):
 
 - **background_correct** — the named colour nearest (CIELAB) to the majority of the border
   pixels equals the prompted background colour.
@@ -52,7 +52,7 @@ import numpy as np
 from PIL import Image
 
 from scedit_ui.errors import UserInputError
-from scedit_ui.shapes_world import (
+from scedit_ui.shapes.world import (
     COLORS,
     PIXEL_BLOCK,
     POSITIONS,
@@ -279,7 +279,7 @@ _SCENE_RE = re.compile(r"^(?P<shapes>.+) on an? (?P<background>[a-z]+) backgroun
 
 
 def parse_prompt(prompt: str) -> Scene:
-    """Inverse of :func:`scedit_ui.shapes_world.caption` (case, spacing and a final period ignored)."""
+    """Inverse of :func:`scedit_ui.shapes.world.caption` (case, spacing and a final period ignored)."""
     text = " ".join(prompt.lower().replace(" ,", ",").split()).rstrip(".")
     m = _SCENE_RE.match(text)
     if m is None:

@@ -6,10 +6,10 @@ CLIP BPE tokenizer, a ``UNet2DConditionModel`` with SD 1.5's block types (12 ski
 and a DDIM scheduler with SD's noise schedule. ``StableDiffusionPipeline.from_pretrained`` loads
 it exactly like real SD weights.
 
-It is trained from scratch on the Shapes world (:mod:`scedit_ui.shapes_world`) in four
+It is trained from scratch on the Shapes world (:mod:`scedit_ui.shapes.world`) in four
 resumable stages, each checkpointed atomically under a work directory::
 
-    python -m scedit_ui.tiny_model train --work runs/tiny --out assets/tiny-sd
+    python -m scedit_ui.shapes.tiny_model train --work runs/tiny --out assets/tiny-sd
 
 1. ``vae``   -- the autoencoder on random crops, then full 128 px images of plain scenes;
 1b. ``decoder`` -- the decoder alone on plain and styled scenes (the latents do not change);
@@ -304,6 +304,8 @@ class TrainConfig:
 VAE_SEED_OFFSET = 10_000_000  # VAE images use scene seeds disjoint from the cached UNet scenes
 DECODER_SEED_OFFSET = 20_000_000
 EVAL_SEED = 777
+EVAL_STEPS = 20
+EVAL_GUIDANCE = 5.0
 
 
 def pick_device(threads: int = 2) -> torch.device:
@@ -344,7 +346,7 @@ def _scene_images(
     seeds: Sequence[int], styles: Sequence[str | None] | None = None
 ) -> tuple[torch.Tensor, list[str], list]:
     """Rendered training scenes (plain, or in ``styles[i]``) as a [-1, 1] batch, their captions and scenes."""
-    from scedit_ui import shapes_world
+    from scedit_ui.shapes import world as shapes_world
 
     styles = styles if styles is not None else [None] * len(seeds)
     scenes = [shapes_world.sample_scene(int(s), split="train", style=st) for s, st in zip(seeds, styles)]
@@ -355,7 +357,7 @@ def _scene_images(
 
 def _shape_mask(images: torch.Tensor, scenes: list) -> torch.Tensor:
     """1 where a [-1, 1] image differs from its scene's background colour, else 0 (N x 1 x H x W)."""
-    from scedit_ui import shapes_world
+    from scedit_ui.shapes import world as shapes_world
 
     background = torch.tensor([shapes_world.COLORS[s.background] for s in scenes], dtype=torch.float32)
     background = (background / 127.5 - 1.0)[:, :, None, None]
@@ -445,7 +447,7 @@ def train_decoder(work: Path, vae: AutoencoderKL, cfg: TrainConfig, device: torc
     blocks, so no style tuner could show them. The encoder stays frozen: the latents (and a UNet
     trained on them) do not change.
     """
-    from scedit_ui import shapes_world
+    from scedit_ui.shapes import world as shapes_world
 
     final = work / "vae_decoder"
     if (final / "config.json").exists():
@@ -739,19 +741,24 @@ def export(
 
 
 def evaluate_export(out: Path, n: int, work: Path, tag: str) -> None:
-    """Score the exported folder with the app's own loader and metric (`python -m scedit_ui eval adherence`)."""
-    from scedit_ui.evaluation import evaluate_adherence
-    from scedit_ui.model_manager import ModelManager
+    """Score the exported folder as `python -m scedit_ui eval adherence` does (DDIM, 20 steps, guidance 5)."""
+    from scedit_ui.shapes.evaluation import evaluate_adherence
 
-    manager = ModelManager("auto")
-    manager.load(str(out))
-    report = evaluate_adherence(manager, n, seed=EVAL_SEED)
+    pipe = StableDiffusionPipeline.from_pretrained(out, torch_dtype=torch.float32, safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+
+    def generate(prompt: str, seed: int):
+        # Noise from a CPU generator, as the app makes it, so scores match `scedit_ui eval adherence`.
+        generator = torch.Generator("cpu").manual_seed(seed)
+        return pipe(prompt, num_inference_steps=EVAL_STEPS, guidance_scale=EVAL_GUIDANCE, generator=generator).images[0]
+
+    report = evaluate_adherence(generate, n, seed=EVAL_SEED)
     logger.info(
         "eval %s: colour %.3f shape %.3f (n=%d, %d DDIM steps, guidance %g, %.0f s)",
-        tag, report.color_accuracy, report.shape_accuracy, n, report.steps, report.guidance, report.seconds,
+        tag, report.color_accuracy, report.shape_accuracy, n, EVAL_STEPS, EVAL_GUIDANCE, report.seconds,
     )
     with open(work / "eval.jsonl", "a") as f:
-        f.write(json.dumps({"tag": tag, **report.to_dict()}) + "\n")
+        f.write(json.dumps({"tag": tag, "steps": EVAL_STEPS, "guidance": EVAL_GUIDANCE, **report.to_dict()}) + "\n")
 
 
 # ---------------------------------------------------------------------------- all stages
@@ -773,7 +780,7 @@ def train(work: Path, out: Path, cfg: TrainConfig = TrainConfig(), threads: int 
     tokenizer_dir = Path(out) / "tokenizer"
     if not (tokenizer_dir / "vocab.json").exists():
         raise UserInputError(
-            f"No tokenizer in {tokenizer_dir}. Build it first: python -m scedit_ui.tiny_model "
+            f"No tokenizer in {tokenizer_dir}. Build it first: python -m scedit_ui.shapes.tiny_model "
             f"build-tokenizer --bpe-vocab PATH/bpe_simple_vocab_16e6.txt.gz --out {out}"
         )
     tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
@@ -795,7 +802,7 @@ def train(work: Path, out: Path, cfg: TrainConfig = TrainConfig(), threads: int 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m scedit_ui.tiny_model", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m scedit_ui.shapes.tiny_model", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p_tok = sub.add_parser("build-tokenizer", help="build the CLIP tokenizer into OUT/tokenizer")
     p_tok.add_argument("--bpe-vocab", type=Path, required=True, help="bpe_simple_vocab_16e6.txt.gz (from open-clip-torch)")

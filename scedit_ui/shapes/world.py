@@ -2,7 +2,7 @@
 
 Every image has a caption and a scene graph (:class:`Scene`). It is the training data of the
 project's tiny Stable-Diffusion-architecture model and the ground truth of the checker
-(:mod:`scedit_ui.checker`), which parses captions back with :func:`checker.parse_prompt`.
+(:mod:`scedit_ui.shapes.checker`), which parses captions back with :func:`checker.parse_prompt`.
 
 Caption grammar (regular on purpose)::
 

@@ -50,7 +50,7 @@ def port_number(text: str) -> int:
 
 def create_app(args: argparse.Namespace) -> tuple[gr.Blocks, AppState, dict]:
     """Load the base model and build the Blocks: the blocks, their state and the `launch` keyword arguments."""
-    from scedit_ui import annotators
+    from scedit_ui.conditions import annotators
     from scedit_ui.model_manager import ModelManager
     from scedit_ui.tuner_library import TunerLibrary
     from scedit_ui.ui.app_builder import build_app

@@ -69,7 +69,8 @@ def _quiet_libraries(verbose: bool) -> None:
 
 
 def _add_condition_command(subparsers: argparse._SubParsersAction) -> None:
-    from scedit_ui import annotators, conditions
+    from scedit_ui import conditions
+    from scedit_ui.conditions import annotators
 
     command = subparsers.add_parser(
         "condition",

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from scedit_ui import annotators, conditions
+from scedit_ui import conditions
+from scedit_ui.conditions import annotators
 from scedit_ui.conditions import (
     CONDITION_KINDS,
     MASK_FILL,
@@ -479,12 +480,12 @@ def test_annotators_folder_must_exist(tmp_path):
 
 def test_importing_the_app_loads_no_annotator():
     code = (
-        "import sys, scedit_ui.conditions, scedit_ui.annotators; "
+        "import sys, scedit_ui.conditions, scedit_ui.conditions.annotators; "
         "heavy = [m for m in ('controlnet_aux', 'torch', 'transformers', 'timm') if m in sys.modules]; "
         "assert not heavy, heavy; "
         "import scedit_ui.cli; scedit_ui.cli.build_parser(); "
         "assert 'controlnet_aux' not in sys.modules; "
-        "assert not scedit_ui.annotators._models"
+        "assert not scedit_ui.conditions.annotators._models"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from scedit_ui import annotators
+from scedit_ui.conditions import annotators
 from scedit_ui.cli import main
 
 

@@ -8,7 +8,8 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from scedit_ui import annotators, conditions
+from scedit_ui import conditions
+from scedit_ui.conditions import annotators
 from scedit_ui.conditions import ConditionRequest, extract, extract_condition
 from scedit_ui.errors import UserInputError
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from scedit_ui import training
+from scedit_ui.training import trainer
 from scedit_ui.cli import main
 from scedit_ui.errors import UserInputError
 from scedit_ui.shapes.world import caption, render_scene, sample_scene
@@ -160,7 +160,7 @@ def test_csc_output_names_its_condition_type(tmp_path, random_sd_folder):
 
 def test_a_stream_outgrowing_the_prompt_cache_keeps_training(tmp_path, random_sd_folder, monkeypatch):
     # Found training a canny tuner: the cache was emptied after this batch's cached prompts (often "") were looked up.
-    monkeypatch.setattr(training, "TEXT_CACHE_SIZE", 2)
+    monkeypatch.setattr(trainer, "TEXT_CACHE_SIZE", 2)
     config = config_for(tmp_path, random_sd_folder, kind="csc", condition="canny", data="shapes", steps=4, batch_size=3, caption_dropout=0.5)
     assert train_tuner(config).output.is_file()
 

@@ -18,14 +18,10 @@ import json
 import logging
 import math
 import pickle
-import re
 import threading
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, replace
-from functools import lru_cache
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -33,293 +29,21 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
-from scedit_ui import conditions
 from scedit_ui.errors import UserInputError
 from scedit_ui.model_manager import load_pipeline, resolve_source
-from scedit_ui.shapes.world import STYLES, caption, render_scene, sample_scene
 from tuners import ControlCondition, CSCTuner, SCTuner, SkipEditor, TunerMetadata, save_tuner
 from tuners.io import Tuner, atomic_write
 from tuners.reference_configs import guess_architecture
+from scedit_ui.training.config import ProgressCallback, TrainingConfig, TrainingProgress, TrainingResult
+from scedit_ui.training.data import load_training_data, make_condition
 
 logger = logging.getLogger(__name__)
 
-KINDS = ("sc", "csc")
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
-# Conditions whose geometry matches the picture (outpaint changes the canvas, so it is trained as inpaint).
-TRAINABLE_CONDITIONS = ("canny", "color", "inpaint", "sketch", "scribble", "hed", "depth", "pose", "seg")
-DEFAULT_SHAPES_IMAGES = 30
 CALIBRATION_IMAGES = 16  # condition images that set the scale of a fresh CSC tuner's hint encoder
 TEXT_CACHE_SIZE = 4096  # prompt embeddings kept for a stream of Shapes-world captions
 CHECKPOINT_NAME = "checkpoint.pt"
 PREVIEW_DIR = "previews"
-# What a checkpoint must share with the run that resumes it (steps may grow: training continues).
-_RESUME_KEYS = (
-    "kind", "condition", "condition_params", "data", "trigger", "remove_words", "batch_size", "learning_rate",
-    "weight_decay", "resolution", "seed", "down_ratio", "kernel_size", "base_model", "shapes_images", "caption_dropout",
-)
 
-
-@dataclass(frozen=True)
-class TrainingConfig:
-    """Everything that decides a training run. `data` is a folder, "shapes" or "shapes:<style>"."""
-
-    kind: str  # "sc" | "csc"
-    data: str
-    out: Path
-    condition: str | None = None  # CSC only: the condition type (canny, color, inpaint, ...)
-    condition_params: tuple[tuple[str, Any], ...] = ()  # fixed extractor parameters (else random / defaults)
-    trigger: str | None = None  # prefixed to every caption, e.g. "<sce>"
-    remove_words: tuple[str, ...] = ()  # phrases removed from captions, e.g. "in stripes style"
-    steps: int = 1000
-    batch_size: int = 4
-    learning_rate: float = 1e-4  # the paper uses 5e-5
-    weight_decay: float = 0.01
-    max_grad_norm: float = 1.0
-    caption_dropout: float = 0.1  # share of captions replaced by "" (trains the unconditional branch of CFG)
-    resolution: int | None = None  # None: the base model's native size
-    seed: int = 0
-    checkpoint_every: int = 100
-    preview_every: int = 0  # 0: no previews
-    preview_prompts: tuple[str, ...] = ()  # default: captions of the first data examples
-    preview_seeds: tuple[int, ...] = (0,)
-    preview_steps: int = 20
-    gradient_checkpointing: bool = False
-    down_ratio: float = 1.0  # SC: mid width of each adapter = int(C · down_ratio)
-    kernel_size: int = 1  # CSC: cascade conv kernel (1 or 3)
-    base_model: str = ""  # "" = the built-in tiny model
-    work_dir: Path | None = None  # checkpoints and previews; default runs/tuners/<out name>
-    resume: bool = False
-    shapes_images: int | None = None  # Shapes world: distinct scenes (None: 30 for SC, an endless stream for CSC)
-    save_dtype: str = "float32"  # "float16" halves the file
-    device: str = "auto"  # "auto" | "cuda" | "cpu"
-
-    @property
-    def work(self) -> Path:
-        return Path(self.work_dir) if self.work_dir is not None else Path("runs/tuners") / Path(self.out).stem
-
-    def validated(self) -> TrainingConfig:
-        """A normalised copy, or `UserInputError` naming the first bad value. Looks at no file."""
-        if self.kind not in KINDS:
-            raise UserInputError(f"kind must be 'sc' (style, text-to-image) or 'csc' (condition), got {self.kind!r}")
-        if self.kind == "csc":
-            if not self.condition:
-                raise UserInputError(f"a CSC tuner needs a condition type: one of {', '.join(TRAINABLE_CONDITIONS)}")
-            if self.condition not in TRAINABLE_CONDITIONS:
-                raise UserInputError(f"cannot train condition {self.condition!r}; choose one of {', '.join(TRAINABLE_CONDITIONS)}")
-            kind = conditions.condition_kind(self.condition)
-            for name, value in self.condition_params:
-                kind.param(name).validate(value)
-        elif self.condition or self.condition_params:
-            raise UserInputError("--condition is for CSC tuners (--kind csc); an SC tuner learns a style from images alone")
-        _check_int("steps", self.steps, 1, 10_000_000)
-        _check_int("batch size", self.batch_size, 1, 1024)
-        _check_int("seed", self.seed, 0, 2**32 - 1)
-        _check_int("checkpoint interval", self.checkpoint_every, 1, 10_000_000)
-        _check_int("preview interval", self.preview_every, 0, 10_000_000)
-        _check_int("preview steps", self.preview_steps, 1, 150)
-        _check_float("learning rate", self.learning_rate, 1e-8, 1.0)
-        _check_float("weight decay", self.weight_decay, 0.0, 10.0)
-        _check_float("max gradient norm", self.max_grad_norm, 0.0, 1e6)
-        _check_float("caption dropout", self.caption_dropout, 0.0, 1.0)
-        _check_float("down ratio", self.down_ratio, 1e-3, 4.0)
-        if self.kernel_size not in (1, 3):
-            raise UserInputError(f"kernel size must be 1 or 3, got {self.kernel_size!r}")
-        if self.resolution is not None:
-            _check_int("resolution", self.resolution, 64, 2048)
-            if self.resolution % 8:
-                raise UserInputError(f"resolution must be a multiple of 8 (the VAE downsamples by 8), got {self.resolution}")
-        if self.shapes_images is not None:
-            _check_int("number of Shapes-world images", self.shapes_images, 1, 10_000_000)
-        if self.save_dtype not in ("float32", "float16"):
-            raise UserInputError(f"save dtype must be float32 or float16, got {self.save_dtype!r}")
-        if self.device not in ("auto", "cuda", "cpu"):
-            raise UserInputError(f"device must be auto, cuda or cpu, got {self.device!r}")
-        if Path(self.out).suffix != ".safetensors":
-            raise UserInputError(f"the output must be a .safetensors file, got {self.out}")
-        trigger = (self.trigger or "").strip() or None
-        remove_words = tuple(w.strip() for w in self.remove_words if w.strip())
-        for seed in self.preview_seeds:
-            _check_int("preview seed", seed, 0, 2**32 - 1)
-        return replace(self, out=Path(self.out), trigger=trigger, remove_words=remove_words,
-                       condition_params=tuple(sorted(dict(self.condition_params).items())))
-
-    def identity(self) -> dict[str, Any]:
-        """The fields a resumed run must share with its checkpoint, as JSON-friendly values."""
-        data = asdict(self)
-        return json.loads(json.dumps({key: data[key] for key in _RESUME_KEYS}, default=str))
-
-
-@dataclass
-class TrainingProgress:
-    """One finished step; `previews` and `checkpoint` are set on the steps that made them."""
-
-    step: int
-    total_steps: int
-    loss: float
-    eta_seconds: float
-    previews: list[Image.Image] = field(default_factory=list)
-    checkpoint: Path | None = None
-
-
-@dataclass
-class TrainingResult:
-    output: Path | None  # None when cancelled
-    steps: int  # steps completed (counting those before a resume)
-    cancelled: bool
-    checkpoint: Path | None
-    loss: float  # mean loss of the last steps
-    seconds: float  # training time, all sessions of a resumed run
-    metadata: TunerMetadata | None = None
-    previews: list[Path] = field(default_factory=list)
-    main_process: bool = True  # False in the other processes of a multi-process run (they write nothing)
-
-
-ProgressCallback = Callable[[TrainingProgress], None]
-
-
-def _check_int(name: str, value: Any, low: int, high: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not low <= value <= high:
-        raise UserInputError(f"{name} must be a whole number from {low} to {high}, got {value!r}")
-
-
-def _check_float(name: str, value: Any, low: float, high: float) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not low <= value <= high:
-        raise UserInputError(f"{name} must be a number from {low:g} to {high:g}, got {value!r}")
-
-
-# --- data ---------------------------------------------------------------------------------------------------------
-
-
-def prepare_caption(text: str, trigger: str | None = None, remove_words: Sequence[str] = ()) -> str:
-    """`text` without the `remove_words` phrases (case-insensitive, whole words), prefixed by `trigger`."""
-    for phrase in remove_words:
-        text = re.sub(rf"(?i)(?<!\w){re.escape(phrase)}(?!\w)", " ", text)
-    # Tidy what a removal leaves: doubled spaces, space before punctuation, dangling commas.
-    text = re.sub(r"\s+", " ", text)
-    text = re.sub(r"\s+([,.;:])", r"\1", text)
-    text = re.sub(r"([,;:])(\s*[,;:])+", r"\1", text)
-    text = text.strip(" ,;:")
-    return f"{trigger} {text}".strip() if trigger else text
-
-
-class TrainingData:
-    """Examples (caption, image at the training resolution) by key: a finite set or an endless stream.
-
-    `size` is None for a stream (Shapes world), whose keys are scene seeds instead of indices.
-    """
-
-    def __init__(self, description: str, size: int | None, caption: Callable[[int], str], image: Callable[[int, int], Image.Image]) -> None:
-        self.description = description
-        self.size = size
-        self.caption = caption
-        self.image = image
-
-    def preview_keys(self, count: int) -> list[int]:
-        """Fixed keys for previews: the first examples of a set; seeds outside the training stream's range."""
-        return list(range(min(count, self.size))) if self.size is not None else [2**48 + k for k in range(count)]
-
-
-def load_training_data(config: TrainingConfig) -> TrainingData:
-    """The dataset `config.data` names, fully validated (every image decoded, every caption found)."""
-    source = config.data.strip()
-    if source == "shapes" or source.startswith("shapes:"):
-        return _shapes_data(config, source.partition(":")[2].strip() or None)
-    return _folder_data(config, Path(source).expanduser())
-
-
-def _shapes_data(config: TrainingConfig, style: str | None) -> TrainingData:
-    if style is not None and style not in STYLES:
-        raise UserInputError(f"unknown Shapes-world style {style!r}; use shapes:<style> with one of: {', '.join(STYLES)}")
-
-    def text_of(scene) -> str:
-        return prepare_caption(caption(scene), config.trigger, config.remove_words)
-
-    count = config.shapes_images if config.shapes_images is not None else (DEFAULT_SHAPES_IMAGES if config.kind == "sc" else None)
-    name = f"Shapes world{f' ({style})' if style else ''}"
-    if count is None:
-        def scene_of(key: int):
-            return sample_scene(key, split="train", style=style)
-
-        return TrainingData(f"{name}, endless stream", None, lambda k: text_of(scene_of(k)), lambda k, r: render_scene(scene_of(k), r))
-    # Scene seeds depend on the run's seed only: a longer set extends a shorter one.
-    seeds = np.random.default_rng([config.seed, 0x5CED]).integers(0, 2**48, size=count)
-    scenes = [sample_scene(int(s), split="train", style=style) for s in seeds]
-    return TrainingData(f"{name}, {count} scenes", count, lambda i: text_of(scenes[i]), lambda i, r: render_scene(scenes[i], r))
-
-
-def _folder_data(config: TrainingConfig, folder: Path) -> TrainingData:
-    if not folder.is_dir():
-        raise UserInputError(f"training data {folder} is not a folder; pass a folder of images with captions, or shapes:<style>")
-    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
-    if not files:
-        raise UserInputError(
-            f"{folder} has no images ({', '.join(IMAGE_SUFFIXES)}); put the training pictures there, each with a caption"
-        )
-    listed = _read_metadata_jsonl(folder / "metadata.jsonl")
-    captions, missing = [], []
-    for path in files:
-        sidecar = path.with_suffix(".txt")
-        if path.name in listed:
-            captions.append(listed[path.name])
-        elif sidecar.is_file():
-            captions.append(sidecar.read_text(encoding="utf-8", errors="replace").strip())
-        else:
-            missing.append(path.name)
-    if missing:
-        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-        raise UserInputError(
-            f"{len(missing)} of {len(files)} images in {folder} have no caption: {shown}. Write NAME.txt next to each "
-            'image, or a metadata.jsonl with lines {"file_name": "NAME.png", "text": "the caption"}'
-        )
-    for path in files:  # decode every picture now: a broken file must not stop training at step 900
-        try:
-            conditions.load_image(path, name=path.name)
-        except UserInputError as error:
-            raise UserInputError(f"cannot train on {path.name}: {error}. Remove or replace it") from None
-    captions = [prepare_caption(text, config.trigger, config.remove_words) for text in captions]
-
-    @lru_cache(maxsize=1024)
-    def image(index: int, resolution: int) -> Image.Image:
-        fitted, _ = conditions.fit_image(conditions.load_image(files[index]), (resolution, resolution), "crop")  # Resize + CenterCrop
-        return fitted
-
-    return TrainingData(f"{folder} ({len(files)} images)", len(files), captions.__getitem__, image)
-
-
-def _read_metadata_jsonl(path: Path) -> dict[str, str]:
-    if not path.is_file():
-        return {}
-    captions = {}
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            entry = json.loads(line)
-            name, text = entry["file_name"], entry.get("text", entry.get("caption"))
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
-            raise UserInputError(f'{path} line {number} is not {{"file_name": ..., "text": ...}}: {line[:80]!r}') from None
-        if not isinstance(text, str):
-            raise UserInputError(f"{path} line {number} has no caption text for {name!r}")
-        captions[Path(str(name)).name] = text
-    return captions
-
-
-def make_condition(image: Image.Image, kind: str, params: dict[str, Any], rng: np.random.Generator) -> Image.Image:
-    """The condition image of `kind` for a training picture, with random augmentation where the paper has it:
-    random Canny thresholds, random LaMa-style inpainting masks. Fixed `params` switch augmentation off."""
-    size = image.size
-    if kind == "canny" and not params:
-        low, high = conditions.random_canny_thresholds(rng)
-        params = {"low": low, "high": high}
-    if kind == "inpaint":
-        mask = params.get("mask") or conditions.random_inpaint_mask(size, rng)
-        return conditions.inpaint_condition(image, mask)
-    if kind == "color" and "ratio" not in params:
-        params = {"ratio": max(1, size[0] // 8)}  # an 8x8 grid at every size (SD's 64x at 512 px)
-    return conditions.extract(image, conditions.ConditionRequest(kind, size, "crop", params), cache=None).image
-
-
-# --- the model being trained -------------------------------------------------------------------------------------
 
 
 class TunedDenoiser(nn.Module):
@@ -648,3 +372,4 @@ def _eta(started: float, done: int, remaining: int) -> float:
 def train_tuner(config: TrainingConfig, progress: ProgressCallback | None = None, cancel: threading.Event | None = None) -> TrainingResult:
     """Train an SC or CSC tuner as `config` says, on a private copy of the base model, and write it to `config.out`."""
     return TunerTrainer(config).run(progress, cancel)
+

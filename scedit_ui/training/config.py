@@ -1,0 +1,157 @@
+"""What decides a training run (`TrainingConfig`), and what a run reports (`TrainingProgress`, `TrainingResult`)."""
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from scedit_ui import conditions
+from scedit_ui.errors import UserInputError
+from tuners import TunerMetadata
+
+KINDS = ("sc", "csc")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
+# Conditions whose geometry matches the picture (outpaint changes the canvas, so it is trained as inpaint).
+TRAINABLE_CONDITIONS = ("canny", "color", "inpaint", "sketch", "scribble", "hed", "depth", "pose", "seg")
+DEFAULT_SHAPES_IMAGES = 30
+# What a checkpoint must share with the run that resumes it (steps may grow: training continues).
+_RESUME_KEYS = (
+    "kind", "condition", "condition_params", "data", "trigger", "remove_words", "batch_size", "learning_rate",
+    "weight_decay", "resolution", "seed", "down_ratio", "kernel_size", "base_model", "shapes_images", "caption_dropout",
+)
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    """Everything that decides a training run. `data` is a folder, "shapes" or "shapes:<style>"."""
+
+    kind: str  # "sc" | "csc"
+    data: str
+    out: Path
+    condition: str | None = None  # CSC only: the condition type (canny, color, inpaint, ...)
+    condition_params: tuple[tuple[str, Any], ...] = ()  # fixed extractor parameters (else random / defaults)
+    trigger: str | None = None  # prefixed to every caption, e.g. "<sce>"
+    remove_words: tuple[str, ...] = ()  # phrases removed from captions, e.g. "in stripes style"
+    steps: int = 1000
+    batch_size: int = 4
+    learning_rate: float = 1e-4  # the paper uses 5e-5
+    weight_decay: float = 0.01
+    max_grad_norm: float = 1.0
+    caption_dropout: float = 0.1  # share of captions replaced by "" (trains the unconditional branch of CFG)
+    resolution: int | None = None  # None: the base model's native size
+    seed: int = 0
+    checkpoint_every: int = 100
+    preview_every: int = 0  # 0: no previews
+    preview_prompts: tuple[str, ...] = ()  # default: captions of the first data examples
+    preview_seeds: tuple[int, ...] = (0,)
+    preview_steps: int = 20
+    gradient_checkpointing: bool = False
+    down_ratio: float = 1.0  # SC: mid width of each adapter = int(C · down_ratio)
+    kernel_size: int = 1  # CSC: cascade conv kernel (1 or 3)
+    base_model: str = ""  # "" = the built-in tiny model
+    work_dir: Path | None = None  # checkpoints and previews; default runs/tuners/<out name>
+    resume: bool = False
+    shapes_images: int | None = None  # Shapes world: distinct scenes (None: 30 for SC, an endless stream for CSC)
+    save_dtype: str = "float32"  # "float16" halves the file
+    device: str = "auto"  # "auto" | "cuda" | "cpu"
+
+    @property
+    def work(self) -> Path:
+        return Path(self.work_dir) if self.work_dir is not None else Path("runs/tuners") / Path(self.out).stem
+
+    def validated(self) -> TrainingConfig:
+        """A normalised copy, or `UserInputError` naming the first bad value. Looks at no file."""
+        if self.kind not in KINDS:
+            raise UserInputError(f"kind must be 'sc' (style, text-to-image) or 'csc' (condition), got {self.kind!r}")
+        if self.kind == "csc":
+            if not self.condition:
+                raise UserInputError(f"a CSC tuner needs a condition type: one of {', '.join(TRAINABLE_CONDITIONS)}")
+            if self.condition not in TRAINABLE_CONDITIONS:
+                raise UserInputError(f"cannot train condition {self.condition!r}; choose one of {', '.join(TRAINABLE_CONDITIONS)}")
+            kind = conditions.condition_kind(self.condition)
+            for name, value in self.condition_params:
+                kind.param(name).validate(value)
+        elif self.condition or self.condition_params:
+            raise UserInputError("--condition is for CSC tuners (--kind csc); an SC tuner learns a style from images alone")
+        _check_int("steps", self.steps, 1, 10_000_000)
+        _check_int("batch size", self.batch_size, 1, 1024)
+        _check_int("seed", self.seed, 0, 2**32 - 1)
+        _check_int("checkpoint interval", self.checkpoint_every, 1, 10_000_000)
+        _check_int("preview interval", self.preview_every, 0, 10_000_000)
+        _check_int("preview steps", self.preview_steps, 1, 150)
+        _check_float("learning rate", self.learning_rate, 1e-8, 1.0)
+        _check_float("weight decay", self.weight_decay, 0.0, 10.0)
+        _check_float("max gradient norm", self.max_grad_norm, 0.0, 1e6)
+        _check_float("caption dropout", self.caption_dropout, 0.0, 1.0)
+        _check_float("down ratio", self.down_ratio, 1e-3, 4.0)
+        if self.kernel_size not in (1, 3):
+            raise UserInputError(f"kernel size must be 1 or 3, got {self.kernel_size!r}")
+        if self.resolution is not None:
+            _check_int("resolution", self.resolution, 64, 2048)
+            if self.resolution % 8:
+                raise UserInputError(f"resolution must be a multiple of 8 (the VAE downsamples by 8), got {self.resolution}")
+        if self.shapes_images is not None:
+            _check_int("number of Shapes-world images", self.shapes_images, 1, 10_000_000)
+        if self.save_dtype not in ("float32", "float16"):
+            raise UserInputError(f"save dtype must be float32 or float16, got {self.save_dtype!r}")
+        if self.device not in ("auto", "cuda", "cpu"):
+            raise UserInputError(f"device must be auto, cuda or cpu, got {self.device!r}")
+        if Path(self.out).suffix != ".safetensors":
+            raise UserInputError(f"the output must be a .safetensors file, got {self.out}")
+        trigger = (self.trigger or "").strip() or None
+        remove_words = tuple(w.strip() for w in self.remove_words if w.strip())
+        for seed in self.preview_seeds:
+            _check_int("preview seed", seed, 0, 2**32 - 1)
+        return replace(self, out=Path(self.out), trigger=trigger, remove_words=remove_words,
+                       condition_params=tuple(sorted(dict(self.condition_params).items())))
+
+    def identity(self) -> dict[str, Any]:
+        """The fields a resumed run must share with its checkpoint, as JSON-friendly values."""
+        data = asdict(self)
+        return json.loads(json.dumps({key: data[key] for key in _RESUME_KEYS}, default=str))
+
+
+@dataclass
+class TrainingProgress:
+    """One finished step; `previews` and `checkpoint` are set on the steps that made them."""
+
+    step: int
+    total_steps: int
+    loss: float
+    eta_seconds: float
+    previews: list[Image.Image] = field(default_factory=list)
+    checkpoint: Path | None = None
+
+
+@dataclass
+class TrainingResult:
+    output: Path | None  # None when cancelled
+    steps: int  # steps completed (counting those before a resume)
+    cancelled: bool
+    checkpoint: Path | None
+    loss: float  # mean loss of the last steps
+    seconds: float  # training time, all sessions of a resumed run
+    metadata: TunerMetadata | None = None
+    previews: list[Path] = field(default_factory=list)
+    main_process: bool = True  # False in the other processes of a multi-process run (they write nothing)
+
+
+ProgressCallback = Callable[[TrainingProgress], None]
+
+
+def _check_int(name: str, value: Any, low: int, high: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not low <= value <= high:
+        raise UserInputError(f"{name} must be a whole number from {low} to {high}, got {value!r}")
+
+
+def _check_float(name: str, value: Any, low: float, high: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not low <= value <= high:
+        raise UserInputError(f"{name} must be a number from {low:g} to {high:g}, got {value!r}")
+
+

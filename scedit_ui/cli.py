@@ -155,6 +155,7 @@ def _add_generate_command(subparsers: argparse._SubParsersAction) -> None:
         from scedit_ui.model_manager import ModelManager
         from scedit_ui.request import ConditionUse, GenerationRequest, SkipTuningSettings, TunerUse, save_png
         from scedit_ui.tuner_library import TunerLibrary
+        from scedit_ui.use_cases import ConditionRow, with_controls
         from tuners import read_metadata
 
         library = TunerLibrary(args.library)
@@ -169,8 +170,8 @@ def _add_generate_command(subparsers: argparse._SubParsersAction) -> None:
         request.validated(native_size=512)  # fail on bad values before loading anything; 512 only fills unset sizes
         manager = ModelManager(args.device)
         manager.load(args.model, args.config)
-        size = (width or manager.native_size, height or manager.native_size)
-        controls = []
+        request = replace(request, width=width or manager.native_size, height=height or manager.native_size,
+                          freeu=manager.freeu_preset() if args.freeu else None)
         for spec in args.control:
             head, alpha = _split_suffix_number(spec)
             tuner_name, _, image_path = head.partition(":")
@@ -178,13 +179,11 @@ def _add_generate_command(subparsers: argparse._SubParsersAction) -> None:
                 raise UserInputError(f"--control needs TUNER:IMAGE[:ALPHA], got {spec!r}")
             tuner_path = library.resolve(tuner_name)
             picture = conditions.load_image(image_path)
-            if args.raw_control:
-                condition_image = picture
+            if args.raw_control:  # the picture is the condition image
+                request = replace(request, conditions=request.conditions + (ConditionUse(str(tuner_path), picture, alpha),))
             else:
-                kind = read_metadata(tuner_path).condition_type
-                condition_image = conditions.extract(picture, conditions.ConditionRequest(kind, size)).image
-            controls.append(ConditionUse(str(tuner_path), condition_image, alpha))
-        request = replace(request, conditions=tuple(controls), freeu=manager.freeu_preset() if args.freeu else None)
+                row = ConditionRow(read_metadata(tuner_path).condition_type, {}, tuner_path, alpha)
+                request, _ = with_controls(request, picture, [row], normalise_alpha=args.normalise_alpha)
         result = manager.generate(request)
         for notice in result.notices:
             print(f"note: {notice}", file=sys.stderr)

@@ -1,7 +1,8 @@
 """Control tab: condition images from a picture, CSC tuners with α and step ranges, interpolation, in/outpainting."""
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -9,28 +10,18 @@ import gradio as gr
 import numpy as np
 from PIL import Image
 
-from scedit_ui import conditions
+from scedit_ui import conditions, use_cases
 from scedit_ui.conditions import CONDITION_KINDS, FIT_MODES, ParamSpec
 from scedit_ui.errors import UserInputError
-from scedit_ui.request import MAX_SEED, SCHEDULERS, ConditionUse, GenerationRequest
+from scedit_ui.request import MAX_SEED, SCHEDULERS, GenerationRequest
 from scedit_ui.shapes.world import caption, sample_scene
 from scedit_ui.ui.generate_tab import describe_result, pick_seed
 from scedit_ui.ui.handlers import GPU_QUEUE, on_gpu, optional_keywords, readable_upload, user_errors, whole_number
 from scedit_ui.ui.state import AppState
+from scedit_ui.use_cases import ConditionRow
 
 KINDS = tuple(CONDITION_KINDS)
 ROW_FIELDS = ("tuner", "alpha", "start", "end")
-
-
-@dataclass(frozen=True)
-class ConditionRow:
-    """What one condition row of the tab says: the kind, its extraction parameters and how to apply it."""
-
-    kind: str
-    params: dict[str, Any]
-    tuner: str | None = None
-    alpha: float = 1.0
-    step_range: tuple[float, float] = (0.0, 1.0)
 
 
 @dataclass
@@ -75,59 +66,16 @@ def load_picture(path: str | None) -> Image.Image | None:
     return conditions.load_image(path, name=Path(path).name) if path else None
 
 
-def extract_rows(picture: Image.Image | None, rows: list[ConditionRow], size: tuple[int, int], fit: str, progress=None) -> dict[str, Image.Image]:
-    """Each row's condition image made from `picture` (cached: re-extracting unchanged rows is free)."""
-    if picture is None:
-        raise UserInputError("upload or draw a picture first")
-    if not rows:
-        raise UserInputError("choose at least one condition type")
-    picture = conditions.normalize_image(picture)
-    extracted = {}
-    for i, row in enumerate(rows):
-        if progress is not None:
-            progress((i, len(rows)), desc=f"extracting {row.kind}")
-        extracted[row.kind] = conditions.extract(picture, conditions.ConditionRequest(row.kind, size, fit, row.params)).image
-    return extracted
+def _stage_progress(progress) -> Callable[[int, int, str], None] | None:
+    """A Gradio progress as the (done, total, what) callback of the use cases."""
+    return None if progress is None else lambda done, total, what: progress((done, total), desc=what)
 
 
-def control_request(
-    state: AppState, base: GenerationRequest, picture: Image.Image | None, rows: list[ConditionRow], fit: str,
-    normalise_alpha: bool, second_picture: Image.Image | None = None, blend: float = 0.0, progress=None,
-) -> tuple[GenerationRequest, dict[str, Image.Image]]:
-    """`base` with one CSC condition per row (blended towards `second_picture` by `blend`), and the condition images."""
-    missing = [row.kind for row in rows if not row.tuner]
-    if missing:
-        raise UserInputError(f"choose a CSC tuner for: {', '.join(missing)} (train or import one in the Train / Tuners tabs)")
-    size = (base.width, base.height)
-    extracted = extract_rows(picture, rows, size, fit, progress)
-    blended = extract_rows(second_picture, rows, size, fit) if second_picture is not None else {}
-    uses = tuple(
-        ConditionUse(
-            tuner=str(state.library.find(row.tuner)), image=extracted[row.kind], alpha=float(row.alpha), step_range=row.step_range,
-            blend_image=blended.get(row.kind), blend=float(blend) if blended else 0.0,
-        )
-        for row in rows
-    )
-    return replace(base, conditions=uses, normalise_alpha=bool(normalise_alpha)), extracted
-
-
-def interpolation_strip(state: AppState, request: GenerationRequest, count: int, progress=None) -> list[tuple[str, str]]:
-    """`count` images with the same seed, the condition features blended from the first to the second picture."""
-    if count < 2:
-        raise UserInputError(f"an interpolation strip needs at least 2 images, got {count}")
-    if not request.conditions or request.conditions[0].blend_image is None:
-        raise UserInputError("add a second picture to interpolate towards")
-    strip = []
-    for i, blend in enumerate(np.linspace(0.0, 1.0, count)):
-        uses = tuple(replace(use, blend=float(blend)) for use in request.conditions)
-
-        def step(done: int, total: int, i: int = i) -> None:
-            if progress is not None:
-                progress((i * total + done, count * total), desc="interpolating", unit="steps")
-
-        result = state.manager.generate(replace(request, conditions=uses, batch_size=1), progress=step)
-        strip.append((state.save_outputs(result.images, f"blend{blend:.2f}")[0], f"blend {blend:.2f}"))
-    return strip
+def interpolation_gallery(state: AppState, request: GenerationRequest, count: int, progress=None) -> list[tuple[str, str]]:
+    """The interpolation strip, saved to the outputs folder, as gallery (path, caption) pairs."""
+    step = None if progress is None else lambda done, total: progress((done, total), desc="interpolating", unit="steps")
+    strip = use_cases.interpolation_strip(state.manager.generate, request, count, step)
+    return [(state.save_outputs(result.images, f"blend{blend:.2f}")[0], f"blend {blend:.2f}") for blend, result in strip]
 
 
 def example_pictures(state: AppState) -> list[str]:
@@ -231,8 +179,9 @@ def build(state: AppState) -> ControlTab:
                 raw["mask"] = mask_from_editor(raw["mask"])
             if kind == "inpaint":
                 raw["seed"] = whole_number("random mask seed", raw["seed"])
+            tuner = values.get(f"{kind}_tuner")
             rows.append(ConditionRow(
-                kind, raw, values.get(f"{kind}_tuner"), values.get(f"{kind}_alpha", 1.0),
+                kind, raw, state.library.find(tuner) if tuner else None, values.get(f"{kind}_alpha", 1.0),
                 (float(values.get(f"{kind}_start", 0.0)), float(values.get(f"{kind}_end", 1.0))),
             ))
         return rows
@@ -250,7 +199,7 @@ def build(state: AppState) -> ControlTab:
     def extract(picture: str | None, condition_types: list[str], fit: str, width: int, height: int, progress=gr.Progress(), **row_values) -> list:
         """Extract the condition image of every chosen type (one output per type, empty for the others)."""
         size = (whole_number("width", width), whole_number("height", height))
-        return preview_outputs(extract_rows(load_picture(picture), rows_from(condition_types, row_values), size, fit, progress))
+        return preview_outputs(use_cases.extract_conditions(load_picture(picture), rows_from(condition_types, row_values), size, fit, _stage_progress(progress)))
 
     def re_extract(picture, condition_types, fit, width, height, **row_values) -> list:
         if picture is None or not condition_types:
@@ -266,7 +215,7 @@ def build(state: AppState) -> ControlTab:
         """Generate with one CSC tuner per chosen condition; returns the images, a summary and every condition image."""
         base = base_request(prompt, negative_prompt, seed, steps, guidance, width, height, scheduler)
         rows = rows_from(condition_types, row_values)
-        request, extracted = control_request(state, base, load_picture(picture), rows, fit, normalise_alpha, load_picture(second_picture), blend)
+        request, extracted = use_cases.with_controls(base, load_picture(picture), rows, fit, normalise_alpha, load_picture(second_picture), blend, _stage_progress(progress))
         result = state.manager.generate(request, progress=lambda s, n: progress((s, n), desc="denoising", unit="steps"))
         paths = state.save_outputs(result.images, f"control-seed{request.seed}")
         return [paths, describe_result(request, result.seconds, result.notices), *preview_outputs(extracted)]
@@ -282,8 +231,8 @@ def build(state: AppState) -> ControlTab:
         if second_picture is None:
             raise UserInputError("add a second picture to interpolate towards")
         rows = rows_from(condition_types, row_values)
-        request, _ = control_request(state, base, load_picture(picture), rows, fit, normalise_alpha, load_picture(second_picture), 0.0)
-        return interpolation_strip(state, request, whole_number("images in the strip", strip_length), progress)
+        request, _ = use_cases.with_controls(base, load_picture(picture), rows, fit, normalise_alpha, load_picture(second_picture))
+        return interpolation_gallery(state, request, whole_number("images in the strip", strip_length), progress)
 
     param_inputs = dict(params)
     all_inputs = {**params, **settings}

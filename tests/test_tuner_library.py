@@ -10,6 +10,7 @@ from safetensors.torch import save_file
 from scedit_ui.errors import UserInputError
 from scedit_ui.tuner_library import TunerLibrary, sanitize_name
 from tuners import CSCTuner, SCTuner, SkipLayout, TunerMetadata, load_tuner, save_tuner
+from tuners.official import official_state_dict
 
 LAYOUT = SkipLayout((8, 8, 8, 8, 16, 16, 16, 32, 32, 32, 32, 32), (False, False, False, True) * 3, ((0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11),))
 OTHER_LAYOUT = SkipLayout((4, 4, 4), (False, False, True), ((0, 1, 2),))
@@ -160,7 +161,7 @@ def test_import_converts_an_official_sc_checkpoint_for_the_loaded_layout(library
 def test_import_files_keeps_the_official_configuration_beside_the_weights(library, tmp_path):
     original = CSCTuner(LAYOUT, 1, "depth")
     (tmp_path / "up").mkdir()
-    save_file(original.state_dict(), tmp_path / "up" / "adapter_model.safetensors")
+    save_file(official_state_dict(original), tmp_path / "up" / "adapter_model.safetensors")
     (tmp_path / "configuration.json").write_text(json.dumps({"condition_type": "depth"}))
     files = [tmp_path / "up" / "adapter_model.safetensors", tmp_path / "configuration.json"]
     target = library.import_files(files, layout=LAYOUT, base_architecture="tiny", name="depth")

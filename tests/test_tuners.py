@@ -19,15 +19,16 @@ from tuners import (
     SkipEditor,
     SkipLayout,
     SkipScaling,
+    SkipShape,
     TunerFileError,
     interpolate_features,
     TunerMetadata,
     load_tuner,
     rho_schedule,
     save_tuner,
+    tuner_from_config,
 )
 from tuners.__main__ import parameter_report
-from tuners.official import import_official
 from tuners.reference_configs import REFERENCE_UNET_CONFIGS
 
 
@@ -296,13 +297,14 @@ def test_normalised_alpha_divides_by_the_sum(tiny_unet, unet_inputs):
 
 
 def test_step_range_switches_a_condition_on_and_off(tiny_unet, unet_inputs):
-    early, late = ({**unet_inputs, "timestep": torch.tensor(t)} for t in (900, 100))
-    plain_early, plain_late = run(tiny_unet, early), run(tiny_unet, late)
+    plain = run(tiny_unet, unet_inputs)
     with SkipEditor(tiny_unet) as editor:
         tuner = randomise(CSCTuner(SkipLayout.from_unet(tiny_unet)))
         editor.set_conditions([ControlCondition(tuner, condition_image(0), step_range=(0.6, 1.0))])
-        assert torch.equal(run(tiny_unet, early), plain_early)  # progress 0.1: not yet active
-        assert not torch.allclose(run(tiny_unet, late), plain_late)  # progress 0.9: active
+        editor.set_step(2, 10)  # steps 0.2-0.3 of sampling: not yet active
+        assert torch.equal(run(tiny_unet, unet_inputs), plain)
+        editor.set_step(9, 10)  # 0.9-1.0: active
+        assert not torch.allclose(run(tiny_unet, unet_inputs), plain)
 
 
 def test_condition_features_broadcast_over_the_batch(tiny_unet, unet_inputs):
@@ -381,51 +383,37 @@ def test_files_that_are_not_tuners_are_refused(tmp_path):
         load_tuner(tmp_path / "plain.safetensors")
 
 
-# -- official checkpoints ------------------------------------------------------------------------
-
-
-def test_official_sc_checkpoint_maps_decoder_order_to_skips(tiny_unet, tmp_path):
+def test_a_tuner_is_built_from_its_config_alone_and_keeps_no_routing(tiny_unet):
     layout = SkipLayout.from_unet(tiny_unet)
-    original = randomise(SCTuner(layout, 0.5))
-    k = layout.num_skips
-    official = {}
-    for g, adapter in enumerate(original.adapters):
-        for name, tensor in adapter.state_dict().items():
-            official[f"model.lsc_identity.{k - 1 - g}.{name}"] = tensor.clone()
-    (tmp_path / "sc").mkdir()
-    torch.save(official, tmp_path / "sc" / "pytorch_model.bin")
-
-    imported, metadata = import_official(tmp_path / "sc", layout, "tiny")
-    assert isinstance(imported, SCTuner) and metadata.kind == "sc" and imported.down_ratio == 0.5
-    for (name, a), (_, b) in zip(original.state_dict().items(), imported.state_dict().items()):
-        assert torch.equal(a, b), name
-    # Innermost skip (g = K-1) is decoder index 0: its adapter has the innermost channel count.
-    assert official["model.lsc_identity.0.ln1.weight"].shape[1] == layout.channels[-1]
+    for tuner in (SCTuner(layout, 0.5), CSCTuner(layout, 3, "depth", hint_channels=24, hint_dim_ratio=0.5, scale=0.7)):
+        assert type(tuner.shape) is SkipShape and tuner.shape == layout.shape
+        assert TunerMetadata.describe(tuner, "tiny").tuner_config() == tuner.config
+        rebuilt = tuner_from_config(tuner.config)
+        assert type(rebuilt) is type(tuner) and rebuilt.config == tuner.config
+        assert {k: v.shape for k, v in rebuilt.state_dict().items()} == {k: v.shape for k, v in tuner.state_dict().items()}
 
 
-def test_official_csc_checkpoint_imports_with_prefixes(tiny_unet, tmp_path):
-    layout = SkipLayout.from_unet(tiny_unet)
-    original = randomise(CSCTuner(layout, 3, "canny"))
-    official = {f"0.{name}": tensor.clone() for name, tensor in original.state_dict().items()}
-    assert "0.dense_hint_blocks.4.1.weight" in official and "0.lsc_tuner_blocks.2.tuner_op.ln1.weight" in official
-    save_file(official, tmp_path / "adapter_model.safetensors")
-    (tmp_path / "configuration.json").write_text(json.dumps({"condition_type": "canny"}))
-
-    imported, metadata = import_official(tmp_path / "adapter_model.safetensors", layout, "tiny")
-    assert isinstance(imported, CSCTuner) and metadata.kernel_size == 3 and metadata.condition_type == "canny"
-    for (name, a), (_, b) in zip(original.state_dict().items(), imported.state_dict().items()):
-        assert torch.equal(a, b), name
+def test_a_version_1_csc_file_loads_with_the_reference_hint_defaults(tiny_unet, tmp_path):
+    tuner = randomise(CSCTuner(SkipLayout.from_unet(tiny_unet), 3, "canny"))
+    path = tmp_path / "old.safetensors"
+    save_tuner(tuner, path, TunerMetadata.describe(tuner, "tiny"))
+    header = json.loads(read_metadata_json(path))
+    old = {k: v for k, v in header.items() if k not in ("hint_in_channels", "hint_channels", "hint_dim_ratio", "scale")}
+    save_file(tuner.state_dict(), path, metadata={"scedit": json.dumps({**old, "version": 1})})
+    loaded, metadata = load_tuner(path)
+    assert loaded.config == tuner.config and (loaded.config.hint_channels, loaded.config.scale) == (256, 1.0)
 
 
-def test_official_import_refuses_arbitrary_pickles(tiny_unet, tmp_path):
-    torch.save({"lsc_identity.0.ln1.weight": torch.zeros(1), "payload": SkipLayout((1,), (False,), ((0,),))}, tmp_path / "evil.bin")
-    with pytest.raises(TunerFileError, match="weights-only"):
-        import_official(tmp_path / "evil.bin", SkipLayout.from_unet(tiny_unet), "tiny")
+def test_metadata_out_of_range_is_refused_by_the_tuner_config(tiny_unet, tmp_path):
+    tuner = CSCTuner(SkipLayout.from_unet(tiny_unet))
+    header = {**json.loads(json.dumps(TunerMetadata.describe(tuner, "tiny").__dict__)), "hint_dim_ratio": -1}
+    save_file(tuner.state_dict(), tmp_path / "bad.safetensors", metadata={"scedit": json.dumps(header)})
+    with pytest.raises(TunerFileError, match="hint_dim_ratio must be a number"):
+        load_tuner(tmp_path / "bad.safetensors")
 
 
-def test_official_import_with_wrong_channels_names_both_layouts(tiny_unet, tmp_path):
-    sdxl = SCTuner(SkipLayout.from_config(REFERENCE_UNET_CONFIGS["sdxl"]), 0.01)
-    official = {f"lsc_identity.{8 - g}.{n}": t for g, a in enumerate(sdxl.adapters) for n, t in a.state_dict().items()}
-    save_file(official, tmp_path / "adapter_model.safetensors")
-    with pytest.raises(LayoutMismatchError, match="9 skips"):
-        import_official(tmp_path / "adapter_model.safetensors", SkipLayout.from_unet(tiny_unet), "tiny")
+def read_metadata_json(path) -> str:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        return handle.metadata()["scedit"]

@@ -2,28 +2,35 @@
 
 Pure PyTorch + the diffusers UNet structure; nothing here imports Gradio or pipelines.
 """
-from tuners.csc_tuner import CSCTuner, interpolate_features
+from tuners.csc_tuner import CSCTuner, CSCTunerConfig, interpolate_features
 from tuners.editor import ConditionCache, ControlCondition, SkipEditor
-from tuners.io import TunerFileError, TunerMetadata, load_tuner, read_metadata, save_tuner
-from tuners.layout import LayoutMismatchError, SkipLayout
-from tuners.sc_tuner import SCTuner, SkipAdapter
+from tuners.io import TunerFileError, TunerMetadata, load_tuner, read_metadata, save_tuner, tuner_from_config
+from tuners.layout import LayoutMismatchError, SkipLayout, SkipShape
+from tuners.official import export_official, import_official
+from tuners.sc_tuner import SCTuner, SCTunerConfig, SkipAdapter
 from tuners.skip_scaling import SkipScaling, rho_schedule
 
 __all__ = [
     "CSCTuner",
+    "CSCTunerConfig",
     "ConditionCache",
     "ControlCondition",
     "LayoutMismatchError",
     "SCTuner",
+    "SCTunerConfig",
     "SkipAdapter",
     "SkipEditor",
     "SkipLayout",
     "SkipScaling",
+    "SkipShape",
     "TunerFileError",
     "TunerMetadata",
+    "export_official",
+    "import_official",
     "interpolate_features",
     "load_tuner",
     "read_metadata",
     "rho_schedule",
     "save_tuner",
+    "tuner_from_config",
 ]

@@ -2,29 +2,36 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
-from tuners.layout import SkipLayout
-from tuners.sc_tuner import SkipAdapter
+from tuners.layout import SkipShape
+from tuners.sc_tuner import SkipAdapter, mid_width
 
-HINT_CHANNELS = 256
-# (in, out, stride) of the hint encoder's 3×3 convs: condition pixels -> latent resolution (÷8).
-_HINT_CONVS = ((3, 16, 1), (16, 16, 1), (16, 32, 2), (32, 32, 1), (32, 96, 2), (96, 96, 1), (96, HINT_CHANNELS, 2))
+def hint_widths(out_channels: int = 256, dim_ratio: float = 1.0) -> tuple[int, ...]:
+    """Output widths of the hint encoder's seven convs, as the reference builds them from
+    PRE_HINT_OUT_CHANNELS and PRE_HINT_DIM_RATIO (SD 1.5 / 2.1 controllers: 256, 1.0; SDXL: 320, 2.0)."""
+    return tuple(int(w * dim_ratio) for w in (16, 16, 32, 32, 96, 96)) + (out_channels,)
 
 
-def hint_encoder() -> nn.Sequential:
-    """Convs with SiLU between them; Sequential indices match the reference `pre_hint_blocks.{i}`."""
+# Which of the hint encoder's convs halve the resolution: pixels -> latent resolution (÷8).
+_HINT_STRIDES = (1, 1, 2, 1, 2, 1, 2)
+
+
+def hint_encoder(in_channels: int = 3, out_channels: int = 256, dim_ratio: float = 1.0) -> nn.Sequential:
+    """3×3 convs with SiLU between them; Sequential indices match the reference `pre_hint_blocks.{i}`."""
     layers: list[nn.Module] = []
-    for in_channels, out_channels, stride in _HINT_CONVS:
-        conv = nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1)
+    for width, stride in zip(hint_widths(out_channels, dim_ratio), _HINT_STRIDES):
+        conv = nn.Conv2d(in_channels, width, 3, stride=stride, padding=1)
         # He init: with PyTorch's default init each conv shrinks its input, and after seven of them a
         # sparse condition (a canny map is ~2 % white) barely changes the output, so the zero convs
         # above it get almost no image-dependent gradient and training stalls.
         nn.init.kaiming_normal_(conv.weight, nonlinearity="relu")
         nn.init.zeros_(conv.bias)
         layers += [conv, nn.SiLU()]
+        in_channels = width
     return nn.Sequential(*layers[:-1])
 
 
@@ -38,29 +45,72 @@ def zero_conv(in_channels: int, out_channels: int, kernel_size: int, stride: int
 class _TunerBlock(nn.Module):
     """Holds the per-skip op under the reference key name `lsc_tuner_blocks.{g}.tuner_op`."""
 
-    def __init__(self, channels: int) -> None:
+    def __init__(self, channels: int, mid_channels: int) -> None:
         super().__init__()
-        self.tuner_op = SkipAdapter(channels, channels)
+        self.tuner_op = SkipAdapter(channels, mid_channels)
 
 
 ConditionFeatures = tuple[torch.Tensor, ...]
 
 
+@dataclass(frozen=True)
+class CSCTunerConfig:
+    """Everything a CSC-Tuner's weights and output depend on.
+
+    The hint fields and `scale` mirror the reference configuration (PRE_HINT_IN_CHANNELS,
+    PRE_HINT_OUT_CHANNELS, PRE_HINT_DIM_RATIO, DENSE_HINT_KERNAL, DOWN_RATIO, SCALE).
+    """
+
+    shape: SkipShape
+    kernel_size: int = 1
+    condition_type: str = "canny"
+    hint_in_channels: int = 3
+    hint_channels: int = 256
+    hint_dim_ratio: float = 1.0
+    down_ratio: float = 1.0
+    scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.kernel_size not in (1, 3):
+            raise ValueError(f"kernel_size must be 1 or 3, got {self.kernel_size!r}")
+        for name in ("hint_in_channels", "hint_channels"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 4096:
+                raise ValueError(f"{name} must be a whole number in [1, 4096], got {value!r}")
+        for name, low, high in (("hint_dim_ratio", 0.0, 16.0), ("down_ratio", 0.0, 4.0), ("scale", 0.0, 16.0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not low < value <= high:
+                raise ValueError(f"{name} must be a number in ({low:g}, {high:g}], got {value!r}")
+        if not isinstance(self.condition_type, str):
+            raise ValueError(f"condition_type must be text, got {self.condition_type!r}")
+        object.__setattr__(self, "shape", self.shape.shape)  # a SkipLayout's routing is not part of a tuner
+
+
 class CSCTuner(nn.Module):
     """Hint encoder + cascade of zero convs (one per skip) + a per-skip tuner op T_g."""
 
-    def __init__(self, layout: SkipLayout, kernel_size: int = 1, condition_type: str = "canny") -> None:
+    def __init__(
+        self,
+        shape: SkipShape,
+        kernel_size: int = 1,
+        condition_type: str = "canny",
+        *,
+        hint_in_channels: int = 3,
+        hint_channels: int = 256,
+        hint_dim_ratio: float = 1.0,
+        down_ratio: float = 1.0,
+        scale: float = 1.0,
+    ) -> None:
         super().__init__()
-        if kernel_size not in (1, 3):
-            raise ValueError(f"kernel_size must be 1 or 3, got {kernel_size}")
-        self.layout = layout
-        self.kernel_size = kernel_size
-        self.condition_type = condition_type
-        self.pre_hint_blocks = hint_encoder()
-        in_channels = (HINT_CHANNELS,) + layout.channels[:-1]
+        self.config = CSCTunerConfig(
+            shape, kernel_size, condition_type, hint_in_channels, hint_channels, hint_dim_ratio, down_ratio, scale
+        )
+        channels = self.config.shape.channels
+        self.pre_hint_blocks = hint_encoder(hint_in_channels, hint_channels, hint_dim_ratio)
+        in_channels = (hint_channels,) + channels[:-1]
         self.dense_hint_blocks = nn.ModuleList(
             nn.Sequential(nn.SiLU(), zero_conv(c_in, c_out, kernel_size, 2 if down else 1))
-            for c_in, c_out, down in zip(in_channels, layout.channels, layout.is_downsample)
+            for c_in, c_out, down in zip(in_channels, channels, self.config.shape.is_downsample)
         )
         # Only c_0 must start at zero for the tuner to start as the identity (SiLU(0) = 0 keeps every
         # later c_g at zero). Later convs start as the identity on the shared channels: from all zeros,
@@ -71,7 +121,27 @@ class CSCTuner(nn.Module):
             shared = min(conv.in_channels, conv.out_channels)
             with torch.no_grad():
                 conv.weight[range(shared), range(shared), kernel_size // 2, kernel_size // 2] = 1.0
-        self.lsc_tuner_blocks = nn.ModuleList(_TunerBlock(c) for c in layout.channels)
+        self.lsc_tuner_blocks = nn.ModuleList(_TunerBlock(c, mid_width(c, down_ratio)) for c in channels)
+
+    @classmethod
+    def from_config(cls, config: CSCTunerConfig) -> CSCTuner:
+        return cls(
+            config.shape, config.kernel_size, config.condition_type, hint_in_channels=config.hint_in_channels,
+            hint_channels=config.hint_channels, hint_dim_ratio=config.hint_dim_ratio, down_ratio=config.down_ratio,
+            scale=config.scale,
+        )
+
+    @property
+    def shape(self) -> SkipShape:
+        return self.config.shape
+
+    @property
+    def kernel_size(self) -> int:
+        return self.config.kernel_size
+
+    @property
+    def condition_type(self) -> str:
+        return self.config.condition_type
 
     @torch.no_grad()
     def calibrate_hint_encoder(self, images: torch.Tensor) -> None:
@@ -92,8 +162,9 @@ class CSCTuner(nn.Module):
 
     def condition_features(self, image: torch.Tensor) -> ConditionFeatures:
         """c_g for every skip from a condition image (B, 3, 8·h, 8·w) in [0, 1]; depends on nothing else."""
-        if image.ndim != 4 or image.shape[1] != 3:
-            raise ValueError(f"condition image must be (batch, 3, height, width), got {tuple(image.shape)}")
+        channels = self.config.hint_in_channels
+        if image.ndim != 4 or image.shape[1] != channels:
+            raise ValueError(f"condition image must be (batch, {channels}, height, width), got {tuple(image.shape)}")
         c = self.pre_hint_blocks(image.to(self.dense_hint_blocks[0][1].weight.dtype))
         features = []
         for block in self.dense_hint_blocks:  # c_g = ZeroConv_k(SiLU(c_{g-1}))
@@ -102,9 +173,13 @@ class CSCTuner(nn.Module):
         return tuple(features)
 
     def forward(self, g: int, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        """out_g = c_g + T_g(x_g + c_g); the caller adds α · out_g to the skip (Eq. 7)."""
+        """out_g = scale · (c_g + T_g(x_g + c_g)); the caller adds α · out_g to the skip (Eq. 7).
+
+        `lsc_tuner_blocks` here are in encoder order g; official files hold them in decoder order.
+        """
         c = c.to(x.dtype)
-        return c + self.lsc_tuner_blocks[g].tuner_op(x + c)
+        out = c + self.lsc_tuner_blocks[g].tuner_op(x + c)
+        return out if self.config.scale == 1.0 else self.config.scale * out
 
 
 def interpolate_features(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor], weight: float) -> ConditionFeatures:

@@ -1,4 +1,8 @@
-"""Tuner files: safetensors weights plus one JSON metadata entry. No pickle is ever read here."""
+"""Tuner files: safetensors weights plus one JSON metadata entry. No pickle is ever read here.
+
+`save_tuner` / `load_tuner` are the one door for this project's files: the metadata holds the tuner's
+config (`SCTunerConfig` / `CSCTunerConfig`), and `tuner_from_config` builds the module from it.
+"""
 from __future__ import annotations
 
 import json
@@ -12,24 +16,34 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from tuners.csc_tuner import CSCTuner
-from tuners.layout import SkipLayout
-from tuners.sc_tuner import SCTuner
+from tuners.csc_tuner import CSCTuner, CSCTunerConfig
+from tuners.layout import SkipShape
+from tuners.sc_tuner import SCTuner, SCTunerConfig
 
 FORMAT = "scedit-tuner"
-VERSION = 1
+VERSION = 2  # 2: CSC hint widths, down ratio and scale (files of version 1 get the reference defaults)
 METADATA_KEY = "scedit"
 
 Tuner = SCTuner | CSCTuner
+TunerConfig = SCTunerConfig | CSCTunerConfig
 
 
 class TunerFileError(ValueError):
     """A file that is not a readable tuner of this format."""
 
 
+def tuner_from_config(config: TunerConfig) -> Tuner:
+    """An untrained tuner of the kind and shape `config` describes."""
+    return SCTuner.from_config(config) if isinstance(config, SCTunerConfig) else CSCTuner.from_config(config)
+
+
+_CSC_FIELDS = ("kernel_size", "hint_in_channels", "hint_channels", "hint_dim_ratio", "scale")
+
+
 @dataclass
 class TunerMetadata:
-    """What a tuner file says about itself (stored as JSON in the safetensors header)."""
+    """What a tuner file says about itself (stored as JSON in the safetensors header): the tuner's
+    config plus where it came from. The CSC-only fields are None for SC tuners."""
 
     kind: str  # "sc" | "csc"
     base_architecture: str
@@ -38,23 +52,40 @@ class TunerMetadata:
     down_ratio: float = 1.0
     kernel_size: int | None = None
     condition_type: str | None = None
+    hint_in_channels: int | None = None
+    hint_channels: int | None = None
+    hint_dim_ratio: float | None = None
+    scale: float | None = None
     trigger_word: str | None = None
     training: dict[str, Any] = field(default_factory=dict)
     format: str = FORMAT
     version: int = VERSION
 
     @property
-    def layout(self) -> SkipLayout:
-        # Up-block grouping does not affect the tuner's weights; a single group keeps the layout comparable.
-        return SkipLayout(self.skip_channels, self.skip_downsample, (tuple(range(len(self.skip_channels))),))
+    def shape(self) -> SkipShape:
+        return SkipShape(tuple(self.skip_channels), tuple(self.skip_downsample))
+
+    def tuner_config(self) -> TunerConfig:
+        """The config this file's tuner is built from; `ValueError` when a value is out of range."""
+        if self.kind == "sc":
+            return SCTunerConfig(self.shape, self.down_ratio)
+        if self.kind == "csc":
+            given = {name: getattr(self, name) for name in _CSC_FIELDS if getattr(self, name) is not None}
+            return CSCTunerConfig(self.shape, condition_type=self.condition_type or "unknown", down_ratio=self.down_ratio, **given)
+        raise ValueError(f"unknown tuner kind {self.kind!r} (expected 'sc' or 'csc')")
 
     @classmethod
     def describe(cls, tuner: Tuner, base_architecture: str, **extra: Any) -> TunerMetadata:
-        layout = tuner.layout
-        common = dict(base_architecture=base_architecture, skip_channels=layout.channels, skip_downsample=layout.is_downsample)
-        if isinstance(tuner, SCTuner):
-            return cls(kind="sc", down_ratio=tuner.down_ratio, **common, **extra)
-        return cls(kind="csc", kernel_size=tuner.kernel_size, condition_type=tuner.condition_type, **common, **extra)
+        """Metadata for `tuner` (its config) made for `base_architecture`; `extra` sets the other fields."""
+        config = tuner.config
+        common = dict(
+            base_architecture=base_architecture, skip_channels=config.shape.channels,
+            skip_downsample=config.shape.is_downsample, down_ratio=config.down_ratio,
+        )
+        if isinstance(config, SCTunerConfig):
+            return cls(kind="sc", **common, **extra)
+        csc = {name: getattr(config, name) for name in _CSC_FIELDS}
+        return cls(kind="csc", condition_type=config.condition_type, **csc, **common, **extra)
 
     @classmethod
     def from_json(cls, text: str) -> TunerMetadata:
@@ -77,11 +108,6 @@ class TunerMetadata:
             raise TunerFileError(f"skip_channels must be a list of positive whole numbers, got {channels!r}")
         if not (isinstance(downsample, list) and len(downsample) == len(channels) and all(isinstance(d, bool) for d in downsample)):
             raise TunerFileError(f"skip_downsample must be {len(channels)} true/false values, got {downsample!r}")
-        ratio, kernel = data.get("down_ratio", 1.0), data.get("kernel_size")
-        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 4:
-            raise TunerFileError(f"down_ratio must be a number in (0, 4], got {ratio!r}")
-        if kernel not in (None, 1, 3):
-            raise TunerFileError(f"kernel_size must be 1 or 3, got {kernel!r}")
         for name in ("base_architecture", "condition_type", "trigger_word"):
             if not isinstance(data.get(name, ""), (str, type(None))):
                 raise TunerFileError(f"{name} must be text, got {data[name]!r}")
@@ -90,19 +116,14 @@ class TunerMetadata:
         data["skip_channels"] = tuple(channels)
         data["skip_downsample"] = tuple(downsample)
         try:
-            return cls(**data)
+            metadata = cls(**data)
         except TypeError as error:  # a required field is missing
             raise TunerFileError(f"metadata is incomplete: {error}") from error
-
-
-def build_tuner(metadata: TunerMetadata, layout: SkipLayout | None = None) -> Tuner:
-    """An untrained tuner shaped as `metadata` says, on `layout` (default: the file's own skips)."""
-    layout = layout or metadata.layout
-    if metadata.kind == "sc":
-        return SCTuner(layout, metadata.down_ratio)
-    if metadata.kind == "csc":
-        return CSCTuner(layout, metadata.kernel_size or 1, metadata.condition_type or "unknown")
-    raise TunerFileError(f"unknown tuner kind {metadata.kind!r} (expected 'sc' or 'csc')")
+        try:
+            metadata.tuner_config()  # the numbers' ranges are the tuner config's to check
+        except ValueError as error:
+            raise TunerFileError(str(error)) from error
+        return metadata
 
 
 def atomic_write(path: Path, write: Any) -> None:
@@ -120,6 +141,9 @@ def atomic_write(path: Path, write: Any) -> None:
 
 
 def save_tuner(tuner: Tuner, path: str | Path, metadata: TunerMetadata) -> None:
+    """Write `tuner` with `metadata` (from `TunerMetadata.describe`) atomically as one safetensors file."""
+    if metadata.tuner_config() != tuner.config:
+        raise ValueError(f"metadata describes {metadata.tuner_config()}, but the tuner is {tuner.config}")
     tensors = {name: t.detach().to("cpu").contiguous() for name, t in tuner.state_dict().items()}
     header = {METADATA_KEY: json.dumps(asdict(metadata))}
     atomic_write(Path(path), lambda temporary: save_file(tensors, temporary, metadata=header))
@@ -140,13 +164,13 @@ def read_metadata(path: str | Path) -> TunerMetadata:
         raise TunerFileError(f"{path.name} has unreadable SCEdit metadata: {error}") from error
 
 
-def load_tuner(path: str | Path, layout: SkipLayout | None = None, dtype: torch.dtype = torch.float32) -> tuple[Tuner, TunerMetadata]:
-    """Load a tuner file; with `layout`, refuse (naming both layouts) a tuner made for other skips."""
+def load_tuner(path: str | Path, shape: SkipShape | None = None, dtype: torch.dtype = torch.float32) -> tuple[Tuner, TunerMetadata]:
+    """Load a tuner file; with `shape` (the UNet's skips), refuse one made for other skips, naming both."""
     path = Path(path)
     metadata = read_metadata(path)
-    if layout is not None:
-        layout.check_matches(metadata.layout, f"tuner file {path.name}")
-    tuner = build_tuner(metadata, layout)
+    if shape is not None:
+        shape.check_matches(metadata.shape, f"tuner file {path.name}")
+    tuner = tuner_from_config(metadata.tuner_config())
     try:
         state = load_file(str(path))
     except (SafetensorError, OSError) as error:

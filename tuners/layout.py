@@ -1,5 +1,8 @@
 """Where the skip connections of a diffusers `UNet2DConditionModel` are, derived from its config.
 
+`SkipShape` is what tuners and files need (channels, downsample flags); `SkipLayout` adds the routing
+to the up blocks, which only the editor (hooks) and the import of diffusers-keyed checkpoints need.
+
 `down_block_res_samples` holds, in encoder order g = 0..K-1, the `conv_in` output, then each down
 block's resnet outputs and its downsampler output. Up block b receives the last `len(resnets)`
 entries of what remains as `res_hidden_states_tuple` and pops from the end (DESIGN.md §3).
@@ -18,16 +21,27 @@ class LayoutMismatchError(ValueError):
 
 
 @dataclass(frozen=True)
-class SkipLayout:
-    """Channels and resolution of every skip connection, and which up block receives which skip."""
+class SkipShape:
+    """Channels of every skip connection (encoder order g) and which ones are downsampler outputs.
+
+    This is all a tuner's weights depend on; files and official checkpoints carry exactly this.
+    """
 
     channels: tuple[int, ...]
     is_downsample: tuple[bool, ...]
-    up_block_skips: tuple[tuple[int, ...], ...]
+
+    def __post_init__(self) -> None:
+        if len(self.channels) != len(self.is_downsample):
+            raise ValueError(f"{len(self.channels)} skip channels but {len(self.is_downsample)} downsample flags")
 
     @property
     def num_skips(self) -> int:
         return len(self.channels)
+
+    @property
+    def shape(self) -> SkipShape:
+        """The shape alone (a `SkipLayout` drops its routing)."""
+        return SkipShape(tuple(self.channels), tuple(self.is_downsample))
 
     def downsamples_before(self, g: int) -> int:
         """Number of downsamplers up to and including skip g: skip g has latent size / 2**this."""
@@ -37,13 +51,20 @@ class SkipLayout:
         marks = ",".join(f"{c}{'↓' if d else ''}" for c, d in zip(self.channels, self.is_downsample))
         return f"{self.num_skips} skips [{marks}]"
 
-    def check_matches(self, other: SkipLayout, what: str) -> None:
-        """Raise `LayoutMismatchError` naming both layouts unless `other` has the same skips."""
-        if (self.channels, self.is_downsample) != (other.channels, other.is_downsample):
+    def check_matches(self, other: SkipShape, what: str) -> None:
+        """Raise `LayoutMismatchError` naming both shapes unless `other` has the same skips."""
+        if (tuple(self.channels), tuple(self.is_downsample)) != (tuple(other.channels), tuple(other.is_downsample)):
             raise LayoutMismatchError(
                 f"{what} was built for a UNet with {other.describe()}, but this UNet has {self.describe()} "
                 "(↓ marks downsample outputs). Use a tuner trained for this base model."
             )
+
+
+@dataclass(frozen=True)
+class SkipLayout(SkipShape):
+    """A `SkipShape` plus the UNet's routing: which up block (decoder order) receives which skips."""
+
+    up_block_skips: tuple[tuple[int, ...], ...]
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> SkipLayout:

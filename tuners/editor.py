@@ -123,7 +123,7 @@ class SkipEditor:
 
     # -- what to apply --------------------------------------------------------------------------
     def add_sc_tuner(self, name: str, tuner: SCTuner, scale: float = 1.0) -> None:
-        self.layout.check_matches(tuner.layout, f"SC tuner '{name}'")
+        self.layout.check_matches(tuner.shape, f"SC tuner '{name}'")
         self.sc_tuners[name] = (tuner.to(self._device()), scale)
 
     def remove_sc_tuner(self, name: str) -> None:
@@ -132,7 +132,7 @@ class SkipEditor:
     def set_conditions(self, conditions: Sequence[ControlCondition], normalise_alpha: bool = False) -> None:
         """Replace the CSC conditions; with `normalise_alpha` the α are divided by their sum (paper: Σα = 1)."""
         for condition in conditions:
-            self.layout.check_matches(condition.tuner.layout, f"CSC tuner '{condition.tuner.condition_type}'")
+            self.layout.check_matches(condition.tuner.shape, f"CSC tuner '{condition.tuner.condition_type}'")
             condition.tuner.to(self._device())
         if normalise_alpha and conditions and sum(c.alpha for c in conditions) <= 0:
             raise ValueError("cannot normalise α: the weights sum to 0 or less")

@@ -272,7 +272,7 @@ def _add_train_command(subparsers: argparse._SubParsersAction) -> None:
         from pathlib import Path
 
         from scedit_ui import conditions
-        from scedit_ui.training import TrainingConfig, TrainingProgress, train_tuner
+        from scedit_ui.training import TrainingConfig, TrainingProgress, TunerTrainer, duration
 
         params = conditions.parse_params(args.condition, args.param) if args.condition and args.param else {}
         if args.param and not args.condition:
@@ -295,12 +295,18 @@ def _add_train_command(subparsers: argparse._SubParsersAction) -> None:
         every = max(1, config.steps // 100)
 
         def report(event: TrainingProgress) -> None:
-            if event.step % every == 0 or event.checkpoint or event.step == event.total_steps:
+            if event.step % every == 0 or event.checkpoint or event.previews or event.step == event.total_steps:
                 saved = f", checkpoint {event.checkpoint}" if event.checkpoint else ""
-                print(f"step {event.step}/{event.total_steps} loss {event.loss:.4f} eta {event.eta_seconds:.0f} s{saved}", file=sys.stderr)
+                print(f"step {event.step}/{event.total_steps} loss {event.loss:.4f} eta {duration(event.eta_seconds)} "
+                      f"elapsed {duration(event.elapsed_seconds)}{saved}", file=sys.stderr)
+            if event.preview_paths:
+                print(f"  previews: {' '.join(map(str, event.preview_paths))}", file=sys.stderr)
 
         try:
-            result = train_tuner(config, report, cancel)
+            trainer = TunerTrainer(config)  # bad data or settings end here, before any line of progress
+            print(f"training {trainer.data.description}: {config.steps} steps; checkpoints and previews in {config.work}",
+                  file=sys.stderr)
+            result = trainer.run(report, cancel)
         finally:
             signal.signal(signal.SIGINT, previous_handler)
         if result.cancelled:

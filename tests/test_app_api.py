@@ -1,6 +1,7 @@
 """The launched app through gradio_client: every public endpoint, on a random-weight SD folder (64 px, CPU)."""
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -25,7 +26,8 @@ PROMPT = "a red circle at the top left on a blue background"
 PUBLIC_ENDPOINTS = {
     "/generate", "/read_png_settings", "/extract_conditions", "/control_generate", "/control_interpolate",
     "/skip_tuning_compare", "/rho_schedule", "/tuner_details", "/rename_tuner", "/delete_tuner", "/import_tuner",
-    "/export_tuner", "/list_tuners", "/load_model", "/memory_options", "/train_start", "/train_cancel", "/training_status",
+    "/export_tuner", "/list_tuners", "/load_model", "/memory_options", "/train_start", "/train_cancel", "/train_resume",
+    "/training_status",
 }
 
 
@@ -309,9 +311,11 @@ def test_training_from_uploaded_images_with_captions(served, tmp_path):
     assert status.startswith("Finished from-uploads: 1 steps")
 
 
-def test_training_refuses_images_without_captions_before_starting(served):
-    with pytest.raises(AppError, match="have no caption"):
-        train(served.client, "no-captions", data_source="My images", files=[handle_file(str(served.pictures[0]))])
+def test_training_refuses_images_of_which_only_some_have_captions_before_starting(served, tmp_path):
+    (tmp_path / f"{served.pictures[0].stem}.txt").write_text("a caption")
+    files = [handle_file(str(p)) for p in (*served.pictures, tmp_path / f"{served.pictures[0].stem}.txt")]
+    with pytest.raises(AppError, match="1 of 2 images .* have no caption"):
+        train(served.client, "some-captions", data_source="My images", files=files)
     with pytest.raises(AppError, match="already exists"):
         train(served.client, "style")
 
@@ -322,6 +326,24 @@ def test_cancel_stops_a_training_without_adding_a_tuner(served):
     _, status, *_ = wait_for_training(served.client)
     assert status.startswith("Cancelled") and not (served.library / "cancelled-run.safetensors").exists()
     assert served.client.predict(api_name="/train_cancel") == "no training is running"
+
+
+def test_a_cancelled_training_resumes_from_its_checkpoint_and_continues_its_loss_curve(served):
+    train(served.client, "resumed-run", steps=5000, preview_every=0)
+    deadline = time.monotonic() + 60
+    while not served.client.predict(api_name="/training_status")[2]["data"] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    served.client.predict(api_name="/train_cancel")
+    _, status, *_ = wait_for_training(served.client)
+    done = int(re.match(r"Cancelled after (\d+) steps", status)[1])
+    assert done >= 1
+    with pytest.raises(AppError, match=f"has done {done} steps; set Steps above"):
+        served.client.predict(done, api_name="/train_resume")
+    assert served.client.predict(done + 2, api_name="/train_resume")[0].startswith("Resuming resumed-run")
+    progress, status, plot, *_ = wait_for_training(served.client)
+    assert status.startswith(f"Finished resumed-run: {done + 2} steps") and f"step {done + 2} / {done + 2}" in progress
+    assert [row[0] for row in plot["data"]] == list(range(1, done + 3))
+    assert (served.library / "resumed-run.safetensors").is_file()
 
 
 def test_load_model_explains_a_bad_name_and_keeps_the_current_model(served):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import threading
 from dataclasses import replace
 from pathlib import Path
@@ -70,6 +71,13 @@ def test_folder_captions_come_from_sidecar_files_or_metadata_jsonl(image_folder,
     assert data.caption(2) == "<sce> a listed caption"
     assert data.caption(0).startswith("<sce> ") and data.caption(0).endswith("in stripes style")
     assert data.image(0, 64).size == (64, 64)  # Resize + CenterCrop to the training resolution
+
+
+def test_a_folder_without_any_captions_trains_on_the_trigger_word_alone(image_folder, tmp_path):
+    for sidecar in image_folder.glob("*.txt"):
+        sidecar.unlink()
+    data = load_training_data(config_for(tmp_path, Path("unused"), data=str(image_folder), trigger="<sce>"))
+    assert [data.caption(i) for i in range(3)] == ["<sce>"] * 3
 
 
 def test_shapes_sources_give_a_few_shot_set_for_sc_and_a_stream_for_csc(tmp_path):
@@ -243,18 +251,25 @@ def test_previews_come_from_fixed_prompts_every_n_steps(tmp_path, random_sd_fold
     assert [len(e.previews) for e in events] == [2, 2]
     assert all(image.size == (64, 64) for e in events for image in e.previews)
     assert len(result.previews) == 4 and all(path.is_file() for path in result.previews)
+    assert [path for e in events for path in e.preview_paths] == result.previews
+    assert 0 < events[0].elapsed_seconds <= events[1].elapsed_seconds
 
 
 # --- command line -------------------------------------------------------------------------------------------------
 
 
-def test_cli_trains_and_prints_the_output_path(tmp_path, random_sd_folder, capsys):
+def test_cli_prints_step_loss_time_left_and_previews_then_the_output_path(tmp_path, random_sd_folder, capsys):
     out = tmp_path / "style.safetensors"
     code = main(["train", "--kind", "sc", "--data", "shapes:pixelate", "--steps", "2", "--batch", "1", "--out", str(out),
-                 "--trigger", "<sce>", "--model", str(random_sd_folder), "--work-dir", str(tmp_path / "work")])
+                 "--trigger", "<sce>", "--model", str(random_sd_folder), "--work-dir", str(tmp_path / "work"),
+                 "--preview-every", "1", "--preview-prompt", "<sce> a red star"])
     captured = capsys.readouterr()
     assert code == 0 and captured.out.strip() == str(out)
-    assert "step 2/2" in captured.err
+    lines = captured.err.splitlines()
+    assert lines[0].startswith("training Shapes world (pixelate), 30 scenes: 2 steps") and str(tmp_path / "work") in lines[0]
+    assert re.fullmatch(r"step 1/2 loss \d+\.\d{4} eta \d+:\d\d elapsed \d+:\d\d", lines[1])
+    previews = [Path(p) for line in lines if line.startswith("  previews: ") for p in line.split()[1:]]
+    assert [p.name for p in previews] == ["step-000001-0.png", "step-000002-0.png"] and all(p.is_file() for p in previews)
     assert load_tuner(out)[1].trigger_word == "<sce>"
 
 

@@ -119,13 +119,16 @@ class TrainingConfig:
 
 @dataclass
 class TrainingProgress:
-    """One finished step; `previews` and `checkpoint` are set on the steps that made them."""
+    """One finished step; `previews` (and the files they were written to) and `checkpoint` are set on the
+    steps that made them. `elapsed_seconds` counts the training time of all sessions of a resumed run."""
 
     step: int
     total_steps: int
     loss: float
     eta_seconds: float
+    elapsed_seconds: float = 0.0
     previews: list[Image.Image] = field(default_factory=list)
+    preview_paths: list[Path] = field(default_factory=list)
     checkpoint: Path | None = None
 
 
@@ -143,6 +146,13 @@ class TrainingResult:
 
 
 ProgressCallback = Callable[[TrainingProgress], None]
+
+
+def duration(seconds: float) -> str:
+    """m:ss (h:mm:ss from an hour on), as the CLI and the Train tab show elapsed time and time left."""
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
 
 
 def _check_int(name: str, value: Any, low: int, high: int) -> None:

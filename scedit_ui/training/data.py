@@ -20,7 +20,6 @@ from scedit_ui.training.config import IMAGE_SUFFIXES, DEFAULT_SHAPES_IMAGES, Tra
 logger = logging.getLogger(__name__)
 
 
-
 def prepare_caption(text: str, trigger: str | None = None, remove_words: Sequence[str] = ()) -> str:
     """`text` without the `remove_words` phrases (case-insensitive, whole words), prefixed by `trigger`."""
     for phrase in remove_words:
@@ -96,11 +95,15 @@ def _folder_data(config: TrainingConfig, folder: Path) -> TrainingData:
             captions.append(sidecar.read_text(encoding="utf-8", errors="replace").strip())
         else:
             missing.append(path.name)
-    if missing:
+    if len(missing) == len(files):
+        # No captions at all: the trigger word alone (or nothing) stands for every picture, the usual few-shot setup.
+        logger.info("%s has no captions; training on the images with %r as the caption", folder, config.trigger or "")
+        captions = [""] * len(files)
+    elif missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise UserInputError(
             f"{len(missing)} of {len(files)} images in {folder} have no caption: {shown}. Write NAME.txt next to each "
-            'image, or a metadata.jsonl with lines {"file_name": "NAME.png", "text": "the caption"}'
+            'image, or a metadata.jsonl with lines {"file_name": "NAME.png", "text": "the caption"} (or give no image a caption)'
         )
     for path in files:  # decode every picture now: a broken file must not stop training at step 900
         try:

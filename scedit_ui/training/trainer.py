@@ -304,12 +304,13 @@ class TunerTrainer:
                                       previews=preview_paths, main_process=accelerator.is_main_process)
             losses.append(self._step(step))
             step += 1
-            event = TrainingProgress(step, config.steps, losses[-1], _eta(started, step - start, config.steps - step))
+            event = TrainingProgress(step, config.steps, losses[-1], _eta(started, step - start, config.steps - step), seconds())
             if step % config.checkpoint_every == 0 or step == config.steps:
                 event.checkpoint = checkpoint = self._save_checkpoint(step, _mean_tail(losses), seconds())
             if config.preview_every and (step % config.preview_every == 0 or step == config.steps) and accelerator.is_main_process:
                 event.previews = self.previews()
-                preview_paths += self._write_previews(step, event.previews)
+                event.preview_paths = self._write_previews(step, event.previews)
+                preview_paths += event.preview_paths
             if progress is not None and accelerator.is_main_process:
                 progress(event)
         metadata = self._metadata(step, seconds(), _mean_tail(losses))

@@ -6,7 +6,7 @@ import logging
 import shutil
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import gradio as gr
@@ -15,7 +15,9 @@ from PIL import Image
 
 from scedit_ui.errors import UserInputError
 from scedit_ui.shapes.world import STYLES
-from scedit_ui.training import TRAINABLE_CONDITIONS, TrainingConfig, TrainingProgress, TrainingResult, load_training_data, train_tuner
+from scedit_ui.training import (
+    CHECKPOINT_NAME, TRAINABLE_CONDITIONS, TrainingConfig, TrainingProgress, TrainingResult, duration, load_training_data, train_tuner,
+)
 from scedit_ui.ui.handlers import user_errors, whole_number
 from scedit_ui.ui.state import AppState
 
@@ -36,8 +38,9 @@ class TrainingJob:
     cancel: threading.Event = field(default_factory=threading.Event)
     step: int = 0
     eta_seconds: float | None = None
-    losses: list[tuple[int, float]] = field(default_factory=list)
-    previews: list[Image.Image] = field(default_factory=list)
+    elapsed_seconds: float = 0.0
+    losses: list[tuple[int, float]] = field(default_factory=list)  # a resumed run starts with the earlier runs' curve
+    previews: list[tuple[Image.Image, str]] = field(default_factory=list)  # the latest set, captioned with its step
     result: TrainingResult | None = None
     error: str | None = None
     announced: bool = False  # the tab has told the library that the tuner exists
@@ -59,10 +62,12 @@ class TrainingJob:
 
     def _update(self, event: TrainingProgress) -> None:
         with self._lock:
-            self.step, self.eta_seconds = event.step, event.eta_seconds
+            self.step, self.eta_seconds, self.elapsed_seconds = event.step, event.eta_seconds, event.elapsed_seconds
+            if self.losses and self.losses[-1][0] >= event.step:  # resumed from a checkpoint older than the last step shown
+                self.losses = [(step, loss) for step, loss in self.losses if step < event.step]
             self.losses.append((event.step, event.loss))
             if event.previews:
-                self.previews = list(event.previews)
+                self.previews = [(image, f"step {event.step}") for image in event.previews]
 
     def _run(self) -> None:
         try:
@@ -77,13 +82,14 @@ class TrainingJob:
         if self.error:
             return f"Failed: {self.error}"
         if self.result is not None and self.result.cancelled:
-            return f"Cancelled after {self.result.steps} steps; nothing was added to the library"
+            return f"Cancelled after {self.result.steps} steps; nothing was added to the library yet — Resume continues from the checkpoint"
         if self.result is not None:
             return f"Finished {self.name}: {self.result.steps} steps in {self.result.seconds:.0f} s, loss {self.result.loss:.4f} — now in the library"
         if self.cancel.is_set():
             return "Stopping after this step …"
-        if self.step == 0:
-            return f"Preparing {self.name}: loading the data and a copy of the base model …"
+        if self.eta_seconds is None:  # no step of this session yet
+            verb = "Resuming" if self.config.resume else "Preparing"
+            return f"{verb} {self.name}: loading the data and a copy of the base model …"
         return f"Training {self.name}"
 
 
@@ -124,7 +130,8 @@ def training_config(
         kind=kind, data=data, out=out, condition=condition if kind == "csc" else None, trigger=trigger,
         remove_words=tuple((remove_words or "").split(",")), steps=steps,
         batch_size=whole_number("batch size", batch_size), learning_rate=float(learning_rate),
-        resolution=whole_number("resolution", resolution), seed=whole_number("seed", seed), checkpoint_every=steps,
+        resolution=whole_number("resolution", resolution), seed=whole_number("seed", seed),
+        checkpoint_every=max(1, steps // 10),  # Cancel keeps the finished steps anyway; this covers a crash
         preview_every=whole_number("preview interval", preview_every), preview_steps=10,
         base_model="" if source is None or source.kind == "builtin" else source.location,
         work_dir=work_dir, device=state.manager.device.type if state.manager.device.type in ("cuda", "cpu") else "auto",
@@ -141,16 +148,37 @@ def start_training(state: AppState, name: str, config: TrainingConfig) -> Traini
     return state.training
 
 
+def resume_training(state: AppState, steps: int) -> TrainingJob:
+    """Continue the last cancelled or failed run from its checkpoint, up to `steps` in all."""
+    job = state.training
+    if job is None:
+        raise UserInputError("there is no training to resume; start one first")
+    if job.running:
+        raise UserInputError(f"{job.name} is still training")
+    if job.result is not None and not job.result.cancelled:
+        raise UserInputError(f"{job.name} has finished and is in the library; start a new training to train more")
+    if not (job.config.work / CHECKPOINT_NAME).is_file():
+        raise UserInputError(f"{job.name} stopped before its first checkpoint; start it again")
+    steps = whole_number("steps", steps)
+    if steps <= job.step:
+        raise UserInputError(f"{job.name} has done {job.step} steps; set Steps above that to train more")
+    config = replace(job.config, resume=True, steps=steps)
+    resumed = TrainingJob(job.name, config, step=job.step, losses=list(job.losses), previews=list(job.previews))
+    state.training = resumed.start()
+    return resumed
+
+
 def progress_html(job: TrainingJob | None) -> str:
     """A progress bar with step, loss and time left."""
     if job is None:
         return "<div class='train-progress'>no training yet</div>"
     total = job.config.steps
     loss = f" · loss {job.losses[-1][1]:.4f}" if job.losses else ""
-    eta = f" · {job.eta_seconds:.0f} s left" if job.eta_seconds is not None and job.running else ""
+    elapsed = f" · {duration(job.elapsed_seconds)} elapsed" if job.elapsed_seconds else ""
+    eta = f" · {duration(job.eta_seconds)} left" if job.eta_seconds is not None and job.running else ""
     return (
         f"<div class='train-progress'><progress value='{job.step}' max='{total}' style='width:100%'></progress>"
-        f"<div>step {job.step} / {total}{loss}{eta} — {html.escape(job.status())}</div></div>"
+        f"<div>step {job.step} / {total}{loss}{elapsed}{eta} — {html.escape(job.status())}</div></div>"
     )
 
 
@@ -197,6 +225,7 @@ def build(state: AppState, library_version: gr.State) -> TrainTab:
             with gr.Row():
                 start_button = gr.Button("Start training", variant="primary", elem_id="train-start")
                 cancel_button = gr.Button("Cancel", variant="stop", interactive=False, elem_id="train-cancel")
+                resume_button = gr.Button("Resume", interactive=False, elem_id="train-resume")
         with gr.Column(scale=3):
             progress = gr.HTML(progress_html(None), elem_id="train-progress")
             status = gr.Markdown(elem_id="train-status")
@@ -223,7 +252,13 @@ def build(state: AppState, library_version: gr.State) -> TrainTab:
         config = training_config(state, name, kind, condition, data, trigger, remove_words, steps, learning_rate, batch_size,
                                  resolution, preview_every, seed, run_dir)
         job = start_training(state, state.library.path_for(name).stem, config)
-        return job.status(), gr.Timer(active=True), gr.Button(interactive=False), gr.Button(interactive=True)
+        return job.status(), gr.Timer(active=True), gr.Button(interactive=False), gr.Button(interactive=True), gr.Button(interactive=False)
+
+    @user_errors
+    def resume(steps: int) -> tuple:
+        """Continue the cancelled (or failed) training from its checkpoint, up to the Steps value."""
+        job = resume_training(state, steps)
+        return job.status(), gr.Timer(active=True), gr.Button(interactive=False), gr.Button(interactive=True), gr.Button(interactive=False)
 
     def cancel() -> str:
         """Stop the running training after its current step (nothing is added to the library)."""
@@ -241,9 +276,11 @@ def build(state: AppState, library_version: gr.State) -> TrainTab:
         if finished and not job.announced:
             job.announced = True
             version += 1
+        resumable = job is not None and not running and (job.error is not None or (job.result is not None and job.result.cancelled))
         return (
             progress_html(job), job.status() if job else "", loss_frame(job), list(job.previews) if job else [],
-            gr.Timer(active=running), gr.Button(interactive=not running), gr.Button(interactive=running), version,
+            gr.Timer(active=running), gr.Button(interactive=not running), gr.Button(interactive=running),
+            gr.Button(interactive=resumable), version,
         )
 
     def show_choices(kind: str, data_source: str) -> tuple:
@@ -255,10 +292,11 @@ def build(state: AppState, library_version: gr.State) -> TrainTab:
     start_button.click(
         start, [name, kind, condition, source, style, files, default_caption, trigger, remove_words, steps, learning_rate, batch,
                 resolution, preview_every, seed],
-        [status, timer, start_button, cancel_button], api_name="train_start",
+        [status, timer, start_button, cancel_button, resume_button], api_name="train_start",
     )
+    resume_button.click(resume, steps, [status, timer, start_button, cancel_button, resume_button], api_name="train_resume")
     cancel_button.click(cancel, None, status, api_name="train_cancel", queue=False)
-    timer.tick(poll, library_version, [progress, status, plot, previews, timer, start_button, cancel_button, library_version],
+    timer.tick(poll, library_version, [progress, status, plot, previews, timer, start_button, cancel_button, resume_button, library_version],
                api_name="training_status", show_progress="hidden")  # queued: only then does the State change fire
     gr.on([kind.change, source.change], show_choices, [kind, source], [condition, style, upload_group],
           api_name="show_training_choices", api_visibility="private", queue=False)

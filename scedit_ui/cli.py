@@ -259,6 +259,10 @@ def _add_train_command(subparsers: argparse._SubParsersAction) -> None:
     command.add_argument("--preview-every", type=int, default=0)
     command.add_argument("--preview-prompt", action="append", default=[], metavar="TEXT")
     command.add_argument("--gradient-checkpointing", action="store_true", help="checkpoint the decoder blocks (less memory, slower)")
+    command.add_argument(
+        "--optimizer", default="adamw",
+        help="adamw (default); adamw-fused: one kernel per step; adamw-8bit: bitsandbytes on a CUDA GPU, a quarter of the state",
+    )
     command.add_argument("--down-ratio", type=float, default=1.0, help="sc: adapter mid width / channels")
     command.add_argument("--kernel", type=int, default=1, choices=(1, 3), help="csc: cascade conv kernel")
     command.add_argument("--fp16", action="store_true", help="save fp16 weights (half the file)")
@@ -282,7 +286,8 @@ def _add_train_command(subparsers: argparse._SubParsersAction) -> None:
             trigger=args.trigger, remove_words=tuple(args.remove_word), steps=args.steps, batch_size=args.batch,
             learning_rate=args.lr, caption_dropout=args.caption_dropout, resolution=args.resolution, seed=args.seed,
             checkpoint_every=args.checkpoint_every, preview_every=args.preview_every, preview_prompts=tuple(args.preview_prompt),
-            gradient_checkpointing=args.gradient_checkpointing, down_ratio=args.down_ratio, kernel_size=args.kernel,
+            gradient_checkpointing=args.gradient_checkpointing, optimizer=args.optimizer, down_ratio=args.down_ratio,
+            kernel_size=args.kernel,
             base_model=args.model, work_dir=Path(args.work_dir) if args.work_dir else None, resume=args.resume,
             shapes_images=args.images, save_dtype="float16" if args.fp16 else "float32", device=args.device,
         ).validated()

@@ -20,10 +20,14 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".g
 # Conditions whose geometry matches the picture (outpaint changes the canvas, so it is trained as inpaint).
 TRAINABLE_CONDITIONS = ("canny", "color", "inpaint", "sketch", "scribble", "hed", "depth", "pose", "seg")
 DEFAULT_SHAPES_IMAGES = 30
+# torch's AdamW, its fused kernel (one kernel per step: no per-step temporaries), or bitsandbytes' 8-bit AdamW
+# (2 bytes of state per trained value instead of 8). bench/train_memory.py counts what each keeps.
+OPTIMIZERS = ("adamw", "adamw-fused", "adamw-8bit")
 # What a checkpoint must share with the run that resumes it (steps may grow: training continues).
 _RESUME_KEYS = (
     "kind", "condition", "condition_params", "data", "trigger", "remove_words", "batch_size", "learning_rate",
     "weight_decay", "resolution", "seed", "down_ratio", "kernel_size", "base_model", "shapes_images", "caption_dropout",
+    "optimizer",  # 8-bit AdamW's state does not load into torch's AdamW
 )
 
 
@@ -52,6 +56,7 @@ class TrainingConfig:
     preview_seeds: tuple[int, ...] = (0,)
     preview_steps: int = 20
     gradient_checkpointing: bool = False
+    optimizer: str = "adamw"  # one of OPTIMIZERS
     down_ratio: float = 1.0  # SC: mid width of each adapter = int(C · down_ratio)
     kernel_size: int = 1  # CSC: cascade conv kernel (1 or 3)
     base_model: str = ""  # "" = the built-in tiny model
@@ -100,6 +105,8 @@ class TrainingConfig:
             _check_int("number of Shapes-world images", self.shapes_images, 1, 10_000_000)
         if self.save_dtype not in ("float32", "float16"):
             raise UserInputError(f"save dtype must be float32 or float16, got {self.save_dtype!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise UserInputError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
         if self.device not in ("auto", "cuda", "cpu"):
             raise UserInputError(f"device must be auto, cuda or cpu, got {self.device!r}")
         if Path(self.out).suffix != ".safetensors":

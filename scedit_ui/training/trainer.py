@@ -69,6 +69,20 @@ def _to_tensor(images: Sequence[Image.Image]) -> torch.Tensor:
     return torch.from_numpy(np.stack([np.asarray(i.convert("RGB"), dtype=np.float32) for i in images]) / 255.0).permute(0, 3, 1, 2)
 
 
+def make_optimizer(config: TrainingConfig, parameters: list[nn.Parameter], device: torch.device) -> torch.optim.Optimizer:
+    """The AdamW `config.optimizer` names, with the run's learning rate and weight decay."""
+    if config.optimizer == "adamw-8bit":
+        if device.type != "cuda":
+            raise UserInputError("8-bit AdamW (bitsandbytes) runs on a CUDA GPU; here use --optimizer adamw or adamw-fused")
+        try:
+            import bitsandbytes
+        except ImportError:
+            raise UserInputError("8-bit AdamW needs bitsandbytes: pip install bitsandbytes, or use --optimizer adamw-fused") from None
+        return bitsandbytes.optim.AdamW8bit(parameters, lr=config.learning_rate, weight_decay=config.weight_decay)
+    fused = config.optimizer == "adamw-fused"
+    return torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=config.weight_decay, fused=fused)
+
+
 class TunerTrainer:
     """One training run: validates the config and data, loads its own copy of the base model, trains, saves.
 
@@ -125,7 +139,7 @@ class TunerTrainer:
         if config.gradient_checkpointing:
             pipeline.unet.enable_gradient_checkpointing()  # only the decoder records a graph, so only it is checkpointed
         self.parameters = self.editor.train_mode(True)
-        optimizer = torch.optim.AdamW(self.parameters, lr=config.learning_rate, weight_decay=config.weight_decay)
+        optimizer = make_optimizer(config, self.parameters, self.device)
         self.model, self.optimizer = self.accelerator.prepare(TunedDenoiser(pipeline.unet, self.editor, self.tuner), optimizer)
         self._latents: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._text: dict[str, torch.Tensor] = {}

@@ -1,8 +1,4 @@
-"""The one error type shown to users: raised where the problem is known, displayed once at the edge."""
+"""The one error type shown to users, defined with the validation layer in `tuners.validation`."""
+from tuners.validation import UserInputError
 
-
-class UserInputError(ValueError):
-    """Bad input or a missing resource, with a message that tells the user what to do.
-
-    The CLI prints it on one line and exits with code 2; the UI shows it as a toast.
-    """
+__all__ = ["UserInputError"]

@@ -13,7 +13,7 @@ from typing import Any
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from scedit_ui.errors import UserInputError
+from tuners.validation import UserInputError, check_choice, check_number, check_step_range
 
 SCHEDULERS = ("DDIM", "DPM++ 2M", "DPM++ 2M Karras", "Euler a")
 FREEU_PRESETS: dict[str, tuple[float, float, float, float]] = {  # s1, s2, b1, b2 (diffusers docs)
@@ -37,7 +37,11 @@ class TunerUse:
 
 @dataclass(frozen=True)
 class ConditionUse:
-    """A CSC tuner file with its (already extracted) condition image; see `tuners.ControlCondition`."""
+    """A CSC tuner file with its (already extracted) condition image; see `tuners.ControlCondition`.
+
+    `mask` is a spatial α map (white: full α, black: none; any size, stretched to the image), and
+    `skip_weights` scale α per skip (encoder order g; `tuners.skip_weight_preset` makes the presets).
+    """
 
     tuner: str
     image: Image.Image
@@ -45,6 +49,8 @@ class ConditionUse:
     step_range: tuple[float, float] = (0.0, 1.0)
     blend_image: Image.Image | None = None
     blend: float = 0.0
+    mask: Image.Image | None = None
+    skip_weights: tuple[float, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -91,50 +97,42 @@ class GenerationRequest:
             if not isinstance(use.tuner, (str, os.PathLike)):
                 raise UserInputError(f"a tuner must be given as a file path, got {use.tuner!r}")
         for use in self.conditions:
-            if not isinstance(use.image, Image.Image) or not isinstance(use.blend_image, (Image.Image, type(None))):
-                raise UserInputError(f"the condition images of {Path(use.tuner).name} must be PIL images")
+            if not isinstance(use.image, Image.Image) or not all(isinstance(i, (Image.Image, type(None))) for i in (use.blend_image, use.mask)):
+                raise UserInputError(f"the condition images and mask of {Path(use.tuner).name} must be PIL images")
+            _check_skip_weights(f"per-skip α of {Path(use.tuner).name}", use.skip_weights, num_skips)
         # Messages name a tuner by its file name: on a server its folder means nothing to the user.
-        numbers = {
-            "seed": self.seed, "steps": self.steps, "guidance": self.guidance, "batch size": self.batch_size,
-            **{f"scale of {Path(t.tuner).name}": t.scale for t in self.sc_tuners},
-            **{f"alpha of {Path(c.tuner).name}": c.alpha for c in self.conditions},
-        }
-        for name, value in numbers.items():
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise UserInputError(f"{name} must be a finite number, got {value!r}")
-        if self.scheduler not in SCHEDULERS:
-            raise UserInputError(f"unknown scheduler {self.scheduler!r}; choose one of: {', '.join(SCHEDULERS)}")
-        _check_range("seed", self.seed, 0, MAX_SEED, integer=True)
-        _check_range("steps", self.steps, 1, 150, integer=True)
-        _check_range("guidance", self.guidance, 0.0, 30.0)
-        _check_range("batch size", self.batch_size, 1, 8, integer=True)
+        check_choice("scheduler", self.scheduler, SCHEDULERS)
+        check_number("seed", self.seed, 0, MAX_SEED, integer=True)
+        check_number("steps", self.steps, 1, 150, integer=True)
+        check_number("guidance", self.guidance, 0.0, 30.0)
+        check_number("batch size", self.batch_size, 1, 8, integer=True)
         width = native_size if self.width is None else self.width
         height = native_size if self.height is None else self.height
         for name, value in (("width", width), ("height", height)):
-            _check_range(name, value, 64, 2048, integer=True)
+            check_number(name, value, 64, 2048, integer=True)
             if value % 8:
                 raise UserInputError(f"{name} must be a multiple of 8 (the VAE downsamples by 8), got {value}")
         for use in self.sc_tuners:
-            _check_range(f"scale of {Path(use.tuner).name}", use.scale, -4.0, 4.0)
+            check_number(f"scale of {Path(use.tuner).name}", use.scale, -4.0, 4.0)
         for use in self.conditions:
-            _check_range(f"alpha of {Path(use.tuner).name}", use.alpha, 0.0, 4.0)
-            _check_step_range(f"step range of {Path(use.tuner).name}", use.step_range)
-            _check_range(f"blend of {Path(use.tuner).name}", use.blend, 0.0, 1.0)
+            check_number(f"alpha of {Path(use.tuner).name}", use.alpha, 0.0, 4.0)
+            check_step_range(f"step range of {Path(use.tuner).name}", use.step_range)
+            check_number(f"blend of {Path(use.tuner).name}", use.blend, 0.0, 1.0)
         if self.normalise_alpha and self.conditions and sum(c.alpha for c in self.conditions) <= 0:
             raise UserInputError("cannot normalise α: the condition weights sum to 0")
         if self.skip_tuning is not None:
             st = self.skip_tuning
             for name, value in [("ρ outer", st.rho_outer), ("ρ inner", st.rho_inner), *((f"ρ of skip {g}", r) for g, r in st.overrides)]:
-                _check_range(name, value, 0.0, 4.0)
+                check_number(name, value, 0.0, 4.0)
             last_skip = num_skips - 1 if num_skips is not None else math.inf
             for g, _ in st.overrides:
-                _check_range("Skip-Tuning skip index", g, 0, last_skip, integer=True)
-            _check_step_range("Skip-Tuning step range", st.step_range)
+                check_number("Skip-Tuning skip index", g, 0, last_skip, integer=True)
+            check_step_range("Skip-Tuning step range", st.step_range)
         if self.freeu is not None:
             if len(self.freeu) != 4:
                 raise UserInputError(f"FreeU needs four factors s1, s2, b1, b2, got {self.freeu}")
             for name, value in zip(("s1", "s2", "b1", "b2"), self.freeu):
-                _check_range(f"FreeU {name}", value, 0.0, 4.0)
+                check_number(f"FreeU {name}", value, 0.0, 4.0)
         return replace(self, width=width, height=height)
 
     # -- metadata --------------------------------------------------------------------------------
@@ -143,6 +141,7 @@ class GenerationRequest:
         for condition, raw in zip(self.conditions, data["conditions"]):
             raw["image"] = _image_to_text(condition.image)
             raw["blend_image"] = _image_to_text(condition.blend_image) if condition.blend_image is not None else None
+            raw["mask"] = _image_to_text(condition.mask.convert("L")) if condition.mask is not None else None
         return json.dumps(data, sort_keys=True)
 
     @classmethod
@@ -157,6 +156,8 @@ class GenerationRequest:
                     **c,
                     "image": _image_from_text(c["image"]),
                     "blend_image": _image_from_text(c["blend_image"]) if c.get("blend_image") else None,
+                    "mask": _image_from_text(c["mask"]).convert("L") if c.get("mask") else None,
+                    "skip_weights": tuple(c["skip_weights"]) if c.get("skip_weights") is not None else None,
                     "step_range": tuple(c["step_range"]),
                 }
             )
@@ -178,7 +179,13 @@ class GenerationRequest:
             f"Size: {self.width}x{self.height}", f"Model: {model_name}",
         ]
         settings += [f"SC tuner: {t.tuner} ({t.scale})" for t in self.sc_tuners]
-        settings += [f"Control: {c.tuner} (α {c.alpha}, steps {c.step_range[0]}-{c.step_range[1]})" for c in self.conditions]
+        settings += [
+            f"Control: {c.tuner} (α {c.alpha}, steps {c.step_range[0]}-{c.step_range[1]}"
+            + (", masked" if c.mask is not None else "")
+            + (f", per-skip α {','.join(f'{w:g}' for w in c.skip_weights)}" if c.skip_weights is not None else "")
+            + ")"
+            for c in self.conditions
+        ]
         if self.skip_tuning is not None:
             settings.append(f"Skip-Tuning ρ: {self.skip_tuning.rho_outer}->{self.skip_tuning.rho_inner}")
         if self.freeu is not None:
@@ -187,23 +194,13 @@ class GenerationRequest:
         return f"{self.prompt}{negative}\n{', '.join(settings)}"
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _check_range(name: str, value: float, low: float, high: float, integer: bool = False) -> None:
-    if integer and not (isinstance(value, int) and not isinstance(value, bool) or isinstance(value, float) and value.is_integer()):
-        raise UserInputError(f"{name} must be a whole number, got {value!r}")
-    if not (_is_number(value) and math.isfinite(value) and low <= value <= high):
-        raise UserInputError(f"{name} must be between {low} and {high}, got {value!r}")
-
-
-def _check_step_range(name: str, step_range: tuple[float, float]) -> None:
-    if not (isinstance(step_range, (tuple, list)) and len(step_range) == 2 and all(_is_number(v) for v in step_range)):
-        raise UserInputError(f"{name} must be two numbers (start, end), got {step_range!r}")
-    start, end = step_range
-    if not (math.isfinite(start) and math.isfinite(end) and 0.0 <= start <= end <= 1.0):
-        raise UserInputError(f"{name} must satisfy 0 ≤ start ≤ end ≤ 1, got {step_range}")
+def _check_skip_weights(name: str, weights: tuple[float, ...] | None, num_skips: int | None) -> None:
+    if weights is None:
+        return
+    if not isinstance(weights, (tuple, list)) or not all(isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) and 0.0 <= w <= 4.0 for w in weights):
+        raise UserInputError(f"{name} must be numbers between 0 and 4, one per skip, got {weights!r}")
+    if num_skips is not None and len(weights) != num_skips:
+        raise UserInputError(f"{name} has {len(weights)} values, but this model has {num_skips} skips; pick a preset or give {num_skips}")
 
 
 def _image_to_text(image: Image.Image) -> str:
@@ -249,7 +246,7 @@ def request_from_png(image: Image.Image) -> tuple[GenerationRequest, int, str]:
         raise UserInputError(f"the SCEdit Studio metadata of this image is damaged ({type(error).__name__}: {error})") from None
     try:
         request.validated(native_size=request.width or 512)
-        _check_range("image index", index, 0, request.batch_size - 1, integer=True)
+        check_number("image index", index, 0, request.batch_size - 1, integer=True)
     except UserInputError as error:
         raise UserInputError(f"the SCEdit Studio metadata of this image is damaged: {error}") from None
     return request, int(index), str(model)

@@ -317,7 +317,7 @@ def test_requests_fill_defaults_so_equal_meanings_compare_equal():
         (("canny", (64, 64), "stretch"), "fit must be"),
         (("canny", (0, 64)), "out of range"),
         (("canny", (64, 64), "crop", {"sigma": 2}), "no parameter 'sigma'"),
-        (("canny", (64, 64), "crop", {"low": -1}), "between"),
+        (("canny", (64, 64), "crop", {"low": -1}), "low must be a whole number from 0 to 1000"),
         (("canny", (64, 64), "crop", {"low": 1.5}), "whole number"),
         (("hed", (64, 64), "crop", {"safe": "maybe"}), "true or false"),
         (("seg", (64, 64), "crop", {"model": "unet"}), "one of"),

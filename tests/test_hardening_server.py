@@ -182,12 +182,12 @@ def test_generate_refuses_bad_values_by_name(served, change, message):
     "api_name, values, message",
     [
         ("generate", {"seed": float("nan")}, "Seed (-1 = random): nan is not a valid value"),
-        ("generate", {"guidance": float("nan")}, "guidance must be a finite number, got nan"),
+        ("generate", {"guidance": float("nan")}, "guidance must be a number from 0 to 30, got nan"),
         ("generate", {"width": float("nan")}, "width must be a whole number, got nan"),
-        ("generate", {"scale_1": float("nan"), "tuner_1": "style"}, "scale of style.safetensors must be a finite number, got nan"),
+        ("generate", {"scale_1": float("nan"), "tuner_1": "style"}, "scale of style.safetensors must be a number from -4 to 4, got nan"),
         ("rho_schedule", {"rho_inner": float("nan")}, "ρ inner must be a number from 0 to 4, got nan"),
-        ("skip_tuning_compare", {"rho_3": float("nan")}, "ρ of skip 3 must be between 0.0 and 4.0, got nan"),
-        ("skip_tuning_compare", {"use_freeu": True, "s1": float("nan")}, "FreeU s1 must be between 0.0 and 4.0, got nan"),
+        ("skip_tuning_compare", {"rho_3": float("nan")}, "ρ of skip 3 must be a number from 0 to 4, got nan"),
+        ("skip_tuning_compare", {"use_freeu": True, "s1": float("nan")}, "FreeU s1 must be a number from 0 to 4, got nan"),
         ("train_start", {"name": "nan-run", "learning_rate": float("nan")}, "learning rate must be a number"),
     ],
 )

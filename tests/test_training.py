@@ -278,7 +278,7 @@ def test_cli_prints_step_loss_time_left_and_previews_then_the_output_path(tmp_pa
     [
         (["--kind", "sc", "--data", "EMPTY"], "has no images"),
         (["--kind", "csc", "--data", "shapes"], "needs a condition type"),
-        (["--kind", "csc", "--condition", "canny", "-p", "low=-5", "--data", "shapes"], "low must be between"),
+        (["--kind", "csc", "--condition", "canny", "-p", "low=-5", "--data", "shapes"], "low must be a whole number from 0 to 1000"),
     ],
 )
 def test_cli_bad_input_exits_with_code_2_and_one_line(arguments, message, tmp_path, capsys):

@@ -11,6 +11,7 @@ from PIL import Image
 from scedit_ui.conditions import annotators
 from scedit_ui.conditions.images import MASK_FILL
 from scedit_ui.errors import UserInputError
+from tuners.validation import check_choice, check_number
 
 # --- parameters and kinds -------------------------------------------------------------------------------------
 
@@ -43,9 +44,7 @@ class ParamSpec:
                 raise UserInputError(f"{self.name} must be true or false, not {value!r}")
             return bool(value)
         if self.type == "choice":
-            if value not in self.choices:
-                raise UserInputError(f"{self.name} must be one of {', '.join(self.choices)}, not {value!r}")
-            return value
+            return check_choice(self.name, value, self.choices)
         number_type = int if self.type == "int" else float
         try:
             number = number_type(value)
@@ -53,11 +52,9 @@ class ParamSpec:
             raise UserInputError(f"{self.name} must be a number ({self.type}), not {value!r}") from None
         if number_type is int and number != float(value):
             raise UserInputError(f"{self.name} must be a whole number, not {value!r}")
-        if not math.isfinite(number) or (self.minimum is not None and number < self.minimum) or (
-            self.maximum is not None and number > self.maximum
-        ):
-            raise UserInputError(f"{self.name} must be between {self.minimum} and {self.maximum}, not {value!r}")
-        return number
+        low = -math.inf if self.minimum is None else self.minimum
+        high = math.inf if self.maximum is None else self.maximum
+        return check_number(self.name, number, low, high, integer=number_type is int)
 
     def parse(self, text: str) -> Any:
         """`text` (from the command line) converted to this parameter's type."""

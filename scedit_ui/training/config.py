@@ -2,24 +2,23 @@
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from PIL import Image
 
 from scedit_ui import conditions
-from scedit_ui.errors import UserInputError
 from tuners import TunerMetadata
+from tuners.validation import UserInputError, check_number
 
 KINDS = ("sc", "csc")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 # Conditions whose geometry matches the picture (outpaint changes the canvas, so it is trained as inpaint).
 TRAINABLE_CONDITIONS = ("canny", "color", "inpaint", "sketch", "scribble", "hed", "depth", "pose", "seg")
 DEFAULT_SHAPES_IMAGES = 30
+CLUTTER = "shapes+clutter"  # data source: Shapes scenes with unnamed strokes and polygons over them
 # torch's AdamW, its fused kernel (one kernel per step: no per-step temporaries), or bitsandbytes' 8-bit AdamW
 # (2 bytes of state per trained value instead of 8). bench/train_memory.py counts what each keeps.
 OPTIMIZERS = ("adamw", "adamw-fused", "adamw-8bit")
@@ -27,13 +26,14 @@ OPTIMIZERS = ("adamw", "adamw-fused", "adamw-8bit")
 _RESUME_KEYS = (
     "kind", "condition", "condition_params", "data", "trigger", "remove_words", "batch_size", "learning_rate",
     "weight_decay", "resolution", "seed", "down_ratio", "kernel_size", "base_model", "shapes_images", "caption_dropout",
+    "preserve_base_above",
     "optimizer",  # 8-bit AdamW's state does not load into torch's AdamW
 )
 
 
 @dataclass(frozen=True)
 class TrainingConfig:
-    """Everything that decides a training run. `data` is a folder, "shapes" or "shapes:<style>"."""
+    """Everything that decides a training run. `data` is a folder, "shapes", "shapes:<style>" or "shapes+clutter"."""
 
     kind: str  # "sc" | "csc"
     data: str
@@ -48,6 +48,10 @@ class TrainingConfig:
     weight_decay: float = 0.01
     max_grad_norm: float = 1.0
     caption_dropout: float = 0.1  # share of captions replaced by "" (trains the unconditional branch of CFG)
+    # SC: above this fraction of the noise schedule the loss target is the frozen base model's own prediction
+    # (prior preservation), so the tuner learns the style's texture but leaves the composition and colours a
+    # prompt gets from the base alone. 1.0 switches it off; CSC tuners ignore it (their condition sets the layout).
+    preserve_base_above: float = 1.0
     resolution: int | None = None  # None: the base model's native size
     seed: int = 0
     checkpoint_every: int = 100
@@ -84,25 +88,26 @@ class TrainingConfig:
                 kind.param(name).validate(value)
         elif self.condition or self.condition_params:
             raise UserInputError("--condition is for CSC tuners (--kind csc); an SC tuner learns a style from images alone")
-        _check_int("steps", self.steps, 1, 10_000_000)
-        _check_int("batch size", self.batch_size, 1, 1024)
-        _check_int("seed", self.seed, 0, 2**32 - 1)
-        _check_int("checkpoint interval", self.checkpoint_every, 1, 10_000_000)
-        _check_int("preview interval", self.preview_every, 0, 10_000_000)
-        _check_int("preview steps", self.preview_steps, 1, 150)
-        _check_float("learning rate", self.learning_rate, 1e-8, 1.0)
-        _check_float("weight decay", self.weight_decay, 0.0, 10.0)
-        _check_float("max gradient norm", self.max_grad_norm, 0.0, 1e6)
-        _check_float("caption dropout", self.caption_dropout, 0.0, 1.0)
-        _check_float("down ratio", self.down_ratio, 1e-3, 4.0)
+        check_number("steps", self.steps, 1, 10_000_000, integer=True)
+        check_number("batch size", self.batch_size, 1, 1024, integer=True)
+        check_number("seed", self.seed, 0, 2**32 - 1, integer=True)
+        check_number("checkpoint interval", self.checkpoint_every, 1, 10_000_000, integer=True)
+        check_number("preview interval", self.preview_every, 0, 10_000_000, integer=True)
+        check_number("preview steps", self.preview_steps, 1, 150, integer=True)
+        check_number("learning rate", self.learning_rate, 1e-8, 1.0)
+        check_number("weight decay", self.weight_decay, 0.0, 10.0)
+        check_number("max gradient norm", self.max_grad_norm, 0.0, 1e6)
+        check_number("caption dropout", self.caption_dropout, 0.0, 1.0)
+        check_number("prior-preservation threshold", self.preserve_base_above, 0.0, 1.0)
+        check_number("down ratio", self.down_ratio, 1e-3, 4.0)
         if self.kernel_size not in (1, 3):
             raise UserInputError(f"kernel size must be 1 or 3, got {self.kernel_size!r}")
         if self.resolution is not None:
-            _check_int("resolution", self.resolution, 64, 2048)
+            check_number("resolution", self.resolution, 64, 2048, integer=True)
             if self.resolution % 8:
                 raise UserInputError(f"resolution must be a multiple of 8 (the VAE downsamples by 8), got {self.resolution}")
         if self.shapes_images is not None:
-            _check_int("number of Shapes-world images", self.shapes_images, 1, 10_000_000)
+            check_number("number of Shapes-world images", self.shapes_images, 1, 10_000_000, integer=True)
         if self.save_dtype not in ("float32", "float16"):
             raise UserInputError(f"save dtype must be float32 or float16, got {self.save_dtype!r}")
         if self.optimizer not in OPTIMIZERS:
@@ -114,7 +119,7 @@ class TrainingConfig:
         trigger = (self.trigger or "").strip() or None
         remove_words = tuple(w.strip() for w in self.remove_words if w.strip())
         for seed in self.preview_seeds:
-            _check_int("preview seed", seed, 0, 2**32 - 1)
+            check_number("preview seed", seed, 0, 2**32 - 1, integer=True)
         return replace(self, out=Path(self.out), trigger=trigger, remove_words=remove_words,
                        condition_params=tuple(sorted(dict(self.condition_params).items())))
 
@@ -160,15 +165,4 @@ def duration(seconds: float) -> str:
     minutes, secs = divmod(round(seconds), 60)
     hours, minutes = divmod(minutes, 60)
     return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
-
-
-def _check_int(name: str, value: Any, low: int, high: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not low <= value <= high:
-        raise UserInputError(f"{name} must be a whole number from {low} to {high}, got {value!r}")
-
-
-def _check_float(name: str, value: Any, low: float, high: float) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not low <= value <= high:
-        raise UserInputError(f"{name} must be a number from {low:g} to {high:g}, got {value!r}")
-
 

@@ -11,6 +11,7 @@ from scedit_ui.ui.generate_tab import describe_result, example_prompts, pick_see
 from scedit_ui.ui.handlers import GPU_QUEUE, on_gpu, user_errors, whole_number
 from scedit_ui.ui.state import AppState
 from tuners import SkipLayout, rho_schedule
+from tuners.validation import check_number
 
 MAX_SKIPS = 12  # SD 1.5 / 2.1; SDXL has 9
 RHO_PRESETS: dict[str, tuple[float, float]] = {  # name: (ρ outer, ρ inner), linear in between
@@ -60,8 +61,7 @@ def rho_slider_updates(layout: SkipLayout, rhos: list[float]) -> list[gr.Slider]
 def linear_rhos(num_skips: int, rho_outer: float, rho_inner: float) -> list[float]:
     """ρ from the linear schedule, rounded to the sliders' resolution."""
     for name, value in (("ρ outer", rho_outer), ("ρ inner", rho_inner)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 4.0:  # NaN fails too
-            raise UserInputError(f"{name} must be a number from 0 to 4, got {value!r}")
+        check_number(name, value, 0.0, 4.0)
     return [round(r, 3) for r in rho_schedule(num_skips, float(rho_outer), float(rho_inner))] + [1.0] * (MAX_SKIPS - num_skips)
 
 

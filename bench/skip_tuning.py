@@ -17,9 +17,7 @@ import statistics
 import sys
 import time
 from dataclasses import asdict, replace
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402
 
 _common.set_threads()

@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from scedit_ui.errors import UserInputError
+from scedit_ui.hub import hub_offline
 
 logger = logging.getLogger(__name__)
 
@@ -146,8 +147,8 @@ def resolve_weights(spec: AnnotatorModel, *, download: bool = True) -> list[Path
         return found
     looked.append(f"Hugging Face cache {hub_constants.HF_HUB_CACHE} ({spec.repo_id})")
 
-    if download and _hub_offline():
-        looked.append("Hugging Face Hub: not tried, offline (HF_HUB_OFFLINE is set)")
+    if download and hub_offline():
+        looked.append("Hugging Face Hub: not tried, offline (HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE is set)")
     elif download:
         found, reason = _download_from_hub(spec) if (unreachable := _hub_unreachable()) is None else (None, unreachable)
         if found is not None:
@@ -225,13 +226,6 @@ def _hub_unreachable() -> str | None:
     except OSError as error:
         return f"not reachable ({url.hostname}: {error})"
     return None
-
-
-def _hub_offline() -> bool:
-    def is_true(value: str | None) -> bool:
-        return (value or "").strip().upper() in {"1", "ON", "YES", "TRUE"}
-
-    return is_true(os.environ.get("HF_HUB_OFFLINE")) or is_true(os.environ.get("TRANSFORMERS_OFFLINE"))
 
 
 def _first_line(error: BaseException) -> str:

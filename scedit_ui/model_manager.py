@@ -175,7 +175,7 @@ class ModelManager:
             self.pipeline, self.source = pipeline.to(self.device), source
             self.family = "tiny" if source.kind == "builtin" else "sdxl" if isinstance(pipeline, StableDiffusionXLPipeline) else guess_architecture(pipeline.unet.config)
             self._scheduler_config = dict(pipeline.scheduler.config)
-            self.editor = SkipEditor(pipeline.unet, pipeline.scheduler.config.get("num_train_timesteps", 1000)).attach()
+            self.editor = SkipEditor(pipeline.unet).attach()
             self._tuners.clear()
             logger.info("loaded %s (%s) in %.1f s", source.display_name, self.family, time.perf_counter() - started)
             return self.info()
@@ -275,6 +275,8 @@ class ModelManager:
                 step_range=use.step_range,
                 blend_image=image_to_tensor(use.blend_image, size) if use.blend_image is not None else None,
                 blend=use.blend,
+                mask=mask_to_tensor(use.mask, size) if use.mask is not None else None,
+                skip_weights=use.skip_weights,
             )
             for use in request.conditions
         ]
@@ -294,7 +296,12 @@ class ModelManager:
                 raise GenerationCancelled("generation cancelled")
             if progress is not None:
                 progress(step + 1, request.steps)
+            # Step ranges are fractions of the sampling steps: the pipeline's index i of len(timesteps).
+            if step + 1 < pipe.num_timesteps:
+                self.editor.set_step(step + 1, pipe.num_timesteps)
             return callback_kwargs
+
+        self.editor.set_step(0, request.steps)  # the schedulers offered make exactly `steps` timesteps
 
         # One CPU generator per image: the same seed gives the same noise on every device.
         generators = [torch.Generator("cpu").manual_seed(request.seed + i) for i in range(request.batch_size)]
@@ -322,6 +329,14 @@ def image_to_tensor(image: Image.Image, size: tuple[int, int]) -> torch.Tensor:
     if image.size != size:
         image = image.resize(size, Image.Resampling.BILINEAR)
     return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
+
+
+def mask_to_tensor(mask: Image.Image, size: tuple[int, int]) -> torch.Tensor:
+    """A spatial α map as (1, 1, H, W) in [0, 1] at the generation size (white = 1); colour masks are read as grey."""
+    mask = mask.convert("L")
+    if mask.size != size:
+        mask = mask.resize(size, Image.Resampling.BILINEAR)
+    return torch.from_numpy(np.asarray(mask, dtype=np.float32) / 255.0)[None, None]
 
 
 def _is_sdxl_checkpoint(path: str) -> bool:

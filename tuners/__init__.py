@@ -8,9 +8,10 @@ from tuners.io import TunerFileError, TunerMetadata, load_tuner, read_metadata, 
 from tuners.layout import LayoutMismatchError, SkipLayout, SkipShape
 from tuners.official import export_official, import_official
 from tuners.sc_tuner import SCTuner, SCTunerConfig, SkipAdapter
-from tuners.skip_scaling import SkipScaling, rho_schedule
+from tuners.skip_scaling import SKIP_WEIGHT_PRESETS, SkipScaling, rho_schedule, skip_weight_preset
 
 __all__ = [
+    "SKIP_WEIGHT_PRESETS",
     "CSCTuner",
     "CSCTunerConfig",
     "ConditionCache",
@@ -32,5 +33,6 @@ __all__ = [
     "read_metadata",
     "rho_schedule",
     "save_tuner",
+    "skip_weight_preset",
     "tuner_from_config",
 ]

@@ -2,21 +2,29 @@
 
 It registers forward pre-hooks on the up blocks and hands each a new `res_hidden_states_tuple`:
 
-    x'_g = ρ_g · (x_g + Σ_i s_i · A_i(x_g) + Σ_m α_m · (c_g^m + T_g^m(x_g + c_g^m)))
+    x'_g = ρ_g · (x_g + Σ_i s_i · A_i(x_g) + Σ_m α_m · w_g^m · M_g^m · (c_g^m + T_g^m(x_g + c_g^m)))
 
-with SC-Tuner adapters A_i at scale s_i, CSC conditions m at weight α_m (Eq. 7) and Skip-Tuning ρ.
+with SC-Tuner adapters A_i at scale s_i, CSC conditions m at weight α_m (Eq. 7), optional per-skip
+weights w_g^m and spatial α maps M^m resized to skip g's resolution, and Skip-Tuning ρ.
 No copy of the UNet forward: detaching removes the hooks and the UNet is untouched.
+
+Step ranges are fractions of the sampling steps: the sampling loop tells the editor which step it is
+on (`set_step`), as diffusers' ControlNet pipelines use i / len(timesteps). Outside a sampling loop
+(training, a bare UNet call) no step is set and every range is active.
 """
 from __future__ import annotations
 
 import hashlib
 import logging
+import math
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from tuners.csc_tuner import ConditionFeatures, CSCTuner, interpolate_features
 from tuners.layout import SkipLayout
@@ -31,7 +39,9 @@ class ControlCondition:
     """One condition for a CSC-Tuner: an image (B or 1, 3, 8·h, 8·w) in [0, 1] and how to apply it.
 
     `blend_image` with `blend` in [0, 1] interpolates the condition features towards a second image.
-    `step_range` is the fraction of denoising (0 = first step, 1 = last) during which it is active.
+    `step_range` is the fraction of the sampling steps (0 = first step, 1 = after the last) during
+    which it is active. `mask` (H, W) or (1, 1, H, W) in [0, 1] is a spatial α map over the image,
+    resized to each skip's resolution; `skip_weights` (one per skip, encoder order g) scale α per skip.
     """
 
     tuner: CSCTuner
@@ -40,6 +50,8 @@ class ControlCondition:
     step_range: tuple[float, float] = (0.0, 1.0)
     blend_image: torch.Tensor | None = None
     blend: float = 0.0
+    mask: torch.Tensor | None = None
+    skip_weights: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         start, end = self.step_range
@@ -47,6 +59,20 @@ class ControlCondition:
             raise ValueError(f"step_range must satisfy 0 ≤ start ≤ end ≤ 1, got {self.step_range}")
         if not 0.0 <= self.blend <= 1.0:
             raise ValueError(f"blend must be in [0, 1], got {self.blend}")
+        if self.mask is not None:
+            if self.mask.ndim == 2:
+                self.mask = self.mask[None, None]
+            if self.mask.ndim != 4 or self.mask.shape[:2] != (1, 1):
+                raise ValueError(f"mask must be (height, width) or (1, 1, height, width), got {tuple(self.mask.shape)}")
+            if not bool(((self.mask >= 0) & (self.mask <= 1)).all()):
+                raise ValueError("mask values must lie in [0, 1]")
+        if self.skip_weights is not None:
+            self.skip_weights = tuple(float(w) for w in self.skip_weights)
+            if not all(math.isfinite(w) and 0.0 <= w <= 4.0 for w in self.skip_weights):
+                raise ValueError(f"every per-skip weight must be a finite number in [0, 4], got {self.skip_weights}")
+
+    def skip_weight(self, g: int) -> float:
+        return 1.0 if self.skip_weights is None else self.skip_weights[g]
 
 
 def image_digest(image: torch.Tensor) -> str:
@@ -60,14 +86,16 @@ def _parameter_version(module: nn.Module) -> int:
 
 
 class ConditionCache:
-    """Condition features keyed by (tuner, its weights' version, condition image).
+    """The most recent condition features, keyed by (tuner, its weights' version, condition image).
 
-    The hint encoder and dense convs depend only on the condition image, so one generation computes
-    them once and reuses them for every denoising step and both classifier-free-guidance halves.
+    The hint encoder and dense convs depend only on the condition image, so a generation computes
+    them once and reuses them for every denoising step and both classifier-free-guidance halves, and
+    the next generations with the same condition (a grid, a re-roll) reuse them too.
     """
 
-    def __init__(self) -> None:
-        self._entries: dict[tuple[int, int, str], tuple[CSCTuner, ConditionFeatures]] = {}
+    def __init__(self, maxsize: int = 6) -> None:
+        self.maxsize = maxsize
+        self._entries: OrderedDict[tuple[int, int, str], tuple[CSCTuner, ConditionFeatures]] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -79,6 +107,9 @@ class ConditionCache:
             # The entry keeps the tuner alive, so its id cannot be reused by another object.
             entry = (tuner, tuner.condition_features(image.to(device)))
             self._entries[key] = entry
+            while len(self._entries) > self.maxsize:
+                self._entries.popitem(last=False)
+        self._entries.move_to_end(key)
         return entry[1]
 
     def clear(self) -> None:
@@ -99,6 +130,23 @@ class _ActiveCondition:
     condition: ControlCondition
     weight: float
     features: ConditionFeatures
+    masks: dict[tuple[int, int], torch.Tensor]  # the α map at each skip resolution, made on first use
+
+    def mask_at(self, size: tuple[int, int], like: torch.Tensor) -> torch.Tensor | None:
+        mask = self.condition.mask
+        if mask is None:
+            return None
+        if size not in self.masks:
+            # Area averaging keeps a soft edge's mean weight at every coarser skip.
+            self.masks[size] = F.interpolate(mask.to(like.device, torch.float32), size=size, mode="area").to(like.dtype)
+        return self.masks[size]
+
+
+def step_is_active(step_range: tuple[float, float], step: int, total: int) -> bool:
+    """Whether step `step` of `total` lies in `step_range` (fractions of the steps), as diffusers'
+    ControlNet pipelines decide it: active unless i/n < start or (i+1)/n > end."""
+    start, end = step_range
+    return not (step / total < start or (step + 1) / total > end)
 
 
 class SkipEditor:
@@ -110,13 +158,13 @@ class SkipEditor:
     def __init__(self, unet: nn.Module, num_train_timesteps: int = 1000) -> None:
         self.unet = unet
         self.layout = SkipLayout.from_unet(unet)
-        self.num_train_timesteps = num_train_timesteps
         self.cache = ConditionCache()
         self.sc_tuners: dict[str, tuple[SCTuner, float]] = {}
         self.conditions: list[ControlCondition] = []
         self.normalise_alpha = False
         self.skip_scaling: SkipScaling | None = None
         self.training = False
+        self.step: tuple[int, int] | None = None  # (index, number of sampling steps) while sampling
         self._digests: dict[int, str] = {}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._call_state: dict[str, Any] = {}
@@ -133,6 +181,11 @@ class SkipEditor:
         """Replace the CSC conditions; with `normalise_alpha` the α are divided by their sum (paper: Σα = 1)."""
         for condition in conditions:
             self.layout.check_matches(condition.tuner.shape, f"CSC tuner '{condition.tuner.condition_type}'")
+            if condition.skip_weights is not None and len(condition.skip_weights) != self.layout.num_skips:
+                raise ValueError(
+                    f"per-skip weights of CSC tuner '{condition.tuner.condition_type}' need {self.layout.num_skips} values "
+                    f"for this UNet, got {len(condition.skip_weights)}"
+                )
             condition.tuner.to(self._device())
         if normalise_alpha and conditions and sum(c.alpha for c in conditions) <= 0:
             raise ValueError("cannot normalise α: the weights sum to 0 or less")
@@ -149,12 +202,21 @@ class SkipEditor:
             raise ValueError(f"Skip-Tuning needs {self.layout.num_skips} ρ values for this UNet, got {len(scaling.rho)}")
         self.skip_scaling = scaling
 
+    def set_step(self, index: int | None, total: int = 0) -> None:
+        """The sampling loop's step (index of `total`) for the UNet calls that follow; None ends sampling."""
+        if index is None:
+            self.step = None
+            return
+        if not 0 <= index < total:
+            raise ValueError(f"step {index} is outside 0..{total - 1}")
+        self.step = (index, total)
+
     def clear(self) -> None:
-        """Remove every edit (the hooks stay attached and then change nothing)."""
+        """Remove every edit (the hooks stay attached and then change nothing); cached features stay."""
         self.sc_tuners.clear()
         self.set_conditions([])
         self.skip_scaling = None
-        self.cache.clear()
+        self.step = None
 
     # -- training --------------------------------------------------------------------------------
     def tuner_modules(self) -> list[nn.Module]:
@@ -201,16 +263,12 @@ class SkipEditor:
     def _device(self) -> torch.device:
         return next(self.unet.parameters()).device
 
-    def _progress(self, timestep: Any) -> float:
-        """Denoising progress from the timestep: t = T−1 is the first step (0), t = 0 the last (1)."""
-        t = float(torch.as_tensor(timestep).flatten()[0])
-        return min(1.0, max(0.0, 1.0 - t / (self.num_train_timesteps - 1)))
+    def _in_range(self, step_range: tuple[float, float]) -> bool:
+        return self.step is None or step_is_active(step_range, *self.step)
 
     def _before_unet(self, unet: nn.Module, args: tuple, kwargs: dict) -> None:
         sample = args[0] if args else kwargs["sample"]
-        timestep = args[1] if len(args) > 1 else kwargs["timestep"]
-        progress = self._progress(timestep)
-        self._call_state = {"active": self._active_conditions(progress, sample), "progress": progress}
+        self._call_state = {"active": self._active_conditions(sample)}
         if self.training and torch.is_grad_enabled():
             # Nothing before the decoder is trainable: record no autograd graph for it.
             torch.set_grad_enabled(False)
@@ -221,18 +279,17 @@ class SkipEditor:
             torch.set_grad_enabled(True)
         self._call_state.clear()
 
-    def _active_conditions(self, progress: float, sample: torch.Tensor) -> list[_ActiveCondition]:
+    def _active_conditions(self, sample: torch.Tensor) -> list[_ActiveCondition]:
         total_alpha = sum(c.alpha for c in self.conditions) if self.normalise_alpha else 1.0
         active = []
         for condition in self.conditions:
-            start, end = condition.step_range
-            if not start <= progress <= end or condition.alpha == 0:
+            if not self._in_range(condition.step_range) or condition.alpha == 0:
                 continue
             features = self._features(condition.tuner, condition.image, sample.device)
             if condition.blend_image is not None and condition.blend > 0:
                 other = self._features(condition.tuner, condition.blend_image, sample.device)
                 features = interpolate_features(features, other, condition.blend)
-            active.append(_ActiveCondition(condition, condition.alpha / total_alpha, features))
+            active.append(_ActiveCondition(condition, condition.alpha / total_alpha, features, {}))
         return active
 
     def _features(self, tuner: CSCTuner, image: torch.Tensor, device: torch.device) -> ConditionFeatures:
@@ -258,16 +315,19 @@ class SkipEditor:
         for tuner, scale in self.sc_tuners.values():
             out = out + scale * tuner.delta(g, x)
         for active in self._call_state.get("active", ()):
+            weight = active.weight * active.condition.skip_weight(g)
+            if weight == 0:
+                continue
             c = active.features[g]
             if c.shape[-2:] != x.shape[-2:]:
                 raise ValueError(
                     f"condition image gives {tuple(c.shape[-2:])} features at skip {g} but the UNet has "
                     f"{tuple(x.shape[-2:])}: the condition image must be 8× the latent size"
                 )
-            out = out + active.weight * active.condition.tuner(g, x, _broadcast(c, x.shape[0]))
+            edit = active.condition.tuner(g, x, _broadcast(c, x.shape[0]))
+            mask = active.mask_at(tuple(x.shape[-2:]), x)
+            out = out + weight * (edit if mask is None else edit * mask)
         scaling = self.skip_scaling
-        if scaling is not None and not scaling.is_identity:
-            start, end = scaling.step_range
-            if start <= self._call_state.get("progress", 0.0) <= end:
-                out = out * scaling.rho[g]
+        if scaling is not None and not scaling.is_identity and self._in_range(scaling.step_range):
+            out = out * scaling.rho[g]
         return out

@@ -1,9 +1,11 @@
-"""Skip-Tuning: training-free scaling ρ_g of each skip connection (x'_g = ρ_g · x_g)."""
+"""Per-skip factors: Skip-Tuning's training-free ρ_g (x'_g = ρ_g · x_g) and per-skip α presets for conditions."""
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+
+from tuners.layout import SkipLayout
 
 
 def rho_schedule(num_skips: int, rho_outer: float = 1.0, rho_inner: float = 1.0) -> tuple[float, ...]:
@@ -15,7 +17,7 @@ def rho_schedule(num_skips: int, rho_outer: float = 1.0, rho_inner: float = 1.0)
 
 @dataclass(frozen=True)
 class SkipScaling:
-    """ρ per skip, active for denoising progress in `step_range` (0 = first step, 1 = last)."""
+    """ρ per skip, active during `step_range`, a fraction of the sampling steps (0 = first, 1 = after the last)."""
 
     rho: tuple[float, ...]
     step_range: tuple[float, float] = (0.0, 1.0)
@@ -47,3 +49,24 @@ class SkipScaling:
     @property
     def is_identity(self) -> bool:
         return all(r == 1.0 for r in self.rho)
+
+
+# Per-skip α presets for a condition, by resolution: "outer" are the skips at full latent size (g = 0
+# up to the first downsampler; DESIGN.md §6 calls g = 0 the outermost), "inner" all the others.
+SKIP_WEIGHT_PRESETS = ("all skips", "outer skips only", "inner skips only")
+
+
+def skip_weight_preset(layout: SkipLayout, preset: str) -> tuple[float, ...]:
+    """Per-skip α multipliers (encoder order g) for one of `SKIP_WEIGHT_PRESETS`.
+
+    "outer skips only" keeps the skips at full latent resolution (fine detail: edges, texture);
+    "inner skips only" keeps the lower-resolution skips (coarse layout and colour regions).
+    """
+    levels = [layout.downsamples_before(g) for g in range(layout.num_skips)]
+    if preset == "all skips":
+        return (1.0,) * layout.num_skips
+    if preset == "outer skips only":
+        return tuple(1.0 if level == 0 else 0.0 for level in levels)
+    if preset == "inner skips only":
+        return tuple(0.0 if level == 0 else 1.0 for level in levels)
+    raise ValueError(f"unknown per-skip preset {preset!r}; choose one of: {', '.join(SKIP_WEIGHT_PRESETS)}")

@@ -1,0 +1,195 @@
+"""Composition: spatial α maps and per-skip α per condition, and step ranges as fractions of the sampling steps."""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+from PIL import Image
+
+from scedit_ui.request import ConditionUse, GenerationRequest, SkipTuningSettings
+from tuners import (
+    SKIP_WEIGHT_PRESETS,
+    ControlCondition,
+    CSCTuner,
+    SkipEditor,
+    SkipLayout,
+    TunerMetadata,
+    save_tuner,
+    skip_weight_preset,
+)
+from tuners.editor import step_is_active
+
+
+def randomise(module: nn.Module, seed: int = 0) -> nn.Module:
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=generator) * 0.1)
+    return module
+
+
+def condition_image(seed: int) -> torch.Tensor:
+    return torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(seed))
+
+
+def edited_skips(unet: nn.Module, inputs: dict[str, torch.Tensor]) -> dict[int, torch.Tensor]:
+    """The skip tensors each up block receives (after the editor's hook, which was registered first)."""
+    layout = SkipLayout.from_unet(unet)
+    seen: dict[int, torch.Tensor] = {}
+    handles = []
+    for b, block in enumerate(unet.up_blocks):
+        def capture(module, args, kwargs, b=b):
+            for g, x in zip(layout.up_block_skips[b], kwargs.get("res_hidden_states_tuple", args[1] if len(args) > 1 else ())):
+                seen[g] = x.clone()
+        handles.append(block.register_forward_pre_hook(capture, with_kwargs=True))
+    with torch.no_grad():
+        unet(**inputs)
+    for handle in handles:
+        handle.remove()
+    return seen
+
+
+@pytest.fixture
+def tuner(tiny_unet) -> CSCTuner:
+    return randomise(CSCTuner(SkipLayout.from_unet(tiny_unet)))
+
+
+def left_half_mask() -> torch.Tensor:
+    mask = torch.zeros(64, 64)
+    mask[:, :32] = 1.0
+    return mask
+
+
+def test_a_masked_condition_edits_each_skip_only_inside_its_resized_mask(tiny_unet, unet_inputs, tuner):
+    with SkipEditor(tiny_unet) as editor:
+        plain = edited_skips(tiny_unet, unet_inputs)
+        editor.set_conditions([ControlCondition(tuner, condition_image(0), mask=left_half_mask())])
+        masked = edited_skips(tiny_unet, unet_inputs)
+    assert len(masked) == 12
+    for g, x in masked.items():
+        half = x.shape[-1] // 2
+        if half == 0:  # a 1×1 skip straddles the edge: it gets the mask's mean, half the edit
+            continue
+        assert torch.equal(x[..., half:], plain[g][..., half:]), f"skip {g} changed outside the mask"
+        assert not torch.allclose(x[..., :half], plain[g][..., :half]), f"skip {g} unchanged inside the mask"
+
+
+def test_a_mask_of_ones_equals_no_mask_and_of_zeros_no_condition(tiny_unet, unet_inputs, tuner):
+    with SkipEditor(tiny_unet) as editor:
+        plain = tiny_unet(**unet_inputs).sample
+        editor.set_conditions([ControlCondition(tuner, condition_image(0))])
+        unmasked = tiny_unet(**unet_inputs).sample
+        editor.set_conditions([ControlCondition(tuner, condition_image(0), mask=torch.ones(64, 64))])
+        torch.testing.assert_close(tiny_unet(**unet_inputs).sample, unmasked)
+        editor.set_conditions([ControlCondition(tuner, condition_image(0), mask=torch.zeros(64, 64))])
+        torch.testing.assert_close(tiny_unet(**unet_inputs).sample, plain)
+    assert not torch.allclose(unmasked, plain)
+
+
+def test_a_soft_mask_keeps_its_mean_weight_at_every_skip(tiny_unet, unet_inputs, tuner):
+    with SkipEditor(tiny_unet) as editor:
+        plain = edited_skips(tiny_unet, unet_inputs)
+        editor.set_conditions([ControlCondition(tuner, condition_image(0))])
+        full = edited_skips(tiny_unet, unet_inputs)
+        editor.set_conditions([ControlCondition(tuner, condition_image(0), mask=torch.full((64, 64), 0.25))])
+        quarter = edited_skips(tiny_unet, unet_inputs)
+    for g in range(12):
+        torch.testing.assert_close(quarter[g] - plain[g], 0.25 * (full[g] - plain[g]))
+
+
+def test_per_skip_weights_edit_only_the_chosen_skips(tiny_unet, unet_inputs, tuner):
+    layout = SkipLayout.from_unet(tiny_unet)
+    outer = skip_weight_preset(layout, "outer skips only")
+    assert outer == (1.0,) * 3 + (0.0,) * 9  # skips 0-2 are at full latent size; skip 3 is a downsampler output
+    with SkipEditor(tiny_unet) as editor:
+        plain = edited_skips(tiny_unet, unet_inputs)
+        editor.set_conditions([ControlCondition(tuner, condition_image(0), skip_weights=outer)])
+        edited = edited_skips(tiny_unet, unet_inputs)
+    changed = [g for g in range(12) if not torch.equal(edited[g], plain[g])]
+    assert changed == [0, 1, 2]
+
+
+def test_presets_cover_every_skip_once_between_outer_and_inner(tiny_unet):
+    layout = SkipLayout.from_unet(tiny_unet)
+    outer, inner = skip_weight_preset(layout, "outer skips only"), skip_weight_preset(layout, "inner skips only")
+    assert [o + i for o, i in zip(outer, inner)] == list(skip_weight_preset(layout, "all skips"))
+    assert set(SKIP_WEIGHT_PRESETS) == {"all skips", "outer skips only", "inner skips only"}
+    with pytest.raises(ValueError, match="choose one of"):
+        skip_weight_preset(layout, "middle")
+
+
+def test_per_skip_weights_of_the_wrong_length_are_refused(tiny_unet, tuner):
+    with SkipEditor(tiny_unet) as editor, pytest.raises(ValueError, match="need 12 values"):
+        editor.set_conditions([ControlCondition(tuner, condition_image(0), skip_weights=(1.0,) * 9)])
+
+
+@pytest.mark.parametrize(("mask", "message"), [(torch.ones(2, 64, 64), "height, width"), (torch.full((64, 64), 2.0), r"\[0, 1\]")])
+def test_bad_masks_are_refused(tuner, mask, message):
+    with pytest.raises(ValueError, match=message):
+        ControlCondition(tuner, condition_image(0), mask=mask)
+
+
+def test_step_ranges_follow_diffusers_controlnet_rule():
+    # diffusers: keep = 1 - (i / n < start or (i + 1) / n > end)
+    assert [step_is_active((0.0, 0.5), i, 10) for i in range(10)] == [True] * 5 + [False] * 5
+    assert [step_is_active((0.2, 1.0), i, 10) for i in range(10)] == [False] * 2 + [True] * 8
+    assert [step_is_active((0.0, 1.0), i, 3) for i in range(3)] == [True] * 3
+
+
+# -- through the model manager: step index from the pipeline, masks and per-skip α in requests ---------------------
+
+
+def csc_tuner_file(manager, path, seed: int = 1) -> str:
+    tuner = randomise(CSCTuner(manager.editor.layout, 1, "canny"), seed)
+    save_tuner(tuner, path, TunerMetadata.describe(tuner, "test"))
+    return str(path)
+
+
+def hint_picture() -> Image.Image:
+    return Image.fromarray(np.tile(np.arange(64, dtype=np.uint8)[None, :, None] * 4, (64, 1, 3)))
+
+
+@pytest.mark.parametrize(
+    ("scheduler", "step_range", "active"),
+    [("DPM++ 2M Karras", (0.0, 0.6), [True] * 6 + [False] * 4), ("Euler a", (0.05, 1.0), [False] + [True] * 9)],
+)
+def test_a_condition_step_range_counts_sampling_steps_not_timestep_values(manager, tmp_path, scheduler, step_range, active):
+    tuner_file = csc_tuner_file(manager, tmp_path / "canny.safetensors")
+    tuner = manager.tuner(tuner_file)
+    calls: list[bool] = []
+    handles = [
+        manager.pipeline.unet.register_forward_pre_hook(lambda *_: calls.append(False)),
+        tuner.lsc_tuner_blocks[0].tuner_op.register_forward_hook(lambda *_: calls.__setitem__(-1, True)),
+    ]
+    timesteps = []
+    handles.append(manager.pipeline.unet.register_forward_pre_hook(lambda m, args: timesteps.append(float(args[1]))))
+    try:
+        request = GenerationRequest("a red circle", steps=10, scheduler=scheduler,
+                                    conditions=(ConditionUse(tuner_file, hint_picture(), step_range=step_range),))
+        manager.generate(request)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert calls == active  # diffusers' ControlNet rule on the step index i of 10
+    # Progress read from the timestep value (1 - t / 999) gives another answer on these schedules.
+    by_timestep_value = [step_range[0] <= 1 - t / 999 <= step_range[1] for t in timesteps]
+    assert by_timestep_value != active
+
+
+def test_skip_tuning_step_range_counts_sampling_steps(manager):
+    plain = GenerationRequest("a red circle", steps=4, scheduler="DPM++ 2M Karras")
+    seen = []
+    hook = manager.pipeline.unet.up_blocks[-1].register_forward_pre_hook(
+        lambda m, args, kwargs: seen.append(float(kwargs["res_hidden_states_tuple"][0].abs().sum())), with_kwargs=True)
+    try:
+        manager.generate(replace(plain, skip_tuning=SkipTuningSettings(0.5, 0.5, step_range=(0.5, 1.0))))
+        scaled = list(seen)
+        seen.clear()
+        manager.generate(plain)
+    finally:
+        hook.remove()
+    # The first two steps are identical to the plain run; the last two see ρ = 0.5 on every skip.
+    assert scaled[:2] == seen[:2] and scaled[2] == pytest.approx(0.5 * seen[2], rel=1e-5)

@@ -24,6 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate_command(subparsers)
     _add_eval_command(subparsers)
     _add_train_command(subparsers)
+    _add_tuners_command(subparsers)
     return parser
 
 
@@ -227,6 +228,52 @@ def _add_eval_command(subparsers: argparse._SubParsersAction) -> None:
         else:
             for key, value in values.items():
                 print(f"{key:<22} {value:.3f}" if isinstance(value, float) else f"{key:<22} {value}")
+        return 0
+
+    command.set_defaults(handler=run)
+
+
+def _add_tuners_command(subparsers: argparse._SubParsersAction) -> None:
+    from scedit_ui.tuner_library import HUB_BASES, OFFICIAL_REPO
+
+    command = subparsers.add_parser(
+        "tuners",
+        help="import, fetch from the hub, or export tuners (official SCEdit layout)",
+        description="Official SCEdit tuners (SCEPTER, ms-swift) in and out of the tuner library. Official files are "
+        "converted for a base: --base names one (sd15, sd21, sdxl) without loading its weights.",
+    )
+    actions = command.add_subparsers(dest="action", required=True)
+    fetch = actions.add_parser("fetch", help="download an official tuner from the Hugging Face Hub into the library")
+    fetch.add_argument("subfolder", metavar="SUBFOLDER", help="folder in the repository, e.g. controllable_model/SD2.1/canny_control")
+    fetch.add_argument("--repo", default=OFFICIAL_REPO, help=f"hub id (default: {OFFICIAL_REPO})")
+    imports = actions.add_parser("import", help="import a tuner file or an official checkpoint (file or folder) into the library")
+    imports.add_argument("source", metavar="PATH")
+    for action in (fetch, imports):
+        action.add_argument("--base", choices=("sd15", "sd21", "sdxl"),
+                            help=f"base the tuner is for (fetch: default from the folder name, {', '.join(HUB_BASES)})")
+        action.add_argument("--name", help="name in the library (default: from the folder or file)")
+        action.add_argument("--condition", help="condition type of a CSC tuner (default: from its files or folder name)")
+    export = actions.add_parser("export", help="write a library tuner as SCEPTER lays it out (FOLDER/0_SwiftSCETuning/...)")
+    export.add_argument("name", metavar="NAME")
+    export.add_argument("--out", required=True, metavar="FOLDER", help="a new or empty folder")
+    for action in (fetch, imports, export):
+        action.add_argument("--library", default="library", metavar="DIR", help="tuner library folder")
+
+    def run(args: argparse.Namespace) -> int:
+        from scedit_ui.tuner_library import TunerLibrary
+        from tuners import SkipLayout
+        from tuners.reference_configs import REFERENCE_UNET_CONFIGS
+
+        library = TunerLibrary(args.library)
+        if args.action == "export":
+            print(library.export_official(args.name, args.out))
+            return 0
+        layout = SkipLayout.from_config(REFERENCE_UNET_CONFIGS[args.base]) if args.base else None
+        if args.action == "fetch":
+            path = library.fetch(args.subfolder, args.repo, layout, args.base, args.name, args.condition)
+        else:
+            path = library.import_file(args.source, args.name, layout, args.base or "unknown", args.condition)
+        print(path)
         return 0
 
     command.set_defaults(handler=run)

@@ -1,7 +1,8 @@
 """Where tuner files live: the user's library folder, then the tuners shipped in assets/tuners.
 
-Management (import, rename, delete, export) only ever writes inside the library folder: names are
-sanitised to a plain file stem, shipped tuners are read-only, and every write is atomic.
+Management (import, fetch from the hub, rename, delete, export) only ever writes inside the library
+folder: names are sanitised to a plain file stem, shipped tuners are read-only, every write is atomic,
+and a file that cannot be imported writes nothing.
 """
 from __future__ import annotations
 
@@ -12,15 +13,23 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import huggingface_hub
+from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 from safetensors import SafetensorError, safe_open
 
 from scedit_ui.errors import UserInputError
+from scedit_ui.hub import hub_offline
 from scedit_ui.model_manager import ASSETS
 from tuners import LayoutMismatchError, SkipLayout, TunerFileError, TunerMetadata, load_tuner, read_metadata, save_tuner
 from tuners.io import METADATA_KEY, Tuner, atomic_write
-from tuners.official import OFFICIAL_FILES, import_official
+from tuners.official import OFFICIAL_FILES, export_official, import_official
+from tuners.reference_configs import REFERENCE_UNET_CONFIGS
 
 SHIPPED_TUNERS = ASSETS / "tuners"
+OFFICIAL_REPO = "scepter-studio/scepter_scedit"  # the SCEdit release on the Hugging Face Hub
+# Base-model folder names of the official release (e.g. controllable_model/SD2.1/canny_control).
+HUB_BASES = {"SD1.5": "sd15", "SD2.1": "sd21", "SD_XL1.0": "sdxl"}
+BASE_NAMES = {"sd15": "SD 1.5", "sd21": "SD 2.1", "sdxl": "SDXL"}
 DEFAULT_LIBRARY = Path("library")
 SUFFIX = ".safetensors"
 MAX_NAME_LENGTH = 80
@@ -168,12 +177,14 @@ class TunerLibrary:
         layout: SkipLayout | None = None,
         base_architecture: str = "unknown",
         condition_type: str | None = None,
+        origin: str | None = None,
     ) -> Path:
         """Copy a tuner file of this format into the library, or convert an official SCEdit checkpoint.
 
         `source` is a `.safetensors` tuner, an official `pytorch_model.bin` / `adapter_model.safetensors`
-        (with `configuration.json` beside it), or a folder holding one. Official files need the `layout`
-        of the base they were trained for (the loaded model) to be converted.
+        (with `configuration.json` beside it), or a folder holding one (also as `0_SwiftSCETuning/`).
+        Official files need the `layout` of the base they were trained for (the loaded model) to be
+        converted; `origin` (a hub address) is recorded in the tuner's metadata.
         """
         source = Path(source)
         if not source.exists():
@@ -191,11 +202,65 @@ class TunerLibrary:
             raise UserInputError(f"{source.name} is not a tuner of this format; load a base model to convert official checkpoints")
         target = self._free_path(name or _official_name(source, condition_type))
         try:
-            tuner, metadata = import_official(source, layout, base_architecture, condition_type)
+            tuner, metadata = import_official(source, layout, base_architecture, condition_type, origin)
         except (TunerFileError, LayoutMismatchError, SafetensorError, OSError) as error:
             raise UserInputError(f"cannot import {source.name}: {error}") from None
         save_tuner(tuner, target, metadata)
         return target
+
+    def fetch(
+        self,
+        subfolder: str,
+        repo_id: str = OFFICIAL_REPO,
+        layout: SkipLayout | None = None,
+        base_architecture: str | None = None,
+        name: str | None = None,
+        condition_type: str | None = None,
+    ) -> Path:
+        """Download an official tuner (hub id + sub-folder) and import it, recording the base and the hub address.
+
+        The base is `base_architecture` or the release's folder name (SD1.5, SD2.1, SD_XL1.0); without a
+        `layout` (no model loaded) the reference layout of that base is used. Offline (HF_HUB_OFFLINE or
+        TRANSFORMERS_OFFLINE), a copy already in the Hugging Face cache is used, else one message says
+        what to download and where to put it.
+        """
+        subfolder = subfolder.strip().strip("/")
+        if not subfolder or ".." in Path(subfolder).parts:
+            raise UserInputError(f"{subfolder!r} is not a folder of a hub repository, e.g. controllable_model/SD2.1/canny_control")
+        named_base = next((base for folder, base in HUB_BASES.items() if folder in Path(subfolder).parts), None)
+        base = base_architecture if base_architecture not in (None, "", "unknown") else named_base
+        if named_base and base in BASE_NAMES and base != named_base:
+            raise UserInputError(
+                f"{repo_id}/{subfolder} is made for {BASE_NAMES[named_base]}, but the base is {BASE_NAMES[base]}; "
+                f"load {BASE_NAMES[named_base]} first"
+            )
+        if layout is None:
+            if base not in REFERENCE_UNET_CONFIGS:
+                raise UserInputError(f"say which base {repo_id}/{subfolder} is for ({', '.join(BASE_NAMES)}) or load that base model")
+            layout = SkipLayout.from_config(REFERENCE_UNET_CONFIGS[base])
+        origin = f"hf://{repo_id}/{subfolder}"
+        try:
+            snapshot = huggingface_hub.snapshot_download(repo_id, allow_patterns=[f"{subfolder}/*"])
+        except (LocalEntryNotFoundError, HfHubHTTPError, OSError, ValueError) as error:
+            if hub_offline():
+                raise UserInputError(offline_message(repo_id, subfolder, base)) from None
+            raise UserInputError(f"cannot download {origin}: {str(error).splitlines()[0]}") from None
+        folder = Path(snapshot) / subfolder
+        if not folder.is_dir():
+            raise UserInputError(f"{repo_id} has no folder {subfolder!r}; see https://huggingface.co/{repo_id}/tree/main")
+        default_name = "-".join(Path(subfolder).parts[-2:]).replace("_control", "")
+        return self.import_file(folder, name or default_name, layout, base or "unknown", condition_type, origin)
+
+    def export_official(self, name: str, folder: str | Path) -> Path:
+        """Write tuner `name` as SCEPTER lays tuners out (`folder/0_SwiftSCETuning/...`), for SCEPTER Studio / ComfyUI-Scepter."""
+        try:
+            tuner, metadata = load_tuner(self.find(name))
+        except TunerFileError as error:
+            raise UserInputError(str(error)) from None
+        try:
+            return export_official(tuner, metadata, folder)
+        except FileExistsError as error:
+            raise UserInputError(str(error)) from None
 
     def import_files(self, files: Sequence[str | Path], **options) -> Path:
         """`import_file` for uploaded files that belong together (official weights + configuration.json)."""
@@ -211,6 +276,17 @@ class TunerLibrary:
             for file in files:
                 shutil.copyfile(file, Path(folder) / file.name)
             return self.import_file(Path(folder) / weights[0].name, **options)
+
+
+def offline_message(repo_id: str, subfolder: str, base: str | None) -> str:
+    """What to download, and where to put it, when the hub is off."""
+    base_option = f" --base {base}" if base else ""
+    return (
+        f"the Hugging Face Hub is off (HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE is set) and {repo_id}/{subfolder} is not in its cache. "
+        f"On a connected machine run: hf download {repo_id} --include '{subfolder}/*' --local-dir scepter_scedit ; "
+        f"copy the folder scepter_scedit/{subfolder} here and import it: python -m scedit_ui tuners import scepter_scedit/{subfolder}{base_option} "
+        "(or upload its 0_SwiftSCETuning files in the Tuners tab)"
+    )
 
 
 def _has_own_metadata(path: Path) -> bool:

@@ -26,6 +26,7 @@ PROMPT = "a red circle at the top left on a blue background"
 PUBLIC_ENDPOINTS = {
     "/generate", "/read_png_settings", "/extract_conditions", "/control_generate", "/control_interpolate",
     "/skip_tuning_compare", "/rho_schedule", "/tuner_details", "/rename_tuner", "/delete_tuner", "/import_tuner",
+    "/fetch_tuner", "/export_tuner_official",
     "/export_tuner", "/list_tuners", "/load_model", "/memory_options", "/train_start", "/train_cancel", "/train_resume",
     "/training_status",
 }
@@ -233,6 +234,25 @@ def test_tuner_details_show_the_metadata(served):
 def test_export_gives_the_tuner_file(served):
     exported = served.client.predict("style", api_name="/export_tuner")
     assert Path(exported).read_bytes() == (served.library / "style.safetensors").read_bytes()
+
+
+def test_export_for_scepter_gives_a_zip_in_scepters_layout(served):
+    import zipfile
+
+    with zipfile.ZipFile(served.client.predict("edges", api_name="/export_tuner_official")) as archive:
+        names = set(archive.namelist())
+    assert {"0_SwiftSCETuning/configuration.json", "0_SwiftSCETuning/pytorch_model.bin", "scedit_studio.json"} == names
+
+
+def test_fetch_offline_is_refused_with_what_to_download(served, monkeypatch, tmp_path):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    before = sorted(served.library.glob("*"))
+    with pytest.raises(AppError, match="Hub is off .*hf download scepter-studio/scepter_scedit --include 'release/canny_control/"):
+        served.client.predict("scepter-studio/scepter_scedit", "release/canny_control", "", "", api_name="/fetch_tuner")
+    assert sorted(served.library.glob("*")) == before
 
 
 def test_import_rename_and_delete_stay_inside_the_library(served):

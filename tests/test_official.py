@@ -30,6 +30,7 @@ from tuners import (
     import_official,
 )
 from tuners.official import official_state_dict
+from scedit_ui.errors import UserInputError
 from tuners.reference_configs import REFERENCE_UNET_CONFIGS
 
 # -- SCEPTER's modules ---------------------------------------------------------------------------
@@ -226,7 +227,7 @@ def write_controller(folder, csc: ScepterCSCTuners, config: dict, prefix: str = 
 @pytest.mark.parametrize(
     ("architecture", "hint_channels", "hint_ratio", "kernel", "scale", "prefix", "with_config"),
     [
-        ("sd15", 256, 1.0, 3, 1.0, "0.", True),
+        ("sd15", 256, 1.0, 1, 1.0, "0.", True),
         ("sd21", 256, 1.0, 1, 0.7, "model.", True),
         ("sdxl", 320, 2.0, 3, 1.0, "0.", False),  # no configuration.json: everything from the tensor shapes
         ("sdxl", 320, 2.0, 1, 1.0, "", True),
@@ -445,3 +446,92 @@ def test_a_full_model_checkpoint_is_not_taken_for_a_tuner(tmp_path):
     save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(1)}, tmp_path / "adapter_model.safetensors")
     with pytest.raises(TunerFileError, match="adapter_model.safetensors holds no SCEdit tuner keys"):
         import_official(tmp_path, layout_of("sd15"), "sd15")
+
+
+# -- the hub: fetch into the library, offline message ---------------------------------------------
+
+
+def fake_hub_snapshot(root, subfolder: str, layout: SkipLayout):
+    """A local folder laid out like a snapshot of the release repository, holding one controller."""
+    config = controller_config(layout, 256, 1.0, 1)
+    write_controller(root / subfolder, randomise(ScepterCSCTuners(config), seed=9), config)
+    return root
+
+
+def test_fetch_downloads_the_release_folder_and_imports_it_with_its_base(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    from scedit_ui.tuner_library import TunerLibrary
+
+    subfolder = "controllable_model/SD2.1/canny_control"
+    asked = {}
+
+    def snapshot_download(repo_id, allow_patterns):
+        asked.update(repo_id=repo_id, allow_patterns=allow_patterns)
+        return str(fake_hub_snapshot(tmp_path / "snapshot", subfolder, layout_of("sd21")))
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    library = TunerLibrary(tmp_path / "library", shipped=tmp_path / "shipped")
+    path = library.fetch(subfolder)  # no model loaded: the base comes from the folder name
+    assert asked == {"repo_id": "scepter-studio/scepter_scedit", "allow_patterns": [f"{subfolder}/*"]}
+    metadata = library.entry(path.stem).metadata
+    assert path.name == "SD2.1-canny.safetensors"
+    assert (metadata.kind, metadata.base_architecture, metadata.condition_type) == ("csc", "sd21", "canny")
+    assert metadata.training["imported_from"] == f"hf://scepter-studio/scepter_scedit/{subfolder}"
+    with pytest.raises(UserInputError, match="made for SD 2.1, but the base is SDXL; load SD 2.1 first"):
+        library.fetch(subfolder, base_architecture="sdxl", name="other")
+    assert library.names() == ["SD2.1-canny"]
+
+
+def test_fetch_offline_says_what_to_download_and_where_and_writes_nothing(tmp_path, monkeypatch, capsys):
+    from huggingface_hub import constants
+
+    from scedit_ui import cli
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # what HF_HUB_OFFLINE=1 or TRANSFORMERS_OFFLINE=1 set
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    code = cli.main(["tuners", "fetch", "controllable_model/SD_XL1.0/depth_control", "--library", str(tmp_path / "library")])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(lines) == 1
+    assert "the Hugging Face Hub is off (HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE is set)" in lines[0]
+    assert "hf download scepter-studio/scepter_scedit --include 'controllable_model/SD_XL1.0/depth_control/*'" in lines[0]
+    assert "python -m scedit_ui tuners import scepter_scedit/controllable_model/SD_XL1.0/depth_control --base sdxl" in lines[0]
+    assert not (tmp_path / "library").exists()
+
+
+def test_cli_imports_and_exports_the_official_layout(tmp_path, capsys):
+    from scedit_ui import cli
+
+    layout = layout_of("sd15")
+    config = controller_config(layout, 256, 1.0, 1)
+    write_controller(tmp_path / "hed_control", randomise(ScepterCSCTuners(config), seed=10), config)
+    library = str(tmp_path / "library")
+    assert cli.main(["tuners", "import", str(tmp_path / "hed_control"), "--base", "sd15", "--library", library]) == 0
+    assert cli.main(["tuners", "export", "hed_control", "--out", str(tmp_path / "out"), "--library", library]) == 0
+    assert sorted(p.name for p in (tmp_path / "out" / "0_SwiftSCETuning").iterdir()) == ["configuration.json", "pytorch_model.bin"]
+    exported = torch.load(tmp_path / "out" / "0_SwiftSCETuning" / "pytorch_model.bin", weights_only=True)
+    original = torch.load(tmp_path / "hed_control" / "0_SwiftSCETuning" / "pytorch_model.bin", weights_only=True)
+    assert list(exported) == list(original) and all(torch.equal(exported[k], original[k]) for k in original)
+    assert cli.main(["tuners", "import", str(tmp_path / "hed_control"), "--base", "sdxl", "--name", "x", "--library", library]) == 2
+    assert "cannot import hed_control: pytorch_model.bin was made for a UNet with 12 skips" in capsys.readouterr().err
+
+
+def test_the_tuners_tab_fetches_for_the_loaded_base_and_exports_a_zip_in_scepters_layout(tiny_unet, tmp_path, monkeypatch):
+    import zipfile
+    from types import SimpleNamespace
+
+    import huggingface_hub
+
+    from scedit_ui.tuner_library import TunerLibrary
+    from scedit_ui.ui.tuners_tab import export_official_zip, fetch_tuner
+
+    layout = SkipLayout.from_unet(tiny_unet)
+    subfolder = "my_release/depth_control"
+    monkeypatch.setattr(huggingface_hub, "snapshot_download",
+                        lambda repo_id, allow_patterns: str(fake_hub_snapshot(tmp_path / "snap", subfolder, layout)))
+    manager = SimpleNamespace(editor=SimpleNamespace(layout=layout), family="tiny")
+    state = SimpleNamespace(manager=manager, library=TunerLibrary(tmp_path / "library", shipped=tmp_path / "shipped"))
+    path = fetch_tuner(state, "", subfolder, "", "")
+    assert path.stem == "my_release-depth" and state.library.entry("my_release-depth").metadata.condition_type == "depth"
+    with zipfile.ZipFile(export_official_zip(state, "my_release-depth")) as archive:
+        assert sorted(archive.namelist()) == ["0_SwiftSCETuning/configuration.json", "0_SwiftSCETuning/pytorch_model.bin", "scedit_studio.json"]

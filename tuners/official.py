@@ -289,11 +289,12 @@ def _csc_from_official(checkpoint: OfficialCheckpoint, layout: SkipLayout, condi
 
 
 def import_official(
-    path: str | Path, layout: SkipLayout, base_architecture: str, condition_type: str | None = None
+    path: str | Path, layout: SkipLayout, base_architecture: str, condition_type: str | None = None, origin: str | None = None
 ) -> tuple[Tuner, TunerMetadata]:
     """Convert an official checkpoint (file or folder) for a UNet with `layout` into a tuner plus metadata.
 
-    Raises `TunerFileError` or `LayoutMismatchError` naming the file and what was expected.
+    `origin` (e.g. a hub address) is recorded as where it came from, else the file name. Raises
+    `TunerFileError` or `LayoutMismatchError` naming the file and what was expected.
     """
     checkpoint = read_official(path)
     keys = list(checkpoint.state)
@@ -308,7 +309,7 @@ def import_official(
         )
     studio = checkpoint.studio
     extra = {"trigger_word": studio.trigger_word, "training": studio.training} if studio else {
-        "training": {"imported_from": checkpoint.weights_file.name}
+        "training": {"imported_from": origin or checkpoint.weights_file.name}
     }
     return tuner, TunerMetadata.describe(tuner, base_architecture, **extra)
 

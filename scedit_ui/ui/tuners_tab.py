@@ -1,14 +1,17 @@
-"""Tuners tab: the installed tuners with their metadata; load into use, rename, delete, import, export."""
+"""Tuners tab: the installed tuners with their metadata; load into use, rename, delete, import, fetch, export."""
 from __future__ import annotations
 
 import json
+import tempfile
+import zipfile
+from pathlib import Path
 from dataclasses import asdict, dataclass
 
 import gradio as gr
 
 from scedit_ui.conditions import CONDITION_KINDS
 from scedit_ui.errors import UserInputError
-from scedit_ui.tuner_library import TunerEntry
+from scedit_ui.tuner_library import OFFICIAL_REPO, TunerEntry
 from scedit_ui.ui.handlers import user_errors
 from scedit_ui.ui.state import AppState
 
@@ -89,6 +92,27 @@ def with_tuner(entry: TunerEntry, sc_slots: list[str | None], kinds: list[str]) 
 # -- the tab -------------------------------------------------------------------------------------
 
 
+def fetch_tuner(state: AppState, repo_id: str, subfolder: str, name: str, condition_type: str) -> Path:
+    """Download an official tuner into the library, converted for the loaded base (or the one its folder names)."""
+    manager = state.manager
+    return state.library.fetch(
+        subfolder or "", (repo_id or "").strip() or OFFICIAL_REPO, manager.editor.layout if manager.editor else None,
+        manager.family if manager.family in ("sd15", "sd21", "sdxl") else None, (name or "").strip() or None, condition_type or None,
+    )
+
+
+def export_official_zip(state: AppState, name: str) -> Path:
+    """Tuner `name` as SCEPTER lays it out (0_SwiftSCETuning/...), zipped for download."""
+    folder = Path(tempfile.mkdtemp(prefix="scedit-export-"))
+    exported = state.library.export_official(name, folder / name)
+    archive = folder / f"{name}-scepter.zip"
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_STORED) as out:  # weights do not compress; storing is fast
+        for file in sorted(exported.rglob("*")):
+            if file.is_file():
+                out.write(file, file.relative_to(exported).as_posix())
+    return archive
+
+
 def build(state: AppState, library_version: gr.State) -> TunersTab:
     table = gr.Dataframe(tuner_table(state), headers=TABLE_COLUMNS, interactive=False, label="Installed tuners", wrap=True, elem_id="tuner-table")
     with gr.Row():
@@ -98,6 +122,7 @@ def build(state: AppState, library_version: gr.State) -> TunersTab:
                 load_button = gr.Button("Load into Generate / Control", variant="primary", size="sm", elem_id="tuner-load")
                 unload_button = gr.Button("Unload", size="sm")
                 export_button = gr.Button("Export", size="sm")
+                export_official_button = gr.Button("Export for SCEPTER", size="sm")
             with gr.Row():
                 new_name = gr.Textbox(label="New name", scale=3)
                 rename_button = gr.Button("Rename", size="sm", scale=1)
@@ -117,6 +142,18 @@ def build(state: AppState, library_version: gr.State) -> TunersTab:
                 import_name = gr.Textbox(label="Name (default: the file name)")
                 import_condition = gr.Dropdown(["", *CONDITION_KINDS], value="", label="Condition type (official CSC checkpoints)")
                 import_button = gr.Button("Import", variant="primary")
+    with gr.Accordion("Fetch an official tuner from the Hugging Face Hub", open=False):
+        gr.Markdown(
+            "A folder of the SCEdit release, e.g. `controllable_model/SD2.1/canny_control` or "
+            "`tuners_model/SD1.5/Caricature`; it is converted for the loaded base model. Offline, the message says "
+            "what to download and where to put it."
+        )
+        with gr.Row():
+            hub_repo = gr.Textbox(OFFICIAL_REPO, label="Hub id")
+            hub_folder = gr.Textbox(label="Sub-folder", placeholder="controllable_model/SD2.1/canny_control")
+            hub_name = gr.Textbox(label="Name (default: from the folder)")
+            hub_condition = gr.Dropdown(["", *CONDITION_KINDS], value="", label="Condition type (default: from the folder)")
+        fetch_button = gr.Button("Fetch", variant="primary")
 
     def changed(version: int) -> int:
         return version + 1
@@ -157,6 +194,19 @@ def build(state: AppState, library_version: gr.State) -> TunersTab:
         return path.stem, f"imported {path.stem}"
 
     @user_errors
+    def fetch(repo_id: str, subfolder: str, name: str, condition_type: str) -> tuple[str, str]:
+        """Download an official SCEdit tuner by hub id and sub-folder into the library."""
+        path = fetch_tuner(state, repo_id, subfolder, name, condition_type)
+        return path.stem, f"fetched {path.stem}"
+
+    @user_errors
+    def export_for_scepter(name: str | None) -> str:
+        """The tuner in SCEPTER's layout (0_SwiftSCETuning/ with its configuration and weights), zipped."""
+        if not name:
+            raise UserInputError("choose a tuner to export")
+        return str(export_official_zip(state, name))
+
+    @user_errors
     def export(name: str | None) -> str:
         """The tuner file, for download."""
         if not name:
@@ -168,9 +218,11 @@ def build(state: AppState, library_version: gr.State) -> TunersTab:
         rename_button.click(rename, [selector, new_name], [selector, status], api_name="rename_tuner"),
         delete_button.click(delete, selector, [selector, status], api_name="delete_tuner"),
         import_button.click(import_tuner, [files, import_name, import_condition], [selector, status], api_name="import_tuner"),
+        fetch_button.click(fetch, [hub_repo, hub_folder, hub_name, hub_condition], [selector, status], api_name="fetch_tuner"),
     ):
         # Queued (the default): only then does the State's change event fire in the browser.
         event.success(changed, library_version, library_version, api_name="library_changed", api_visibility="private")
     export_button.click(export, selector, exported, api_name="export_tuner")
+    export_official_button.click(export_for_scepter, selector, exported, api_name="export_tuner_official")
     library_version.change(list_tuners, None, [table, selector], api_name="list_tuners", queue=False)
     return TunersTab(selector, load_button, unload_button, status)

@@ -11,7 +11,7 @@ from PIL import Image
 
 from scedit_ui import conditions
 from tuners import TunerMetadata
-from tuners.validation import UserInputError, check_number
+from tuners.validation import UserInputError, check_choice, check_number
 
 KINDS = ("sc", "csc")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
@@ -110,8 +110,7 @@ class TrainingConfig:
             check_number("number of Shapes-world images", self.shapes_images, 1, 10_000_000, integer=True)
         if self.save_dtype not in ("float32", "float16"):
             raise UserInputError(f"save dtype must be float32 or float16, got {self.save_dtype!r}")
-        if self.optimizer not in OPTIMIZERS:
-            raise UserInputError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        check_choice("optimizer", self.optimizer, OPTIMIZERS)
         if self.device not in ("auto", "cuda", "cpu"):
             raise UserInputError(f"device must be auto, cuda or cpu, got {self.device!r}")
         if Path(self.out).suffix != ".safetensors":

@@ -2,6 +2,7 @@
 
 import itertools
 import json
+import random
 
 import numpy as np
 import pytest
@@ -14,12 +15,15 @@ from scedit_ui.shapes.world import (
     SHAPES,
     SIZES,
     STYLES,
+    BASE_STYLES,
+    TUNER_STYLES,
     Scene,
     ShapeSpec,
     apply_style,
     caption,
     is_held_out,
     make_dataset,
+    plain_prompt,
     render_scene,
     sample_scene,
 )
@@ -91,6 +95,39 @@ def test_caption_reads_as_a_sentence():
         "an orange ring at the top, a large green square at the left and a white triangle at the "
         "bottom right on a black background, in stripes style"
     )
+
+
+def test_free_form_captions_vary_the_wording_but_name_every_shape_and_the_background():
+    scene = Scene(
+        shapes=(ShapeSpec("circle", "grey", "center", "small"), ShapeSpec("star", "blue", "top left", "large")),
+        background="grey",
+    )
+    texts = {caption(scene, random.Random(seed)) for seed in range(400)}
+    assert len(texts) > 50
+    assert all(("circle" in t and "star" in t and " background" in t) for t in texts)
+    joined = " | ".join(texts)
+    for phrase in ("gray", "grey", "centre", "center", "one ", "a blue star", "a large blue star", ", gray background",
+                   "on a grey background", "star at the top left", "star in the top left"):
+        assert phrase in joined, phrase
+    assert any(t.startswith("a blue star") or t.startswith("one blue star") or t.startswith("a large") for t in texts)
+    assert any("top left" not in t for t in texts)  # positions are sometimes left out
+    assert caption(scene, random.Random(3)) == caption(scene, random.Random(3))
+
+
+def test_plain_prompt_names_one_shape_and_the_background_only():
+    scene = Scene((ShapeSpec("ring", "orange", "top right", "large"),), "grey")
+    assert plain_prompt(scene) == "an orange ring on a grey background"
+
+
+def test_base_and_tuner_styles_split_the_styles():
+    assert set(BASE_STYLES) | set(TUNER_STYLES) == set(STYLES)
+    assert not set(BASE_STYLES) & set(TUNER_STYLES)
+    assert {"stripes", "polka dots"} <= set(TUNER_STYLES)
+
+
+def test_a_scene_with_an_open_position_cannot_be_rendered():
+    with pytest.raises(UserInputError, match="position or size"):
+        render_scene(Scene((ShapeSpec("circle", "red", None),), "blue"))
 
 
 def test_scene_dict_round_trip_is_json_safe():

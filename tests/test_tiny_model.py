@@ -9,8 +9,9 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from scedit_ui.shapes import tiny_model
 from scedit_ui.errors import UserInputError
+from scedit_ui.shapes import tiny_model, world
+from scedit_ui.shapes.checker import parse_prompt
 
 MODEL_DIR = Path(__file__).resolve().parents[1] / "assets" / "tiny-sd"
 
@@ -31,7 +32,7 @@ def _skip_counts(unet: UNet2DConditionModel) -> list[int]:
     ]
     cross_dim = unet.config.cross_attention_dim
     with torch.no_grad():
-        unet(torch.randn(1, 4, 16, 16), 500, torch.randn(1, 77, cross_dim))
+        unet(torch.randn(1, unet.config.in_channels, 16, 16), 500, torch.randn(1, 77, cross_dim))
     for hook in hooks:
         hook.remove()
     return counts
@@ -59,11 +60,13 @@ def test_unet_has_sd15_block_types_and_twelve_skips(pipe):
     assert _skip_counts(pipe.unet) == [3, 3, 3, 3]
 
 
-def test_vae_maps_128px_images_to_4x16x16_latents(pipe):
+def test_vae_maps_128px_images_to_16x16_latents_the_unet_takes(pipe):
     assert pipe.vae_scale_factor == 8
+    channels = pipe.vae.config.latent_channels
     with torch.no_grad():
         latents = pipe.vae.encode(torch.zeros(1, 3, 128, 128)).latent_dist.mean
-    assert latents.shape == (1, 4, 16, 16)
+    assert latents.shape == (1, channels, 16, 16)
+    assert pipe.unet.config.in_channels == pipe.unet.config.out_channels == channels
     assert pipe.vae.config.scaling_factor != 1.0  # measured on the training latents
 
 
@@ -113,7 +116,7 @@ def test_the_background_follows_the_prompt(pipe):
     assert right >= 3
 
 
-def test_weights_are_fp16_safetensors_within_40_mb():
+def test_weights_are_fp16_safetensors_within_60_mb():
     weight_files = sorted(MODEL_DIR.rglob("*.safetensors"))
     assert {p.parent.name for p in weight_files} == {"vae", "text_encoder", "unet"}
     from safetensors import safe_open
@@ -121,7 +124,7 @@ def test_weights_are_fp16_safetensors_within_40_mb():
     for path in weight_files:
         with safe_open(path, "pt") as f:
             assert all(f.get_slice(k).get_dtype() == "F16" for k in f.keys())
-    assert sum(p.stat().st_size for p in weight_files) <= 40_000_000
+    assert sum(p.stat().st_size for p in weight_files) <= 60_000_000
 
 
 # ---------------------------------------------------------------------------- builders
@@ -153,7 +156,7 @@ class _Killed(Exception):
 
 def test_vae_stage_resumes_to_identical_weights(tmp_path, monkeypatch):
     cfg = tiny_model.TrainConfig(
-        vae_crop_steps=2, vae_full_steps=2, vae_crop_batch=2, vae_full_batch=1, checkpoint_every=2
+        vae_crop_steps=2, vae_full_steps=2, vae_crop_batch=2, vae_full_batch=1, checkpoint_every=2, round_trip_scenes=2
     )
     cpu = torch.device("cpu")
     straight = tiny_model.train_vae(tmp_path / "straight", cfg, cpu)
@@ -174,41 +177,100 @@ def test_vae_stage_resumes_to_identical_weights(tmp_path, monkeypatch):
     assert len(calls) == 3 + 2  # the rerun computed steps 3 and 4 only
     for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
         torch.testing.assert_close(a, b, msg=name)
+    assert straight.config.latent_channels == cfg.latent_channels
+    round_trip = json.loads((tmp_path / "straight" / "vae_round_trip.json").read_text())
+    assert round_trip["scenes"] == 2 and 0.0 <= round_trip["shape_correct"] <= 1.0
 
 
-def test_decoder_stage_trains_the_decoder_only_so_latents_stay_valid(tmp_path):
+def test_vae_stage_sees_every_style_and_the_cache_only_the_base_styles(tmp_path, monkeypatch):
+    seen: list = []
+    real_scenes = tiny_model._scenes
+
+    def recording(seeds, styles):
+        seen.append(list(styles))
+        return real_scenes(seeds, styles)
+
+    monkeypatch.setattr(tiny_model, "_scenes", recording)
     cfg = tiny_model.TrainConfig(
-        vae_crop_steps=1, vae_full_steps=0, vae_crop_batch=1, decoder_steps=2, decoder_batch=2, checkpoint_every=1
+        vae_crop_steps=6, vae_full_steps=0, vae_crop_batch=8, vae_styled_fraction=0.9, checkpoint_every=100,
+        round_trip_scenes=1, cache_scenes=40, cache_chunk=40, base_styled_fraction=0.9,
     )
     cpu = torch.device("cpu")
     vae = tiny_model.train_vae(tmp_path, cfg, cpu)
-    before = {name: value.clone() for name, value in vae.state_dict().items()}
-    tuned = tiny_model.train_decoder(tmp_path, vae, cfg, cpu)
-    changed = {name for name, value in tuned.state_dict().items() if not torch.equal(value, before[name])}
-    assert changed and all(name.startswith(("decoder.", "post_quant_conv.")) for name in changed)
-    assert all(p.requires_grad for p in tuned.parameters())  # the frozen encoder is released again
-    saved = tiny_model.train_decoder(tmp_path, tiny_model.build_vae(), cfg, cpu)  # finished: read back
-    for name, value in tuned.state_dict().items():
-        torch.testing.assert_close(saved.state_dict()[name], value, msg=name)
+    assert set(world.STYLES) <= {s for batch in seen for s in batch}
+    seen.clear()
+    cache = tiny_model.cache_latents(tmp_path, vae, cfg, cpu)
+    styles = {s.style for s in cache.scenes}
+    assert set(world.BASE_STYLES) <= styles and not styles & set(world.TUNER_STYLES)
+    assert cache.latents.shape == (40, cfg.latent_channels, 16, 16)
+    assert abs(cache.latents.std().item() - 1.0) < 1e-3  # a fresh VAE gets 1 / std as its scaling factor
+    again = tiny_model.cache_latents(tmp_path, vae, cfg, cpu)  # read back from the chunks
+    assert again.scenes == cache.scenes and torch.equal(again.latents, cache.latents)
 
 
-def test_offset_noise_stage_fine_tunes_the_export_once_and_resumes(tmp_path):
-    tokenizer = CLIPTokenizer.from_pretrained(MODEL_DIR / "tokenizer")
-    out = tmp_path / "model"
-    tiny_model.save_pipeline_fp16(
-        tiny_model.assemble_pipeline(tiny_model.build_vae(), tiny_model.build_text_encoder(), tokenizer, tiny_model.build_unet()), out
+def test_training_captions_are_free_form_and_fixed_by_step():
+    scenes = [world.sample_scene(i) for i in range(64)]
+    first = tiny_model.training_captions(scenes, 0, 5)
+    assert first == tiny_model.training_captions(scenes, 0, 5)
+    assert first != tiny_model.training_captions(scenes, 0, 6)
+    assert first != [world.caption(s) for s in scenes]
+    assert {parse_prompt(c).background for c in first} == {s.background for s in scenes}
+
+
+def _tiny_run(init: str | None = None, **kw) -> tiny_model.TrainConfig:
+    return tiny_model.TrainConfig(
+        init=init, latent_channels=4, cache_scenes=8, cache_chunk=8, unet_steps=4, unet_batch=2, unet_warmup=1,
+        checkpoint_every=2, eval_prompts=0, **kw,
     )
-    before = StableDiffusionPipeline.from_pretrained(out, dtype=torch.float32).unet.state_dict()
-    cfg = tiny_model.TrainConfig(finetune_steps=2, finetune_warmup=1, finetune_scenes=4, unet_batch=2, checkpoint_every=1, eval_prompts=1)
-    cpu = torch.device("cpu")
 
-    tiny_model.finetune_offset_noise(tmp_path / "work", out, cfg, cpu)
-    tuned = StableDiffusionPipeline.from_pretrained(out, dtype=torch.float32).unet.state_dict()
-    assert any(not torch.equal(value, before[name]) for name, value in tuned.items())
-    assert json.loads((out / tiny_model.FINETUNE_MARKER).read_text())["offset_noise"] == cfg.offset_noise
 
-    with pytest.raises(UserInputError, match="already fine-tuned"):  # a second fine-tune on top of the first
-        tiny_model.finetune_offset_noise(tmp_path / "other-work", out, cfg, cpu)
-    tiny_model.finetune_offset_noise(tmp_path / "work", out, cfg, cpu)  # finished: exports the same weights again
-    for name, value in StableDiffusionPipeline.from_pretrained(out, dtype=torch.float32).unet.state_dict().items():
-        assert torch.equal(value, tuned[name]), name
+def test_unet_stage_from_init_resumes_to_identical_weights_and_keeps_the_vae(tmp_path, monkeypatch):
+    cfg = _tiny_run(init=str(MODEL_DIR))
+    tiny_model.train(tmp_path / "straight", tmp_path / "out-straight", cfg, threads=1)
+    straight = StableDiffusionPipeline.from_pretrained(tmp_path / "out-straight", dtype=torch.float32)
+    assert {"vocab.json", "merges.txt"} <= {p.name for p in (tmp_path / "out-straight" / "tokenizer").iterdir()}
+    shipped = StableDiffusionPipeline.from_pretrained(MODEL_DIR, dtype=torch.float32)
+    for name, value in shipped.vae.state_dict().items():
+        assert torch.equal(straight.vae.state_dict()[name], value), name
+    assert straight.vae.config.scaling_factor == shipped.vae.config.scaling_factor
+    unet_before = shipped.unet.state_dict()
+    assert any(not torch.equal(v, unet_before[k]) for k, v in straight.unet.state_dict().items())
+
+    real_unet_forward, calls = UNet2DConditionModel.forward, []
+
+    def counted(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise _Killed
+        return real_unet_forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(UNet2DConditionModel, "forward", counted)
+    with pytest.raises(_Killed):  # killed during step 3, after the step-2 checkpoint
+        tiny_model.train(tmp_path / "interrupted", tmp_path / "out-interrupted", cfg, threads=1)
+    tiny_model.train(tmp_path / "interrupted", tmp_path / "out-interrupted", cfg, threads=1)
+    assert len(calls) == 3 + 2  # the rerun computed steps 3 and 4 only
+    resumed = StableDiffusionPipeline.from_pretrained(tmp_path / "out-interrupted", dtype=torch.float32)
+    for name, value in straight.unet.state_dict().items():
+        torch.testing.assert_close(resumed.unet.state_dict()[name], value, msg=name)
+
+
+def test_a_work_folder_refuses_another_configuration(tmp_path):
+    tiny_model._claim_work_folder(tmp_path, _tiny_run())
+    with pytest.raises(UserInputError, match="different configuration"):
+        tiny_model._claim_work_folder(tmp_path, _tiny_run(unet_lr=1e-3))
+
+
+def test_set_overrides_convert_to_the_field_types():
+    overrides = tiny_model._parse_overrides(["unet_steps=600", "unet_lr=2e-4", "init=assets/tiny-sd"])
+    assert overrides == {"unet_steps": 600, "unet_lr": 2e-4, "init": "assets/tiny-sd"}
+    with pytest.raises(UserInputError, match="TrainConfig field"):
+        tiny_model._parse_overrides(["unet_stepz=600"])
+    with pytest.raises(UserInputError, match="unet_steps"):
+        tiny_model._parse_overrides(["unet_steps=many"])
+
+
+def test_init_must_be_a_model_folder(tmp_path):
+    (tmp_path / "tokenizer").mkdir()
+    (tmp_path / "tokenizer" / "vocab.json").write_text("{}")
+    with pytest.raises(UserInputError, match="model_index.json"):
+        tiny_model.train(tmp_path / "work", tmp_path / "out", tiny_model.TrainConfig(init=str(tmp_path)), threads=1)

@@ -22,10 +22,10 @@ Metrics (:func:`score_adherence`, against a :class:`~scedit_ui.shapes.world.Scen
 - **color_correct** — fraction of prompted shapes matched to a blob of their colour.
 - **shape_correct** — fraction of prompted shapes whose matched blob (same colour) has the
   prompted kind.
-- **position_correct** — fraction of prompted shapes whose matched blob (same colour) lies in the
-  prompted grid cell.
+- **position_correct** — fraction of the prompted shapes *with a position* whose matched blob (same
+  colour) lies in the prompted grid cell; ``None`` when the prompt names no position.
 - **count_correct** — the number of blobs equals the number of prompted shapes.
-- **overall** — mean of the five (booleans as 0/1).
+- **overall** — mean of the five (booleans as 0/1; of four when position is ``None``).
 
 :func:`style_score` in [0, 1] measures one style without reference to the prompt:
 
@@ -59,6 +59,7 @@ from scedit_ui.shapes.world import (
     SHAPES,
     SIZES,
     STYLES,
+    SYNONYMS,
     Scene,
     ShapeSpec,
     shape_alpha,
@@ -94,11 +95,11 @@ class Adherence:
     shape_correct: float
     count_correct: bool
     background_correct: bool
-    position_correct: float
+    position_correct: float | None  # None when the prompt names no position
 
     @property
     def overall(self) -> float:
-        return float(np.mean([float(v) for v in astuple(self)]))
+        return float(np.mean([float(v) for v in astuple(self) if v is not None]))
 
 
 # ---------------------------------------------------------------------------- segmentation
@@ -271,33 +272,50 @@ def detect_shapes(image) -> list[DetectedShape]:
 # ---------------------------------------------------------------------------- prompts
 
 _POSITION_WORDS = "|".join(sorted((re.escape(p) for p in POSITIONS), key=len, reverse=True))
+_COLOR_WORDS = "|".join(COLORS)
 _SHAPE_RE = re.compile(
-    rf"^an? (?:(?P<size>{'|'.join(SIZES)}) )?(?P<color>[a-z]+) (?P<kind>[a-z]+) "
-    rf"(?:at|in) the (?P<position>{_POSITION_WORDS}|centre)$"
+    rf"^(?:an?|one) (?:(?P<size>{'|'.join(SIZES)}) )?(?P<color>[a-z]+) (?P<kind>[a-z]+)"
+    rf"(?: (?:(?:at|in|on) )?(?:the )?(?P<position>{_POSITION_WORDS}))?$"
 )
-_SCENE_RE = re.compile(r"^(?P<shapes>.+) on an? (?P<background>[a-z]+) background(?:, in (?P<style>[a-z ]+) style)?$")
+_SCENE_RE = re.compile(
+    rf"^(?P<shapes>.+?)(?: on (?:an? )?|, )(?P<background>{_COLOR_WORDS}) background"
+    r"(?:,? in (?:an? )?(?P<style>[a-z ]+?) style)?$"
+)
+
+
+_SYNONYM_RE = re.compile(rf"\b(?:{'|'.join(SYNONYMS)})\b")
+
+
+def _normalise(prompt: str) -> str:
+    """Lower case, single spaces, no final period, "top-left" -> "top left", synonyms -> world names."""
+    text = " ".join(prompt.lower().replace(" ,", ",").replace("-", " ").split()).rstrip(".")
+    return _SYNONYM_RE.sub(lambda m: SYNONYMS[m[0]], text)
 
 
 def parse_prompt(prompt: str) -> Scene:
-    """Inverse of :func:`scedit_ui.shapes.world.caption` (case, spacing and a final period ignored)."""
-    text = " ".join(prompt.lower().replace(" ,", ",").split()).rstrip(".")
+    """Read a Shapes-world prompt: every form :func:`scedit_ui.shapes.world.caption` writes, and more.
+
+    Case, spacing, a final period, "grey"/"gray", "centre"/"center"/"middle", "a"/"an"/"one", "at/in/on
+    the <position>" or none, "on a X background" / "on X background" / ", X background" and shapes in
+    any order. A shape without a position or a size parses with ``None`` there.
+    """
+    text = _normalise(prompt)
     m = _SCENE_RE.match(text)
     if m is None:
         raise UserInputError(
             f"Cannot read {prompt!r} as a Shapes-world prompt; write e.g. "
-            "'a red circle at the top left and a small blue star in the center on a yellow background'."
+            "'a red circle at the top left and a small blue star on a yellow background'."
         )
-    phrases = re.split(r", | and ", m["shapes"])
+    phrases = re.split(r",? and |, ", m["shapes"])
     shapes = []
     for phrase in phrases:
         p = _SHAPE_RE.match(phrase)
         if p is None:
             raise UserInputError(
-                f"Cannot read the shape {phrase!r}; write '[a|an] [small|large] <colour> <shape> "
-                "at the <position>' or '... in the center'."
+                f"Cannot read the shape {phrase!r}; write '[a|an|one] [small|large] <colour> <shape> "
+                "[at the <position>]', e.g. 'a small red circle at the top left'."
             )
-        position = "center" if p["position"] == "centre" else p["position"]
-        shapes.append(ShapeSpec(kind=p["kind"], color=p["color"], position=position, size=p["size"] or "medium"))
+        shapes.append(ShapeSpec(kind=p["kind"], color=p["color"], position=p["position"], size=p["size"]))
     return Scene(shapes=tuple(shapes), background=m["background"], style=m["style"])
 
 
@@ -311,7 +329,7 @@ def _match(prompted: list[ShapeSpec], detected: list[DetectedShape]) -> list[Det
     def gain(p: ShapeSpec, d: DetectedShape) -> int:
         if p.color != d.color:
             return 0
-        return 4 + 2 * (p.kind == d.kind) + (p.position == d.position)
+        return 4 + 2 * (p.kind == d.kind) + (p.position is not None and p.position == d.position)
 
     # best[mask] = (score, assignment) using the blobs seen so far, prompted set `mask` assigned.
     best: dict[int, tuple[int, tuple]] = {0: (0, (None,) * k)}
@@ -330,18 +348,21 @@ def _match(prompted: list[ShapeSpec], detected: list[DetectedShape]) -> list[Det
 
 
 def score_adherence(image, scene_or_prompt: Scene | str) -> Adherence:
-    """Score ``image`` against a scene or a caption; see the module docstring."""
+    """Score ``image`` against a scene or a prompt; see the module docstring."""
     scene = parse_prompt(scene_or_prompt) if isinstance(scene_or_prompt, str) else scene_or_prompt
     detected = detect_shapes(image)
     matched = _match(list(scene.shapes), detected)
     k = len(scene.shapes)
     pairs = [(p, d) for p, d in zip(scene.shapes, matched) if d is not None]
+    placed = [p for p in scene.shapes if p.position is not None]
     return Adherence(
         color_correct=len(pairs) / k,
         shape_correct=sum(p.kind == d.kind for p, d in pairs) / k,
         count_correct=len(detected) == k,
         background_correct=detect_background(image) == scene.background,
-        position_correct=sum(p.position == d.position for p, d in pairs) / k,
+        position_correct=(
+            sum(p.position == d.position for p, d in pairs if p.position is not None) / len(placed) if placed else None
+        ),
     )
 
 

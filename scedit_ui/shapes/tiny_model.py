@@ -1,22 +1,26 @@
 """The built-in tiny Stable-Diffusion-architecture base model and the script that trains it.
 
 The model is a regular diffusers Stable Diffusion folder (``assets/tiny-sd``): an x8
-``AutoencoderKL`` (128 px images <-> 4x16x16 latents), a small CLIP text encoder with the real
+``AutoencoderKL`` (128 px images <-> C x 16 x 16 latents), a small CLIP text encoder with the real
 CLIP BPE tokenizer, a ``UNet2DConditionModel`` with SD 1.5's block types (12 skip connections)
 and a DDIM scheduler with SD's noise schedule. ``StableDiffusionPipeline.from_pretrained`` loads
 it exactly like real SD weights.
 
-It is trained from scratch on the Shapes world (:mod:`scedit_ui.shapes.world`) in four
+It is trained from scratch on the Shapes world (:mod:`scedit_ui.shapes.world`) in three
 resumable stages, each checkpointed atomically under a work directory::
 
     python -m scedit_ui.shapes.tiny_model train --work runs/tiny --out assets/tiny-sd
 
-1. ``vae``   -- the autoencoder on random crops, then full 128 px images of plain scenes;
-1b. ``decoder`` -- the decoder alone on plain and styled scenes (the latents do not change);
-2. ``cache`` -- the scaling factor (1 / std of latents) and the latents of the training scenes;
-3. ``unet``  -- UNet and text encoder jointly on the cached latents (EMA weights are exported).
+1. ``vae``   -- the autoencoder on random crops, then full 128 px images, of plain and styled scenes;
+   its encode-decode round trip of clean held-out renders is scored by the checker;
+2. ``cache`` -- the scaling factor (1 / std of latents) and the latents of the training scenes (plain and
+   the base styles);
+3. ``unet``  -- UNet and text encoder jointly on the cached latents, with offset noise and free-form
+   captions written afresh at every step (the EMA weights are exported and scored).
 
-Kill it at any time and rerun the same command: it continues from the last checkpoint.
+``--init FOLDER`` starts stage 3 from an existing model folder (its VAE is kept, stage 1 is skipped);
+``--set name=value`` overrides any :class:`TrainConfig` field. Kill it at any time and rerun the same
+command: it continues from the last checkpoint.
 """
 
 from __future__ import annotations
@@ -28,20 +32,28 @@ import json
 import logging
 import math
 import os
+import random
 import shutil
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields, replace
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers.optimization import get_cosine_schedule_with_warmup
+from diffusers.training_utils import EMAModel, compute_snr
+from PIL import Image
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from scedit_ui.errors import UserInputError
+from scedit_ui.shapes import world
+from scedit_ui.shapes.checker import score_adherence
+from scedit_ui.shapes.evaluation import PROMPT_SETS, evaluate_adherence
+from scedit_ui.shapes.world import Scene
 
 logger = logging.getLogger(__name__)
 
@@ -60,12 +72,12 @@ BOS_TOKEN, EOS_TOKEN = "<|startoftext|>", "<|endoftext|>"
 TEXT_HIDDEN = 64
 
 
-def unet_config() -> dict:
+def unet_config(latent_channels: int = 4) -> dict:
     """SD 1.5's block layout (3 cross-attention down blocks + 1 plain, mirrored up) at small width."""
     return dict(
         sample_size=LATENT_SIZE,
-        in_channels=4,
-        out_channels=4,
+        in_channels=latent_channels,
+        out_channels=latent_channels,
         down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
         up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
         block_out_channels=(32, 64, 128, 128),
@@ -77,7 +89,7 @@ def unet_config() -> dict:
     )
 
 
-def vae_config() -> dict:
+def vae_config(latent_channels: int = 4) -> dict:
     """Four encoder blocks (three x2 down-samplings) -> x8; narrow, because shapes are simple."""
     return dict(
         in_channels=3,
@@ -86,7 +98,7 @@ def vae_config() -> dict:
         up_block_types=("UpDecoderBlock2D",) * 4,
         block_out_channels=(16, 32, 64, 64),
         layers_per_block=1,
-        latent_channels=4,
+        latent_channels=latent_channels,
         # Four channels per group at full resolution, like SD's VAE: with one channel per group,
         # GroupNorm erases the colour of flat regions (a uniform background normalises to zero).
         norm_num_groups=4,
@@ -127,12 +139,12 @@ def scheduler_config() -> dict:
     )
 
 
-def build_unet() -> UNet2DConditionModel:
-    return UNet2DConditionModel(**unet_config())
+def build_unet(latent_channels: int = 4) -> UNet2DConditionModel:
+    return UNet2DConditionModel(**unet_config(latent_channels))
 
 
-def build_vae() -> AutoencoderKL:
-    return AutoencoderKL(**vae_config())
+def build_vae(latent_channels: int = 4) -> AutoencoderKL:
+    return AutoencoderKL(**vae_config(latent_channels))
 
 
 def build_text_encoder() -> CLIPTextModel:
@@ -172,10 +184,12 @@ def save_pipeline_fp16(pipe: StableDiffusionPipeline, out: Path) -> None:
     StableDiffusionPipeline(**{**pipe.components, **half}, requires_safety_checker=False).save_pretrained(
         tmp, safe_serialization=True
     )
-    # Keep the classic vocab.json / merges.txt of SD folders next to tokenizer.json.
+    # Keep the classic vocab.json / merges.txt of SD folders next to tokenizer.json (save_pretrained drops them).
+    sources = (out / "tokenizer", Path(pipe.tokenizer.name_or_path))
     for name in ("vocab.json", "merges.txt"):
-        if (out / "tokenizer" / name).exists():
-            shutil.copy2(out / "tokenizer" / name, tmp / "tokenizer" / name)
+        source = next((d / name for d in sources if (d / name).exists()), None)
+        if source is not None:
+            shutil.copy2(source, tmp / "tokenizer" / name)
     old = out.with_name(out.name + ".old")
     if out.exists():
         os.replace(out, old)
@@ -256,53 +270,51 @@ def tokenize(tokenizer: CLIPTokenizer, prompts: Sequence[str]) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Everything that determines the trained weights (with the Shapes world and the seed)."""
+    """Everything that determines the trained weights (with the Shapes world and the seed).
+
+    ``train --set name=value`` overrides any field, e.g. to size a run to the machine.
+    """
 
     seed: int = 0
-    # stage 1: VAE
-    vae_crop_steps: int = 3_500  # random crops of vae_crop_size px, batch vae_crop_batch
-    vae_full_steps: int = 200  # full 128 px images, batch vae_full_batch
-    vae_crop_size: int = 48
+    # Start the UNet and text encoder from this model folder and keep its VAE (skips stage 1).
+    init: str | None = None
+    # stage 1: VAE, on plain scenes and every style (so it encodes the base styles and decodes the tuner ones)
+    latent_channels: int = 8
+    vae_crop_steps: int = 1_500  # random crops of vae_crop_size px, batch vae_crop_batch
+    vae_full_steps: int = 150  # full 128 px images, batch vae_full_batch
+    vae_crop_size: int = 32
     vae_crop_batch: int = 16
     vae_full_batch: int = 8
     vae_lr: float = 1.5e-3
+    vae_styled_fraction: float = 0.4
     vae_shape_weight: float = 4.0  # extra loss weight of shape pixels (small next to the background)
     vae_initial_logvar: float = -6.0
     vae_kl_weight: float = 1e-6
     vae_edge_weight: float = 0.5
-    # stage 1b: decoder on plain and styled scenes (encoder frozen)
-    decoder_steps: int = 800
-    decoder_batch: int = 8
-    decoder_lr: float = 5e-4
-    decoder_styled_fraction: float = 0.5
-    # stage 2: latent cache
-    cache_scenes: int = 30_000
-    cache_chunk: int = 2_000
+    round_trip_scenes: int = 100  # held-out clean renders scored after an encode-decode round trip
+    # stage 2: latent cache (plain scenes and the base styles)
+    cache_scenes: int = 12_000
+    cache_chunk: int = 1_000
+    base_styled_fraction: float = 0.2
     # stage 3: UNet + text encoder
-    unet_steps: int = 4_000
+    unet_steps: int = 3_000
     unet_batch: int = 32
     unet_lr: float = 6e-4
     unet_warmup: int = 100
-    unet_final_lr_fraction: float = 0.05
     caption_dropout: float = 0.1
     min_snr_gamma: float = 5.0
+    # A random per-channel constant added to the noise, so the background colour must come from the text
+    # (docs/tiny-model.md: without it the model read the background from the first step's latent mean).
+    offset_noise: float = 0.3
     ema_decay: float = 0.999
     grad_clip: float = 1.0
-    checkpoint_every: int = 100
-    eval_every: int = 800
-    eval_prompts: int = 48
-    # stage 4: offset-noise fine-tune of the stage-3 export (see finetune_offset_noise)
-    finetune_steps: int = 1_500
-    finetune_lr: float = 2e-4
-    finetune_warmup: int = 50
-    finetune_final_lr_fraction: float = 0.1
-    finetune_ema_decay: float = 0.995
-    finetune_scenes: int = 8_000
-    offset_noise: float = 0.3
+    checkpoint_every: int = 50
+    eval_every: int = 0  # 0: score only the final export
+    eval_prompts: int = 32  # per prompt set (held-out and plain); 0: no scoring
 
 
 VAE_SEED_OFFSET = 10_000_000  # VAE images use scene seeds disjoint from the cached UNet scenes
-DECODER_SEED_OFFSET = 20_000_000
+ROUND_TRIP_SEED = 5_000
 EVAL_SEED = 777
 EVAL_STEPS = 20
 EVAL_GUIDANCE = 5.0
@@ -326,49 +338,38 @@ def _atomic_save(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _resume(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, device: torch.device, stage: str, total: int) -> int:
-    """Load a stage checkpoint written by ``_atomic_save`` if there is one; returns the step to continue from."""
-    if not path.exists():
-        return 0
-    state = torch.load(path, map_location=device, weights_only=True)
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    logger.info("%s: resuming at step %d/%d", stage, state["step"], total)
-    return state["step"]
-
-
 def _step_generator(seed: int, stage: int, step: int) -> torch.Generator:
     """Each step draws its randomness from its own seed, so a resumed run repeats it exactly."""
     return torch.Generator().manual_seed(seed * 1_000_003 + stage * 100_000_007 + step)
 
 
-def _scene_images(
-    seeds: Sequence[int], styles: Sequence[str | None] | None = None
-) -> tuple[torch.Tensor, list[str], list]:
-    """Rendered training scenes (plain, or in ``styles[i]``) as a [-1, 1] batch, their captions and scenes."""
-    from scedit_ui.shapes import world as shapes_world
-
-    styles = styles if styles is not None else [None] * len(seeds)
-    scenes = [shapes_world.sample_scene(int(s), split="train", style=st) for s, st in zip(seeds, styles)]
-    arrays = np.stack([np.asarray(shapes_world.render_scene(s, IMAGE_SIZE)) for s in scenes])
-    images = torch.from_numpy(arrays).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-    return images, [shapes_world.caption(s) for s in scenes], scenes
+def _pick_styles(n: int, fraction: float, styles: Sequence[str], generator: torch.Generator) -> list[str | None]:
+    """``n`` styles: each styled with probability ``fraction``, then one of ``styles`` uniformly."""
+    styled = (torch.rand(n, generator=generator) < fraction).tolist()
+    picks = torch.randint(0, len(styles), (n,), generator=generator).tolist()
+    return [styles[k] if s else None for k, s in zip(picks, styled)]
 
 
-def _shape_mask(images: torch.Tensor, scenes: list) -> torch.Tensor:
+def _scenes(seeds: Sequence[int], styles: Sequence[str | None]) -> list[Scene]:
+    return [world.sample_scene(int(s), split="train", style=st) for s, st in zip(seeds, styles)]
+
+
+def _render(scenes: Sequence[Scene]) -> torch.Tensor:
+    """Rendered scenes as a [-1, 1] batch."""
+    arrays = np.stack([np.asarray(world.render_scene(s, IMAGE_SIZE)) for s in scenes])
+    return torch.from_numpy(arrays).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+def _shape_mask(images: torch.Tensor, scenes: Sequence[Scene]) -> torch.Tensor:
     """1 where a [-1, 1] image differs from its scene's background colour, else 0 (N x 1 x H x W)."""
-    from scedit_ui.shapes import world as shapes_world
-
-    background = torch.tensor([shapes_world.COLORS[s.background] for s in scenes], dtype=torch.float32)
+    background = torch.tensor([world.COLORS[s.background] for s in scenes], dtype=torch.float32)
     background = (background / 127.5 - 1.0)[:, :, None, None]
     return ((images - background).abs().amax(dim=1, keepdim=True) > 0.05).float()
 
 
-def _cosine_lr(step: int, total: int, warmup: int, final_fraction: float) -> float:
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return final_fraction + (1 - final_fraction) * 0.5 * (1 + math.cos(math.pi * progress))
+def _to_images(batch: torch.Tensor) -> list[Image.Image]:
+    arrays = ((batch.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(a) for a in arrays]
 
 
 # ---------------------------------------------------------------------------- stage 1: VAE
@@ -388,51 +389,81 @@ def _vae_loss(
     return pixel + cfg.vae_edge_weight * edge + cfg.vae_kl_weight * posterior.kl().mean()
 
 
+@torch.no_grad()
+def vae_round_trip(vae: AutoencoderKL, n: int, device: torch.device) -> dict[str, float]:
+    """Checker scores of clean held-out renders after encode + decode: the ceiling of any UNet on this VAE."""
+    vae = vae.to(device).eval()
+    scores = []
+    for i in range(0, n, 25):
+        scenes = [world.sample_scene(ROUND_TRIP_SEED + j, split="heldout") for j in range(i, min(i + 25, n))]
+        decoded = vae.decode(vae.encode(_render(scenes).to(device)).latent_dist.mean).sample
+        scores += [score_adherence(image, scene) for image, scene in zip(_to_images(decoded), scenes)]
+    fields = ("color_correct", "shape_correct", "position_correct", "count_correct", "background_correct")
+    return {f: float(np.mean([float(getattr(s, f)) for s in scores])) for f in fields}
+
+
 def train_vae(work: Path, cfg: TrainConfig, device: torch.device) -> AutoencoderKL:
-    """Stage 1. Returns the trained VAE (scaling factor still 1); resumes from ``work/vae.pt``."""
+    """Stage 1. Returns the trained VAE (scaling factor still 1); resumes from ``work/vae.pt``.
+
+    Plain and styled scenes (every style): the encoder must read the base styles the UNet learns and
+    the decoder must draw the tuner styles (stripes, polka dots) that only tuners ask for.
+    """
     final = work / "vae"
     if (final / "config.json").exists():
         return AutoencoderKL.from_pretrained(final)
     work.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
-    vae = build_vae()
+    vae = build_vae(cfg.latent_channels)
     # Start with a nearly deterministic posterior: at the default std of 1 the sampling noise
     # drowns the detail of young latents, and the tiny KL weight takes thousands of steps to lower it.
     with torch.no_grad():
         vae.quant_conv.bias[vae.config.latent_channels :] = cfg.vae_initial_logvar
     vae = vae.to(device)
-    optimizer = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
     total = cfg.vae_crop_steps + cfg.vae_full_steps
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
+    lr_schedule = get_cosine_schedule_with_warmup(optimizer, min(50, total // 10 + 1), total)
     ckpt_path = work / "vae.pt"
-    start = _resume(ckpt_path, vae, optimizer, device, "vae", total)
+    start = 0
+    if ckpt_path.exists():
+        state = torch.load(ckpt_path, map_location=device, weights_only=True)
+        vae.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        lr_schedule.load_state_dict(state["lr_schedule"])
+        start = state["step"]
+        logger.info("vae: resuming at step %d/%d", start, total)
     vae.train()
     t0, running = time.time(), 0.0
     for step in range(start, total):
         g = _step_generator(cfg.seed, 1, step)
         crop = step < cfg.vae_crop_steps
         batch = cfg.vae_crop_batch if crop else cfg.vae_full_batch
-        images, _, scenes = _scene_images(range(VAE_SEED_OFFSET + step * batch, VAE_SEED_OFFSET + (step + 1) * batch))
+        seeds = range(VAE_SEED_OFFSET + step * batch, VAE_SEED_OFFSET + (step + 1) * batch)
+        scenes = _scenes(seeds, _pick_styles(batch, cfg.vae_styled_fraction, world.STYLES, g))
+        images = _render(scenes)
         weight = 1 + cfg.vae_shape_weight * _shape_mask(images, scenes)
         if crop:
             size = cfg.vae_crop_size
             ys, xs = torch.randint(0, IMAGE_SIZE - size + 1, (2, batch), generator=g).tolist()
             images = torch.stack([im[:, y : y + size, x : x + size] for im, y, x in zip(images, ys, xs)])
             weight = torch.stack([w[:, y : y + size, x : x + size] for w, y, x in zip(weight, ys, xs)])
-        for group in optimizer.param_groups:
-            group["lr"] = cfg.vae_lr * _cosine_lr(step, total, 50, 0.05)
         loss = _vae_loss(vae, images.to(device), weight.to(device), cfg, g)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), cfg.grad_clip)
         optimizer.step()
+        lr_schedule.step()
         running += loss.item()
         done = step + 1
         if done % 50 == 0 or done == total:
             logger.info("vae: step %d/%d loss %.4f (%.2f s/step)", done, total, running / 50, (time.time() - t0) / (done - start))
             running = 0.0
         if done % cfg.checkpoint_every == 0 or done == total:
-            _atomic_save({"step": done, "model": vae.state_dict(), "optimizer": optimizer.state_dict()}, ckpt_path)
+            state = {"step": done, "model": vae.state_dict(), "optimizer": optimizer.state_dict(), "lr_schedule": lr_schedule.state_dict()}
+            _atomic_save(state, ckpt_path)
     vae.eval()
+    round_trip = vae_round_trip(vae, cfg.round_trip_scenes, device)
+    logger.info("vae: round trip of %d clean held-out renders: %s", cfg.round_trip_scenes, round_trip)
+    (work / "vae_round_trip.json").write_text(json.dumps({"scenes": cfg.round_trip_scenes, **round_trip}, indent=1) + "\n")
     tmp = final.with_name("vae.tmp")
     vae.save_pretrained(tmp)
     os.replace(tmp, final)
@@ -440,207 +471,59 @@ def train_vae(work: Path, cfg: TrainConfig, device: torch.device) -> Autoencoder
     return vae
 
 
-def train_decoder(work: Path, vae: AutoencoderKL, cfg: TrainConfig, device: torch.device) -> AutoencoderKL:
-    """Stage 1b. Fine-tunes the decoder on plain and styled scenes; resumes from ``work/decoder.pt``.
-
-    Stage 1 sees plain scenes only, and its decoder cannot draw stripes, dots, outlines or pixel
-    blocks, so no style tuner could show them. The encoder stays frozen: the latents (and a UNet
-    trained on them) do not change.
-    """
-    from scedit_ui.shapes import world as shapes_world
-
-    final = work / "vae_decoder"
-    if (final / "config.json").exists():
-        return AutoencoderKL.from_pretrained(final)
-    vae = vae.to(device)
-    trained = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
-    for module in (vae.encoder, vae.quant_conv):
-        module.requires_grad_(False)
-    optimizer = torch.optim.AdamW(trained, lr=cfg.decoder_lr, weight_decay=0.0)
-    ckpt_path = work / "decoder.pt"
-    start = _resume(ckpt_path, vae, optimizer, device, "decoder", cfg.decoder_steps)
-    vae.train()
-    t0, running, batch = time.time(), 0.0, cfg.decoder_batch
-    for step in range(start, cfg.decoder_steps):
-        g = _step_generator(cfg.seed, 2, step)
-        styled = torch.rand(batch, generator=g) < cfg.decoder_styled_fraction
-        picks = torch.randint(0, len(shapes_world.STYLES), (batch,), generator=g).tolist()
-        styles = [shapes_world.STYLES[k] if s else None for k, s in zip(picks, styled.tolist())]
-        seeds = range(DECODER_SEED_OFFSET + step * batch, DECODER_SEED_OFFSET + (step + 1) * batch)
-        images, _, scenes = _scene_images(seeds, styles)
-        weight = 1 + cfg.vae_shape_weight * _shape_mask(images, scenes)
-        for group in optimizer.param_groups:
-            group["lr"] = cfg.decoder_lr * _cosine_lr(step, cfg.decoder_steps, 20, 0.05)
-        loss = _vae_loss(vae, images.to(device), weight.to(device), cfg, g)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trained, cfg.grad_clip)
-        optimizer.step()
-        running += loss.item()
-        done = step + 1
-        if done % 50 == 0 or done == cfg.decoder_steps:
-            logger.info(
-                "decoder: step %d/%d loss %.4f (%.2f s/step)", done, cfg.decoder_steps, running / 50, (time.time() - t0) / (done - start)
-            )
-            running = 0.0
-        if done % cfg.checkpoint_every == 0 or done == cfg.decoder_steps:
-            _atomic_save({"step": done, "model": vae.state_dict(), "optimizer": optimizer.state_dict()}, ckpt_path)
-    vae.eval().requires_grad_(True)
-    tmp = final.with_name("vae_decoder.tmp")
-    vae.save_pretrained(tmp)
-    os.replace(tmp, final)
-    logger.info("decoder: done in %.1f min", (time.time() - t0) / 60)
-    return vae
-
-
 # ---------------------------------------------------------------------------- stage 2: latent cache
 
 
-@torch.no_grad()
-def cache_latents(work: Path, vae: AutoencoderKL, cfg: TrainConfig, device: torch.device) -> tuple[torch.Tensor, list[str]]:
-    """Stage 2. Sets the VAE's scaling factor and encodes ``cfg.cache_scenes`` training scenes.
+@dataclass
+class LatentCache:
+    """Scaled latents of the training scenes and the scenes themselves (captions are written per step)."""
 
-    Latents (posterior means, unscaled, fp16) and captions are written in chunks, each chunk
-    atomically, so an interrupted cache continues where it stopped. Returns scaled latents.
+    latents: torch.Tensor
+    scenes: list[Scene]
+
+
+@torch.no_grad()
+def cache_latents(work: Path, vae: AutoencoderKL, cfg: TrainConfig, device: torch.device) -> LatentCache:
+    """Stage 2. Encodes ``cfg.cache_scenes`` training scenes, ``cfg.base_styled_fraction`` of them in a base style.
+
+    A fresh VAE (scaling factor 1) gets 1 / std of the latents as its scaling factor; a VAE from ``--init``
+    keeps its own, which its UNet was trained with. Latents (posterior means, unscaled, fp16) and scenes are
+    written in chunks, each chunk atomically, so an interrupted cache continues where it stopped.
     """
     vae = vae.to(device).eval()
     cache_dir = work / "cache"
     cache_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     n_chunks = math.ceil(cfg.cache_scenes / cfg.cache_chunk)
-    latents, captions = [], []
+    latents, scenes = [], []
     for c in range(n_chunks):
         path = cache_dir / f"chunk_{c:03d}.pt"
         if not path.exists():
             seeds = range(c * cfg.cache_chunk, min((c + 1) * cfg.cache_chunk, cfg.cache_scenes))
-            chunk_latents, chunk_captions = [], []
-            for i in range(0, len(seeds), 100):
-                images, caps, _ = _scene_images(seeds[i : i + 100])
-                chunk_latents.append(vae.encode(images.to(device)).latent_dist.mean.half().cpu())
-                chunk_captions += caps
-            _atomic_save({"latents": torch.cat(chunk_latents), "captions": chunk_captions}, path)
+            chunk_scenes = _scenes(seeds, _pick_styles(len(seeds), cfg.base_styled_fraction, world.BASE_STYLES, _step_generator(cfg.seed, 2, c)))
+            chunk_latents = [
+                vae.encode(_render(chunk_scenes[i : i + 100]).to(device)).latent_dist.mean.half().cpu()
+                for i in range(0, len(chunk_scenes), 100)
+            ]
+            _atomic_save({"latents": torch.cat(chunk_latents), "scenes": [s.to_dict() for s in chunk_scenes]}, path)
             logger.info("cache: chunk %d/%d (%.1f min)", c + 1, n_chunks, (time.time() - t0) / 60)
         chunk = torch.load(path, weights_only=True)
         latents.append(chunk["latents"])
-        captions += chunk["captions"]
+        scenes += [Scene.from_dict(d) for d in chunk["scenes"]]
     latents_t = torch.cat(latents).float()
-    scaling = 1.0 / latents_t.std().item()
-    vae.register_to_config(scaling_factor=scaling)
-    logger.info("cache: %d latents, std %.4f -> scaling_factor %.5f", len(latents_t), 1 / scaling, scaling)
-    return latents_t * scaling, captions
+    if vae.config.scaling_factor == 1.0:
+        vae.register_to_config(scaling_factor=1.0 / latents_t.std().item())
+    logger.info("cache: %d latents, std %.4f, scaling_factor %.5f", len(latents_t), latents_t.std().item(), vae.config.scaling_factor)
+    return LatentCache(latents_t * vae.config.scaling_factor, scenes)
 
 
 # ---------------------------------------------------------------------------- stage 3: UNet + text encoder
 
 
-def _snr(scheduler: DDIMScheduler, timesteps: torch.Tensor) -> torch.Tensor:
-    alphas_cumprod = scheduler.alphas_cumprod[timesteps]
-    return alphas_cumprod / (1 - alphas_cumprod)
-
-
-@dataclass(frozen=True)
-class DenoiserStage:
-    """What differs between stage 3 (from scratch) and stage 4 (offset-noise fine-tune)."""
-
-    number: int
-    steps: int
-    lr: float
-    warmup: int
-    final_lr_fraction: float
-    ema_decay: float
-    offset_noise: float
-    eval_every: int | None
-
-
-def _train_denoiser(
-    checkpoint: Path,
-    out: Path,
-    vae: AutoencoderKL,
-    tokenizer: CLIPTokenizer,
-    unet: UNet2DConditionModel,
-    text_encoder: CLIPTextModel,
-    latents: torch.Tensor,
-    captions: list[str],
-    cfg: TrainConfig,
-    stage: DenoiserStage,
-    device: torch.device,
-) -> None:
-    """UNet and text encoder trained jointly (epsilon, Min-SNR-gamma weighting, CFG dropout), resumable.
-
-    Every ``stage.eval_every`` steps and at the end the EMA weights are exported to ``out`` and scored.
-    """
-    params = list(unet.parameters()) + list(text_encoder.parameters())
-    ema = [p.detach().clone() for p in params]
-    optimizer = torch.optim.AdamW(params, lr=stage.lr, weight_decay=1e-2)
-    scheduler = build_scheduler()
-    start = 0
-    if checkpoint.exists():
-        state = torch.load(checkpoint, map_location=device, weights_only=True)
-        unet.load_state_dict(state["unet"])
-        text_encoder.load_state_dict(state["text_encoder"])
-        optimizer.load_state_dict(state["optimizer"])
-        for e, saved in zip(ema, state["ema"]):
-            e.copy_(saved)
-        start = state["step"]
-        logger.info("stage %d: resuming at step %d/%d", stage.number, start, stage.steps)
-    token_ids = tokenize(tokenizer, captions)
-    empty_ids = tokenize(tokenizer, [""])[0]
-    unet.train()
-    text_encoder.train()
-    t0, running = time.time(), 0.0
-    for step in range(start, stage.steps):
-        g = _step_generator(cfg.seed, stage.number, step)
-        idx = torch.randint(0, len(latents), (cfg.unet_batch,), generator=g)
-        x0 = latents[idx]
-        ids = token_ids[idx].clone()
-        ids[torch.rand(cfg.unet_batch, generator=g) < cfg.caption_dropout] = empty_ids
-        noise = torch.randn(x0.shape, generator=g)
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (cfg.unet_batch,), generator=g)
-        if stage.offset_noise:
-            noise += stage.offset_noise * torch.randn((*x0.shape[:2], 1, 1), generator=g)
-        noisy = scheduler.add_noise(x0, noise, t)
-        for group in optimizer.param_groups:
-            group["lr"] = stage.lr * _cosine_lr(step, stage.steps, stage.warmup, stage.final_lr_fraction)
-        text = text_encoder(ids.to(device))[0]
-        pred = unet(noisy.to(device), t.to(device), text).sample
-        snr = _snr(scheduler, t)
-        weight = (torch.clamp(snr, max=cfg.min_snr_gamma) / snr).to(device)  # Min-SNR-gamma for epsilon
-        loss = (weight * (pred - noise.to(device)).pow(2).mean(dim=(1, 2, 3))).mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        optimizer.step()
-        decay = min(stage.ema_decay, (1 + step) / (10 + step))
-        with torch.no_grad():
-            torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - decay)
-        running += loss.item()
-        done = step + 1
-        if done % 50 == 0 or done == stage.steps:
-            logger.info(
-                "stage %d: step %d/%d loss %.4f lr %.2e (%.2f s/step)",
-                stage.number, done, stage.steps, running / 50, optimizer.param_groups[0]["lr"], (time.time() - t0) / (done - start),
-            )
-            running = 0.0
-        if done % cfg.checkpoint_every == 0 or done == stage.steps:
-            _atomic_save(
-                {
-                    "step": done,
-                    "unet": unet.state_dict(),
-                    "text_encoder": text_encoder.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "ema": ema,
-                },
-                checkpoint,
-            )
-        if stage.eval_every and done % stage.eval_every == 0 and done < stage.steps:
-            export(out, vae, tokenizer, unet, text_encoder, params, ema, device)
-            evaluate_export(out, cfg.eval_prompts, checkpoint.parent, f"stage{stage.number}-step{done}")
-            unet.train()
-            text_encoder.train()
-    logger.info("stage %d: done (%.1f min this run)", stage.number, (time.time() - t0) / 60)
-    # Outside the loop, so rerunning a finished run exports again (e.g. after a new decoder).
-    export(out, vae, tokenizer, unet, text_encoder, params, ema, device)
-    evaluate_export(out, cfg.eval_prompts, checkpoint.parent, f"stage{stage.number}-step{stage.steps}")
+def training_captions(scenes: Sequence[Scene], seed: int, step: int) -> list[str]:
+    """Free-form captions of one batch (positions and sizes sometimes left out, any order), fixed by (seed, step)."""
+    rng = random.Random(f"captions:{seed}:{step}")
+    return [world.caption(scene, rng) for scene in scenes]
 
 
 def train_unet(
@@ -648,68 +531,84 @@ def train_unet(
     out: Path,
     vae: AutoencoderKL,
     tokenizer: CLIPTokenizer,
-    latents: torch.Tensor,
-    captions: list[str],
+    unet: UNet2DConditionModel,
+    text_encoder: CLIPTextModel,
+    cache: LatentCache,
     cfg: TrainConfig,
     device: torch.device,
 ) -> None:
-    """Stage 3: UNet and text encoder from scratch on the cached latents; the EMA weights go to ``out``."""
-    torch.manual_seed(cfg.seed + 1)
-    unet, text_encoder = build_unet().to(device), build_text_encoder().to(device)
-    stage = DenoiserStage(
-        number=3, steps=cfg.unet_steps, lr=cfg.unet_lr, warmup=cfg.unet_warmup, final_lr_fraction=cfg.unet_final_lr_fraction,
-        ema_decay=cfg.ema_decay, offset_noise=0.0, eval_every=cfg.eval_every,
-    )
-    _train_denoiser(work / "unet.pt", out, vae, tokenizer, unet, text_encoder, latents, captions, cfg, stage, device)
+    """Stage 3: UNet and text encoder jointly (epsilon, Min-SNR-gamma, offset noise, caption dropout), resumable.
 
-
-# ---------------------------------------------------------------------------- stage 4: offset-noise fine-tune
-
-FINETUNE_MARKER = "offset_noise_finetune.json"
-
-
-def finetune_offset_noise(work: Path, out: Path, cfg: TrainConfig, device: torch.device) -> None:
-    """Stage 4: fine-tune the exported UNet and text encoder with offset noise; the result replaces ``out``.
-
-    Why: SD's noise schedule keeps sqrt(alpha_bar) = 0.07 of the image at the first sampling step, and
-    on 16x16 latents the mean over 256 pixels makes that a clear signal of the background colour. The
-    stage-3 model learned to read the background from it instead of from the prompt, and sampling starts
-    from pure noise, which carries no such signal: backgrounds ignored the prompt (0.105 accuracy). A
-    random per-channel constant added to the noise (offset noise) hides the mean, so the text must give it.
-
-    Starts from the stage-3 export in ``out`` (never from an already fine-tuned one: ``out`` then holds
-    ``FINETUNE_MARKER``), resumes from ``work/finetune.pt``, and writes the marker with the settings.
+    Starts from ``unet`` and ``text_encoder`` as given (fresh, or from ``--init``). The EMA weights are
+    exported to ``out`` and scored at the end (and every ``cfg.eval_every`` steps when that is set).
     """
-    out, work = Path(out), Path(work)
-    work.mkdir(parents=True, exist_ok=True)
-    checkpoint = work / "finetune.pt"
-    if not checkpoint.exists() and (out / FINETUNE_MARKER).exists():
-        raise UserInputError(
-            f"{out} is already fine-tuned with offset noise ({FINETUNE_MARKER}); start from a stage-3 export "
-            "or resume with the --work folder of that run."
-        )
-    pipe = StableDiffusionPipeline.from_pretrained(out, dtype=torch.float32)
-    vae, unet, text_encoder = pipe.vae.to(device).eval(), pipe.unet.to(device), pipe.text_encoder.to(device)
-    latents_path = work / "finetune_latents.pt"
-    if not latents_path.exists():
-        chunks, captions = [], []
-        with torch.no_grad():
-            for i in range(0, cfg.finetune_scenes, 200):
-                images, caps, _ = _scene_images(range(i, min(i + 200, cfg.finetune_scenes)))
-                chunks.append(vae.encode(images.to(device)).latent_dist.mean.cpu())
-                captions += caps
-        _atomic_save({"latents": torch.cat(chunks) * vae.config.scaling_factor, "captions": captions}, latents_path)
-    cached = torch.load(latents_path, weights_only=True)
-    stage = DenoiserStage(
-        number=4, steps=cfg.finetune_steps, lr=cfg.finetune_lr, warmup=cfg.finetune_warmup,
-        final_lr_fraction=cfg.finetune_final_lr_fraction, ema_decay=cfg.finetune_ema_decay,
-        offset_noise=cfg.offset_noise, eval_every=None,
-    )
-    t0 = time.time()
-    _train_denoiser(checkpoint, out, vae, pipe.tokenizer, unet, text_encoder, cached["latents"], cached["captions"], cfg, stage, device)
-    summary = {"steps": stage.steps, "lr": stage.lr, "offset_noise": stage.offset_noise, "scenes": cfg.finetune_scenes,
-               "seconds_last_run": round(time.time() - t0)}
-    (out / FINETUNE_MARKER).write_text(json.dumps(summary, indent=1) + "\n")
+    checkpoint = work / "unet.pt"
+    unet, text_encoder = unet.to(device), text_encoder.to(device)
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    ema = EMAModel(params, decay=cfg.ema_decay, min_decay=0.0, foreach=True)
+    optimizer = torch.optim.AdamW(params, lr=cfg.unet_lr, weight_decay=1e-2)
+    lr_schedule = get_cosine_schedule_with_warmup(optimizer, cfg.unet_warmup, cfg.unet_steps)
+    scheduler = build_scheduler()
+    start = 0
+    if checkpoint.exists():
+        state = torch.load(checkpoint, map_location=device, weights_only=True)
+        unet.load_state_dict(state["unet"])
+        text_encoder.load_state_dict(state["text_encoder"])
+        optimizer.load_state_dict(state["optimizer"])
+        lr_schedule.load_state_dict(state["lr_schedule"])
+        ema.load_state_dict(state["ema"])
+        start = state["step"]
+        logger.info("unet: resuming at step %d/%d", start, cfg.unet_steps)
+    empty_ids = tokenize(tokenizer, [""])[0]
+    unet.train()
+    text_encoder.train()
+    t0, running = time.time(), 0.0
+    for step in range(start, cfg.unet_steps):
+        g = _step_generator(cfg.seed, 3, step)
+        idx = torch.randint(0, len(cache.latents), (cfg.unet_batch,), generator=g)
+        x0 = cache.latents[idx]
+        ids = tokenize(tokenizer, training_captions([cache.scenes[i] for i in idx.tolist()], cfg.seed, step))
+        ids[torch.rand(cfg.unet_batch, generator=g) < cfg.caption_dropout] = empty_ids
+        noise = torch.randn(x0.shape, generator=g)
+        noise += cfg.offset_noise * torch.randn((*x0.shape[:2], 1, 1), generator=g)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (cfg.unet_batch,), generator=g)
+        noisy = scheduler.add_noise(x0, noise, t)
+        text = text_encoder(ids.to(device))[0]
+        pred = unet(noisy.to(device), t.to(device), text).sample
+        snr = compute_snr(scheduler, t)
+        weight = (torch.clamp(snr, max=cfg.min_snr_gamma) / snr).to(device)  # Min-SNR-gamma for epsilon
+        loss = (weight * (pred - noise.to(device)).pow(2).mean(dim=(1, 2, 3))).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        optimizer.step()
+        lr_schedule.step()
+        ema.step(params)
+        running += loss.item()
+        done = step + 1
+        if done % 10 == 0 or done == cfg.unet_steps:
+            logger.info(
+                "unet: step %d/%d loss %.4f lr %.2e (%.2f s/step)",
+                done, cfg.unet_steps, running / (10 if done % 10 == 0 else done % 10), lr_schedule.get_last_lr()[0],
+                (time.time() - t0) / (done - start),
+            )
+            running = 0.0
+        if done % cfg.checkpoint_every == 0 or done == cfg.unet_steps:
+            state = {
+                "step": done, "unet": unet.state_dict(), "text_encoder": text_encoder.state_dict(),
+                "optimizer": optimizer.state_dict(), "lr_schedule": lr_schedule.state_dict(), "ema": ema.state_dict(),
+            }
+            _atomic_save(state, checkpoint)
+        if cfg.eval_every and cfg.eval_prompts and done % cfg.eval_every == 0 and done < cfg.unet_steps:
+            export(out, vae, tokenizer, unet, text_encoder, params, ema, device)
+            evaluate_export(out, cfg.eval_prompts, work, f"unet-step{done}")
+            unet.train()
+            text_encoder.train()
+    logger.info("unet: done (%.1f min this run)", (time.time() - t0) / 60)
+    # Outside the loop, so rerunning a finished run exports and scores again.
+    export(out, vae, tokenizer, unet, text_encoder, params, ema, device)
+    if cfg.eval_prompts:
+        evaluate_export(out, cfg.eval_prompts, work, f"unet-step{cfg.unet_steps}")
 
 
 def export(
@@ -719,21 +618,16 @@ def export(
     unet: UNet2DConditionModel,
     text_encoder: CLIPTextModel,
     params: list[torch.nn.Parameter],
-    ema: list[torch.Tensor],
+    ema: EMAModel,
     device: torch.device,
 ) -> None:
     """Save the pipeline with the EMA weights (fp16) to ``out``; the live weights are restored."""
-    live = [p.detach().clone() for p in params]
-    with torch.no_grad():
-        for p, e in zip(params, ema):
-            p.copy_(e)
+    ema.store(params)
+    ema.copy_to(params)
     unet.eval()
     text_encoder.eval()
-    pipe = assemble_pipeline(vae.to(device), text_encoder, tokenizer, unet)
-    save_pipeline_fp16(pipe, out)
-    with torch.no_grad():
-        for p, w in zip(params, live):
-            p.copy_(w)
+    save_pipeline_fp16(assemble_pipeline(vae.to(device), text_encoder, tokenizer, unet), out)
+    ema.restore(params)
     logger.info("export: %s (%.1f MB)", out, folder_size_bytes(out) / 1e6)
 
 
@@ -741,24 +635,20 @@ def export(
 
 
 def evaluate_export(out: Path, n: int, work: Path, tag: str) -> None:
-    """Score the exported folder as `python -m scedit_ui eval adherence` does (DDIM, 20 steps, guidance 5)."""
-    from scedit_ui.shapes.evaluation import evaluate_adherence
-
+    """Score the exported folder as `python -m scedit_ui eval adherence` does (DDIM, 20 steps, guidance 5), both prompt sets."""
     pipe = StableDiffusionPipeline.from_pretrained(out, torch_dtype=torch.float32, safety_checker=None)
     pipe.set_progress_bar_config(disable=True)
 
-    def generate(prompt: str, seed: int):
+    def generate(prompt: str, seed: int) -> Image.Image:
         # Noise from a CPU generator, as the app makes it, so scores match `scedit_ui eval adherence`.
         generator = torch.Generator("cpu").manual_seed(seed)
         return pipe(prompt, num_inference_steps=EVAL_STEPS, guidance_scale=EVAL_GUIDANCE, generator=generator).images[0]
 
-    report = evaluate_adherence(generate, n, seed=EVAL_SEED)
-    logger.info(
-        "eval %s: colour %.3f shape %.3f (n=%d, %d DDIM steps, guidance %g, %.0f s)",
-        tag, report.color_accuracy, report.shape_accuracy, n, EVAL_STEPS, EVAL_GUIDANCE, report.seconds,
-    )
-    with open(work / "eval.jsonl", "a") as f:
-        f.write(json.dumps({"tag": tag, "steps": EVAL_STEPS, "guidance": EVAL_GUIDANCE, **report.to_dict()}) + "\n")
+    for prompts in PROMPT_SETS:
+        report = evaluate_adherence(generate, n, seed=EVAL_SEED, prompts=prompts)
+        logger.info("eval %s %s: %s", tag, prompts, report.to_dict())
+        with open(work / "eval.jsonl", "a") as f:
+            f.write(json.dumps({"tag": tag, "steps": EVAL_STEPS, "guidance": EVAL_GUIDANCE, **report.to_dict()}) + "\n")
 
 
 # ---------------------------------------------------------------------------- all stages
@@ -775,30 +665,63 @@ def _claim_work_folder(work: Path, cfg: TrainConfig) -> Path:
     return work
 
 
+def _load_init(init: Path) -> StableDiffusionPipeline:
+    if not (Path(init) / "model_index.json").exists():
+        raise UserInputError(f"--init {init}: not a diffusers model folder (no model_index.json).")
+    return StableDiffusionPipeline.from_pretrained(init, dtype=torch.float32, safety_checker=None)
+
+
 def train(work: Path, out: Path, cfg: TrainConfig = TrainConfig(), threads: int = 2) -> None:
-    """Run (or resume) every stage; the tokenizer must already be in ``out/tokenizer``."""
-    tokenizer_dir = Path(out) / "tokenizer"
-    if not (tokenizer_dir / "vocab.json").exists():
-        raise UserInputError(
-            f"No tokenizer in {tokenizer_dir}. Build it first: python -m scedit_ui.shapes.tiny_model "
-            f"build-tokenizer --bpe-vocab PATH/bpe_simple_vocab_16e6.txt.gz --out {out}"
-        )
-    tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
+    """Run (or resume) every stage; the tokenizer must already be in ``out/tokenizer`` (or in ``cfg.init``)."""
+    init = _load_init(Path(cfg.init)) if cfg.init else None
+    if init is not None:
+        tokenizer = init.tokenizer
+        # The VAE (and so the latent channels) of the init folder is kept: its UNet was trained on its latents.
+        cfg = replace(cfg, latent_channels=init.vae.config.latent_channels)
+    else:
+        tokenizer_dir = Path(out) / "tokenizer"
+        if not (tokenizer_dir / "vocab.json").exists():
+            raise UserInputError(
+                f"No tokenizer in {tokenizer_dir}. Build it first: python -m scedit_ui.shapes.tiny_model "
+                f"build-tokenizer --bpe-vocab PATH/bpe_simple_vocab_16e6.txt.gz --out {out}"
+            )
+        tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
     work = _claim_work_folder(work, cfg)
     device = pick_device(threads)
     logger.info("training on %s (%d CPU threads) with %s", device, torch.get_num_threads(), cfg)
     t0 = time.time()
-    vae = train_decoder(work, train_vae(work, cfg, device), cfg, device)
+    if init is not None:
+        vae, unet, text_encoder = init.vae, init.unet, init.text_encoder
+    else:
+        vae = train_vae(work, cfg, device)
+        torch.manual_seed(cfg.seed + 1)
+        unet, text_encoder = build_unet(cfg.latent_channels), build_text_encoder()
     t1 = time.time()
-    latents, captions = cache_latents(work, vae, cfg, device)
+    cache = cache_latents(work, vae, cfg, device)
     t2 = time.time()
-    train_unet(work, Path(out), vae, tokenizer, latents, captions, cfg, device)
-    t3 = time.time()
-    finetune_offset_noise(work, Path(out), cfg, device)
+    train_unet(work, Path(out), vae, tokenizer, unet, text_encoder, cache, cfg, device)
     logger.info(
-        "all stages done: vae %.1f min, cache %.1f min, unet %.1f min, offset-noise fine-tune %.1f min (this run)",
-        (t1 - t0) / 60, (t2 - t1) / 60, (t3 - t2) / 60, (time.time() - t3) / 60,
+        "all stages done: vae %.1f min, cache %.1f min, unet %.1f min (this run)",
+        (t1 - t0) / 60, (t2 - t1) / 60, (time.time() - t2) / 60,
     )
+
+
+def _parse_overrides(items: Sequence[str]) -> dict:
+    """``name=value`` pairs for :class:`TrainConfig`, each value converted to the field's type."""
+    types = {f.name: f.type for f in fields(TrainConfig)}
+    out = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or name not in types:
+            raise UserInputError(f"--set {item!r}: write name=value with a TrainConfig field ({', '.join(types)}).")
+        kind = types[name]
+        try:
+            out[name] = None if value == "" and "None" in str(kind) else (
+                int(value) if kind in ("int", int) else float(value) if kind in ("float", float) else value
+            )
+        except ValueError as e:
+            raise UserInputError(f"--set {item!r}: {e}") from e
+    return out
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -808,28 +731,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_tok.add_argument("--bpe-vocab", type=Path, required=True, help="bpe_simple_vocab_16e6.txt.gz (from open-clip-torch)")
     p_tok.add_argument("--out", type=Path, default=DEFAULT_OUT)
     p_train = sub.add_parser("train", help="train (or resume) all stages")
-    p_train.add_argument("--work", type=Path, default=DEFAULT_WORK, help="checkpoints, caches and train.log")
+    p_train.add_argument("--work", type=Path, default=DEFAULT_WORK, help="checkpoints, caches, train.log and eval.jsonl")
     p_train.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    p_train.add_argument("--init", type=Path, help="start the UNet and text encoder from this model folder, keep its VAE")
+    p_train.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="override a TrainConfig field")
     p_train.add_argument("--threads", type=int, default=2, help="CPU threads (1 is faster on a busy shared CPU)")
-    p_finetune = sub.add_parser("finetune", help="stage 4 alone: offset-noise fine-tune of the stage-3 export in --out")
-    p_finetune.add_argument("--work", type=Path, required=True, help="checkpoint, latents and train.log of this stage")
-    p_finetune.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    p_finetune.add_argument("--threads", type=int, default=2, help="CPU threads (1 is faster on a busy shared CPU)")
     args = parser.parse_args(argv)
 
     handlers: list[logging.Handler] = [logging.StreamHandler()]
-    if args.command in ("train", "finetune"):
+    if args.command == "train":
         args.work.mkdir(parents=True, exist_ok=True)
         handlers.append(logging.FileHandler(args.work / "train.log"))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", handlers=handlers)
     try:
         if args.command == "build-tokenizer":
             build_clip_tokenizer(args.bpe_vocab, args.out / "tokenizer")
-        elif args.command == "finetune":
-            cfg = TrainConfig()
-            finetune_offset_noise(_claim_work_folder(args.work, cfg), args.out, cfg, pick_device(args.threads))
         else:
-            train(args.work, args.out, threads=args.threads)
+            overrides = _parse_overrides(args.set)
+            if args.init is not None:
+                overrides["init"] = str(args.init)
+            train(args.work, args.out, replace(TrainConfig(), **overrides), threads=args.threads)
     except UserInputError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -4,15 +4,21 @@ Every image has a caption and a scene graph (:class:`Scene`). It is the training
 project's tiny Stable-Diffusion-architecture model and the ground truth of the checker
 (:mod:`scedit_ui.shapes.checker`), which parses captions back with :func:`checker.parse_prompt`.
 
-Caption grammar (regular on purpose)::
+Canonical caption (:func:`caption` without a random generator)::
 
     caption := shapes " on " article " " colour " background" [", in " style " style"]
     shapes  := shape | shape (", " shape)* " and " shape
     shape   := article " " [size " "] colour " " kind " " ("at the " position | "in the center")
 
-``size`` is omitted for "medium". Scenes are deterministic by seed; a fixed ~12 % of the
-(colour, kind, background, position) combinations is held out of the training split
-(:func:`is_held_out`) so held-out prompts measure generalisation.
+``size`` is omitted for "medium". With a random generator, :func:`caption` writes the scene as people
+do: positions and sizes left out now and then, "grey"/"gray", "centre"/"center", "a"/"one", "on a X
+background" or ", X background", shapes in any order. A prompt that leaves a position or a size out
+parses to a :class:`ShapeSpec` with ``None`` there: the checker then does not score it.
+
+Scenes are deterministic by seed; a fixed ~12 % of the (colour, kind, background, position)
+combinations is held out of the training split (:func:`is_held_out`) so held-out prompts measure
+generalisation. The base model is trained on plain scenes and :data:`BASE_STYLES`; the other styles
+(:data:`TUNER_STYLES`) are kept for style tuners, so a tuner has something new to teach.
 """
 
 from __future__ import annotations
@@ -42,7 +48,11 @@ COLORS: dict[str, tuple[int, int, int]] = {
     "pink": (250, 135, 200),
     "white": (245, 245, 245),
     "black": (25, 25, 25),
+    # Mid grey keeps 42 CIELAB units from white and black (the closest pair, blue and purple, is 27 apart).
+    "grey": (128, 128, 128),
 }
+# Other spellings people use, mapped to the names above (the checker reads them too).
+SYNONYMS: dict[str, str] = {"gray": "grey", "centre": "center", "middle": "center"}
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "ring")
 POSITIONS: tuple[str, ...] = (
     "top left", "top", "top right",
@@ -51,6 +61,8 @@ POSITIONS: tuple[str, ...] = (
 )
 SIZES: tuple[str, ...] = ("small", "medium", "large")
 STYLES: tuple[str, ...] = ("stripes", "polka dots", "outline sketch", "pixelate")
+BASE_STYLES: tuple[str, ...] = ("outline sketch", "pixelate")  # in the base model's training mix
+TUNER_STYLES: tuple[str, ...] = tuple(s for s in STYLES if s not in BASE_STYLES)  # only for tuners
 
 SPLITS: tuple[str, ...] = ("train", "heldout", "any")
 
@@ -75,18 +87,23 @@ def _check_choice(value: str, choices, what: str) -> None:
 
 @dataclass(frozen=True)
 class ShapeSpec:
-    """One shape of a scene: what it is, its colour, its 3x3 grid cell and its size class."""
+    """One shape of a scene: what it is, its colour, its 3x3 grid cell and its size class.
+
+    ``position`` or ``size`` is ``None`` only in a parsed prompt that does not name it.
+    """
 
     kind: str
     color: str
-    position: str
-    size: str = "medium"
+    position: str | None
+    size: str | None = "medium"
 
     def __post_init__(self) -> None:
         _check_choice(self.kind, SHAPES, "shape")
         _check_choice(self.color, COLORS, "colour")
-        _check_choice(self.position, POSITIONS, "position")
-        _check_choice(self.size, SIZES, "size")
+        if self.position is not None:
+            _check_choice(self.position, POSITIONS, "position")
+        if self.size is not None:
+            _check_choice(self.size, SIZES, "size")
 
 
 @dataclass(frozen=True)
@@ -104,6 +121,11 @@ class Scene:
         _check_choice(self.background, COLORS, "background colour")
         if self.style is not None:
             _check_choice(self.style, STYLES, "style")
+
+    @property
+    def renderable(self) -> bool:
+        """Every shape has a position and a size (a sampled scene; a prompt may leave them out)."""
+        return all(s.position is not None and s.size is not None for s in self.shapes)
 
     def to_dict(self) -> dict:
         return {
@@ -205,19 +227,68 @@ def _position_phrase(position: str) -> str:
 
 
 def _shape_phrase(s: ShapeSpec) -> str:
-    words = ([s.size] if s.size != "medium" else []) + [s.color, s.kind]
-    return f"{_article(words[0])} {' '.join(words)} {_position_phrase(s.position)}"
+    words = ([s.size] if s.size not in ("medium", None) else []) + [s.color, s.kind]
+    text = f"{_article(words[0])} {' '.join(words)}"
+    return text if s.position is None else f"{text} {_position_phrase(s.position)}"
 
 
-def caption(scene: Scene) -> str:
-    """The scene as one sentence, e.g. "a red circle at the top left and a small blue star in the
-    center on a yellow background" (", in stripes style" appended for styled scenes)."""
-    phrases = [_shape_phrase(s) for s in scene.shapes]
-    text = phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
-    text += f" on {_article(scene.background)} {scene.background} background"
+def _join(phrases: list[str]) -> str:
+    return phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
+
+
+# How often a free-form caption (caption with a generator) names what it may leave out.
+P_NAME_POSITION = 0.7  # per shape
+P_NAME_SIZE = 0.7  # per small or large shape ("medium" is never named)
+P_ONE = 0.15  # "one" instead of "a"/"an"
+P_SHORT_BACKGROUND = 0.35  # ", X background" or "on X background" instead of "on a X background"
+
+
+def _free_shape_phrase(s: ShapeSpec, rng: random.Random) -> str:
+    def spell(word: str) -> str:
+        if word == "grey":
+            return rng.choice(("grey", "gray"))
+        return word
+
+    words = [spell(s.color), s.kind]
+    if s.size not in ("medium", None) and rng.random() < P_NAME_SIZE:
+        words.insert(0, s.size)
+    article = "one" if rng.random() < P_ONE else _article(words[0])
+    text = f"{article} {' '.join(words)}"
+    if s.position is None or rng.random() >= P_NAME_POSITION:
+        return text
+    if s.position == "center":
+        return f"{text} {rng.choice(('in the center', 'in the centre', 'in the middle', 'at the center'))}"
+    return f"{text} {rng.choice(('at the', 'in the'))} {s.position}"
+
+
+def caption(scene: Scene, rng: random.Random | None = None) -> str:
+    """The scene as one sentence.
+
+    Without ``rng`` the canonical form, e.g. "a red circle at the top left and a small blue star in the
+    center on a yellow background" (", in stripes style" appended for styled scenes). With ``rng`` a
+    free form as people write it (see the module docstring), deterministic by the generator's state.
+    """
+    if rng is None:
+        text = _join([_shape_phrase(s) for s in scene.shapes])
+        text += f" on {_article(scene.background)} {scene.background} background"
+    else:
+        shapes = list(scene.shapes)
+        rng.shuffle(shapes)
+        text = _join([_free_shape_phrase(s, rng) for s in shapes])
+        background = scene.background if scene.background != "grey" else rng.choice(("grey", "gray"))
+        if rng.random() < P_SHORT_BACKGROUND:
+            text += rng.choice((f", {background} background", f" on {background} background"))
+        else:
+            text += f" on {_article(background)} {background} background"
     if scene.style is not None:
         text += f", in {scene.style} style"
     return text
+
+
+def plain_prompt(scene: Scene) -> str:
+    """The one-shape prompt a new user writes first: "a red circle on a white background" (no position, no size)."""
+    plain = Scene(tuple(ShapeSpec(s.kind, s.color, None, None) for s in scene.shapes), scene.background, scene.style)
+    return caption(plain)
 
 
 # ---------------------------------------------------------------------------- rendering
@@ -301,6 +372,8 @@ def shape_geometry(scene: Scene, size: int = 128) -> list[tuple[float, float, fl
 
 def render_scene(scene: Scene, size: int = 128) -> Image.Image:
     """Render ``scene`` as an RGB image of ``size`` x ``size`` px (deterministic)."""
+    if not scene.renderable:
+        raise UserInputError("Cannot render a scene that leaves a shape's position or size open; name both.")
     canvas = np.empty((size, size, 3), np.uint8)
     canvas[:] = COLORS[scene.background]
     for spec, (cx, cy, d) in zip(scene.shapes, shape_geometry(scene, size)):

@@ -200,10 +200,16 @@ def _add_generate_command(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _add_eval_command(subparsers: argparse._SubParsersAction) -> None:
+    from scedit_ui.shapes.evaluation import PROMPT_SETS
+
     command = subparsers.add_parser("eval", help="measure the base model with the Shapes-world checker")
     metrics = command.add_subparsers(dest="metric", required=True)
-    adherence = metrics.add_parser("adherence", help="colour/shape accuracy on held-out prompts")
-    adherence.add_argument("--n", type=int, default=200, help="number of held-out prompts")
+    adherence = metrics.add_parser("adherence", help="colour/shape/position/count accuracy on Shapes-world prompts")
+    adherence.add_argument("--n", type=int, default=200, help="number of prompts")
+    adherence.add_argument(
+        "--prompts", choices=PROMPT_SETS, default="heldout",
+        help="heldout: held-out scenes of 1-3 shapes, positions named; plain: one shape, no position ('a red circle on a white background')",
+    )
     adherence.add_argument("--seed", type=int, default=0)
     adherence.add_argument("--steps", type=int, default=20)
     adherence.add_argument("--guidance", type=float, default=5.0)
@@ -221,7 +227,8 @@ def _add_eval_command(subparsers: argparse._SubParsersAction) -> None:
             raise UserInputError(f"--n must be at least 1, got {args.n}")
         manager = ModelManager(args.device)
         manager.load(args.model, args.config)
-        report = measure_adherence(manager.generate, GenerationRequest(prompt="", steps=args.steps, guidance=args.guidance), args.n, args.seed)
+        request = GenerationRequest(prompt="", steps=args.steps, guidance=args.guidance)
+        report = measure_adherence(manager.generate, request, args.n, args.seed, args.prompts)
         values = {"steps": args.steps, "guidance": args.guidance, **report.to_dict()}
         if args.json:
             print(json.dumps(values, indent=2))

@@ -429,6 +429,9 @@ def test_unknown_keys_and_several_controllers_are_refused(sd21_controller):
     torch.save({**state, **{"1." + k[2:]: v for k, v in state.items()}}, weights)
     with pytest.raises(TunerFileError, match="several controllers"):
         import_official(folder, layout_of("sd21"), "sd21")
+    torch.save({**state, "epoch": 3}, weights)
+    with pytest.raises(TunerFileError, match="pytorch_model.bin holds 1 entries that are not tensors .first: epoch.; expected tuner weights only"):
+        import_official(folder, layout_of("sd21"), "sd21")
 
 
 class _RunsCode:

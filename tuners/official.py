@@ -34,7 +34,7 @@ from tuners.csc_tuner import CSCTuner, CSCTunerConfig, hint_widths
 from tuners.io import Tuner, TunerFileError, TunerMetadata, load_exactly
 from tuners.layout import LayoutMismatchError, SkipLayout, SkipShape
 from tuners.reference_configs import REFERENCE_UNET_CONFIGS
-from tuners.sc_tuner import SCTuner, SCTunerConfig, mid_width
+from tuners.sc_tuner import SCTuner, mid_width
 
 ADAPTER_FOLDER = "0_SwiftSCETuning"  # the sub-folder SCEPTER reads (swift's adapter name)
 OFFICIAL_FILES = ("pytorch_model.bin", "adapter_model.safetensors", "adapter_model.bin")
@@ -117,7 +117,10 @@ def read_official(path: str | Path) -> OfficialCheckpoint:
     weights_file = _weights_file(Path(path))
     config: dict[str, Any] = {}
     studio = None
-    for folder in (weights_file.parent.parent, weights_file.parent):  # the weights' own folder wins
+    folders = [weights_file.parent]
+    if weights_file.parent.name.endswith("SwiftSCETuning"):  # an export or swift folder: its root has more
+        folders.insert(0, weights_file.parent.parent)  # the weights' own folder wins
+    for folder in folders:
         for name in CONFIG_FILES:
             if (folder / name).is_file():
                 data = _read_json(folder / name, weights_file)
@@ -128,8 +131,10 @@ def read_official(path: str | Path) -> OfficialCheckpoint:
                 studio = TunerMetadata.from_json((folder / STUDIO_FILE).read_text(encoding="utf-8"))
             except (TunerFileError, ValueError, OSError) as error:
                 raise TunerFileError(f"{STUDIO_FILE} beside {weights_file.name} is unreadable: {error}") from error
-    raw = _load_weights(weights_file)
-    state = {key: value for key, value in raw.items() if isinstance(value, torch.Tensor)}
+    state = _load_weights(weights_file)
+    not_tensors = [str(key) for key, value in state.items() if not isinstance(value, torch.Tensor)]
+    if not_tensors:
+        raise TunerFileError(f"{weights_file.name} holds {len(not_tensors)} entries that are not tensors (first: {not_tensors[0]}); expected tuner weights only")
     return OfficialCheckpoint(weights_file, state, config, studio)
 
 

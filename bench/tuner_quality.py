@@ -6,7 +6,10 @@ Prompts are held-out Shapes-world scenes (combinations the base model never saw)
 The control image of a prompt is made from the render of its own scene.
 
 - canny: edge F1 with a 2-pixel tolerance between the condition (Canny 100/200 of the render) and the
-  Canny 100/200 of the generated image; with the canny tuner at α = 1 and without control.
+  Canny 100/200 of the generated image; with the canny tuner at α = 1 and without control. The same on edge maps
+  no Shapes scene makes: line drawings of many strokes (lines, polylines, arcs, circles; 1 px white on black, as a
+  Canny map looks), and the Canny 100/200 edges of scikit-image's sample photos (astronaut, coffee, chelsea, rocket,
+  camera, immunohistochemistry; centre crop at the model's size), three seeds each (needs `pip install scikit-image`).
 - colour: mean RGB distance (0-255 units, Euclidean) between the mean colours of each 16×16 cell of the
   generated image and of the colour condition (cells of 16 px, i.e. ratio 16); with and without control.
 - reference: the same metrics for the render passed through the base model's VAE (encode, decode): the best a
@@ -41,6 +44,8 @@ from tuners import read_metadata  # noqa: E402
 
 CELL = 16
 TOLERANCE = 2
+PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "camera", "immunohistochemistry")
+PHOTO_SEEDS = 3
 
 
 def edge_f1(reference: np.ndarray, generated: np.ndarray, tolerance: int = TOLERANCE) -> float:
@@ -69,6 +74,42 @@ def cell_colours(image: Image.Image, cell: int = CELL) -> np.ndarray:
 def colour_error(condition: Image.Image, generated: Image.Image) -> float:
     """Mean over 16×16 cells of the RGB distance between the cells' mean colours."""
     return float(np.linalg.norm(cell_colours(condition) - cell_colours(generated), axis=-1).mean())
+
+
+def line_drawing(seed: int, size: int) -> Image.Image:
+    """10–18 random strokes (lines, polylines, arcs, circles), 1 px white on black: an edge map of many strokes."""
+    rng = np.random.default_rng(seed)
+    canvas = np.zeros((size, size), np.uint8)
+    for _ in range(int(rng.integers(10, 19))):
+        kind = rng.choice(["line", "polyline", "arc", "circle"])
+        if kind == "line":
+            a, b = rng.integers(0, size, (2, 2))
+            cv2.line(canvas, tuple(map(int, a)), tuple(map(int, b)), 255, 1)
+        elif kind == "polyline":
+            points = rng.integers(0, size, (int(rng.integers(3, 6)), 2)).astype(np.int32)
+            cv2.polylines(canvas, [points], bool(rng.random() < 0.5), 255, 1)
+        else:
+            centre = tuple(map(int, rng.integers(size // 8, size - size // 8, 2)))
+            axes = tuple(map(int, rng.integers(size // 16, size // 3, 2)))
+            if kind == "circle":
+                axes = (axes[0], axes[0])
+            start = float(rng.uniform(0, 360))
+            end = start + (360 if kind == "circle" else float(rng.uniform(60, 300)))
+            cv2.ellipse(canvas, centre, axes, float(rng.uniform(0, 180)), start, end, 255, 1)
+    return Image.fromarray(canvas).convert("RGB")
+
+
+def photo_edge_maps(size: int) -> list[tuple[str, Image.Image]]:
+    """Canny 100/200 of a centre crop of each of scikit-image's sample photos, at `size` px."""
+    from skimage import data
+
+    maps = []
+    for name in PHOTOS:
+        array = getattr(data, name)()
+        photo = Image.fromarray(array).convert("RGB")
+        fitted, _ = conditions.fit_image(photo, (size, size), "crop")
+        maps.append((name, conditions.extract(fitted, conditions.ConditionRequest("canny", fitted.size), cache=None).image))
+    return maps
 
 
 @dataclass
@@ -136,6 +177,17 @@ class Bench:
                 rows.setdefault("composed_colour_error", []).append(colour_error(colours, image))
         return {key: float(np.mean(values)) for key, values in rows.items()}
 
+    def edge_following(self, canny: Path, edge_maps: list[Image.Image]) -> dict:
+        """Edge F1 without control and with the canny tuner on edge maps of any origin; map i goes with prompt i."""
+        without, with_tuner = [], []
+        for i, edges in enumerate(edge_maps):
+            prompt = self.prompts[i % len(self.prompts)]
+            reference = np.asarray(edges)[..., 0] > 0
+            without.append(edge_f1(reference, canny_edges(self.plain(prompt))))
+            image = self.generate(prompt, controls=(ConditionUse(str(canny), edges, 1.0),))
+            with_tuner.append(edge_f1(reference, canny_edges(image)))
+        return {"maps": len(edge_maps), "f1_without": float(np.mean(without)), "f1_with": float(np.mean(with_tuner))}
+
     def style(self, path: Path) -> dict:
         metadata = read_metadata(path)
         training = metadata.training
@@ -178,6 +230,11 @@ def measure(model: str, tuners: Path, n: int, steps: int, guidance: float, alpha
         "control": bench.control(canny if canny.is_file() else None, colour if colour.is_file() else None, alpha),
         "styles": [bench.style(path) for path in sorted(tuners.glob("style-*.safetensors"))],
     }
+    if canny.is_file():
+        size = manager.native_size
+        drawings = [line_drawing(seed, size) for seed in range(n)]
+        photos = [edges for _, edges in photo_edge_maps(size) for _ in range(PHOTO_SEEDS)]
+        result["edges"] = {"line_drawings": bench.edge_following(canny, drawings), "photos": bench.edge_following(canny, photos)}
     return result
 
 
@@ -195,6 +252,9 @@ def print_table(result: dict) -> None:
         a = result["composition_alpha"]
         print(f"{f'canny + colour (α {a} each): edge F1':<44}{control['canny_f1_with']:>10.3f}{control['composed_canny_f1']:>10.3f}  close (single → composed)")
         print(f"{f'canny + colour (α {a} each): colour error':<44}{control['colour_error_with']:>10.1f}{control['composed_colour_error']:>10.1f}  close (single → composed)")
+    for name, row in result.get("edges", {}).items():
+        label = f"canny on {name.replace('_', ' ')} ({row['maps']}): edge F1"
+        print(f"{label:<44}{row['f1_without']:>10.3f}{row['f1_with']:>10.3f}  gain")
     for s in result["styles"]:
         seconds = s["training_seconds"]
         print(f"style {s['style']!r}: {s['train_images']} training images, {seconds:.0f} s of training")

@@ -297,20 +297,26 @@ def _add_train_command(subparsers: argparse._SubParsersAction) -> None:
     command.add_argument("--condition", help="csc: the condition type (canny, color, inpaint, sketch, scribble, hed, depth, pose, seg)")
     command.add_argument("-p", "--param", action="append", default=[], metavar="NAME=VALUE", help="csc: fixed condition parameter (default: random augmentation)")
     command.add_argument("--data", required=True, metavar="DIR", help="images with NAME.txt captions or metadata.jsonl; or shapes, shapes:STYLE")
-    command.add_argument("--steps", type=int, required=True)
+    # Unset settings take TrainingConfig's defaults, the ones the Train tab shows (not repeated here: one source).
+    command.add_argument("--steps", type=int)
     command.add_argument("--out", required=True, metavar="FILE.safetensors")
     command.add_argument("--trigger", metavar="WORD", help="prefixed to every caption, e.g. '<sce>'")
     command.add_argument("--remove-word", action="append", default=[], metavar="PHRASE", help="phrase removed from captions (repeatable)")
     command.add_argument("--resume", action="store_true", help="continue from the checkpoint in the work dir")
     command.add_argument("--work-dir", metavar="DIR", help="checkpoints and previews (default: runs/tuners/<out name>)")
-    command.add_argument("--batch", type=int, default=4)
-    command.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (paper: 5e-5)")
+    command.add_argument("--batch", type=int)
+    command.add_argument("--lr", type=float, help="AdamW learning rate (paper: 5e-5)")
     command.add_argument("--resolution", type=int, help="default: the base model's native size")
     command.add_argument("--seed", type=int, default=0)
-    command.add_argument("--caption-dropout", type=float, default=0.1)
+    command.add_argument("--caption-dropout", type=float)
+    command.add_argument(
+        "--preserve-base-above", type=float, metavar="FRACTION",
+        help="sc: above this fraction of the noise schedule the target is the base model's own prediction, so the "
+        "style keeps the prompt's composition and colours (1 = off)",
+    )
     command.add_argument("--images", type=int, help="Shapes world: number of scenes (default: 30 for sc, endless for csc)")
-    command.add_argument("--checkpoint-every", type=int, default=100)
-    command.add_argument("--preview-every", type=int, default=0)
+    command.add_argument("--checkpoint-every", type=int)
+    command.add_argument("--preview-every", type=int, help="0: no previews")
     command.add_argument("--preview-prompt", action="append", default=[], metavar="TEXT")
     command.add_argument("--gradient-checkpointing", action="store_true", help="checkpoint the decoder blocks (less memory, slower)")
     command.add_argument(
@@ -337,13 +343,15 @@ def _add_train_command(subparsers: argparse._SubParsersAction) -> None:
             raise UserInputError("-p/--param sets condition parameters; it needs --condition")
         config = TrainingConfig(
             kind=args.kind, data=args.data, out=Path(args.out), condition=args.condition, condition_params=tuple(params.items()),
-            trigger=args.trigger, remove_words=tuple(args.remove_word), steps=args.steps, batch_size=args.batch,
-            learning_rate=args.lr, caption_dropout=args.caption_dropout, resolution=args.resolution, seed=args.seed,
-            checkpoint_every=args.checkpoint_every, preview_every=args.preview_every, preview_prompts=tuple(args.preview_prompt),
+            trigger=args.trigger, remove_words=tuple(args.remove_word), resolution=args.resolution, seed=args.seed,
+            preview_prompts=tuple(args.preview_prompt),
             gradient_checkpointing=args.gradient_checkpointing, optimizer=args.optimizer, down_ratio=args.down_ratio,
             kernel_size=args.kernel,
             base_model=args.model, work_dir=Path(args.work_dir) if args.work_dir else None, resume=args.resume,
             shapes_images=args.images, save_dtype="float16" if args.fp16 else "float32", device=args.device,
+            **_given(steps=args.steps, batch_size=args.batch, learning_rate=args.lr, caption_dropout=args.caption_dropout,
+                     preserve_base_above=args.preserve_base_above, checkpoint_every=args.checkpoint_every,
+                     preview_every=args.preview_every),
         ).validated()
         if args.threads:
             import torch
@@ -377,3 +385,8 @@ def _add_train_command(subparsers: argparse._SubParsersAction) -> None:
         return 0
 
     command.set_defaults(handler=run)
+
+
+def _given(**settings: object) -> dict[str, object]:
+    """The settings the user passed; the others keep their dataclass defaults."""
+    return {name: value for name, value in settings.items() if value is not None}

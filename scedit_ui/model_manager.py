@@ -6,10 +6,9 @@ One lock serialises every use of the pipeline, so concurrent requests never inte
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,12 +22,14 @@ from diffusers import (
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
 )
+from diffusers.image_processor import VaeImageProcessor
 from diffusers.loaders.single_file_utils import SingleFileComponentError
 from PIL import Image
 from safetensors import safe_open
 
 from scedit_ui.conditions import normalize_image
 from scedit_ui.errors import UserInputError
+from scedit_ui.hub import hub_offline
 from scedit_ui.request import FREEU_PRESETS, GenerationRequest, attach_metadata
 from tuners import ControlCondition, SkipEditor, SkipScaling, TunerFileError, load_tuner
 from tuners.io import Tuner
@@ -83,16 +84,12 @@ def resolve_source(name: str | None, builtin: Path = BUILTIN_MODEL) -> ModelSour
     looks_like_repo = name.count("/") == 1 and not name.startswith((".", "/", "~")) and " " not in name
     if not looks_like_repo:
         raise UserInputError(f"model {name!r} not found: it is not an existing folder or .safetensors file, nor a hub id like 'owner/name'")
-    if _offline():
+    if hub_offline():
         raise UserInputError(
-            f"model {name!r} is not a local folder or file, and the hub is off (HF_HUB_OFFLINE is set); "
+            f"model {name!r} is not a local folder or file, and the hub is off (HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE is set); "
             "download it on a connected machine and pass its folder with --model"
         )
     return ModelSource("hub", name)
-
-
-def _offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
 
 
 def load_pipeline(source: ModelSource, dtype: torch.dtype, single_file_config: str | None = None) -> DiffusionPipeline:
@@ -181,7 +178,7 @@ class ModelManager:
             return self.info()
 
     def info(self) -> ModelInfo:
-        pipeline = self._require_pipeline()
+        self._require_pipeline()
         layout = self.editor.layout
         return ModelInfo(
             name=self.source.display_name,
@@ -323,12 +320,17 @@ class ModelManager:
         return FREEU_PRESETS.get(self.family, FREEU_PRESETS["sd15"])
 
 
+def images_to_tensor(images: Sequence[Image.Image]) -> torch.Tensor:
+    """RGB images of one size as (B, 3, H, W) in [0, 1], as diffusers' image processor makes them."""
+    return VaeImageProcessor.numpy_to_pt(VaeImageProcessor.pil_to_numpy([image.convert("RGB") for image in images]))
+
+
 def image_to_tensor(image: Image.Image, size: tuple[int, int]) -> torch.Tensor:
     """A condition image as (1, 3, H, W) in [0, 1] at the generation size."""
     image = normalize_image(image)  # 16-bit, CMYK, palette and transparent images as the UI would read them
     if image.size != size:
         image = image.resize(size, Image.Resampling.BILINEAR)
-    return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
+    return images_to_tensor([image])
 
 
 def mask_to_tensor(mask: Image.Image, size: tuple[int, int]) -> torch.Tensor:

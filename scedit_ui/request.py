@@ -13,7 +13,7 @@ from typing import Any
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from tuners.validation import UserInputError, check_choice, check_number, check_step_range
+from tuners.validation import SCALE_RANGE, WEIGHT_RANGE, UserInputError, check_choice, check_number, check_per_skip, check_step_range
 
 SCHEDULERS = ("DDIM", "DPM++ 2M", "DPM++ 2M Karras", "Euler a")
 FREEU_PRESETS: dict[str, tuple[float, float, float, float]] = {  # s1, s2, b1, b2 (diffusers docs)
@@ -100,7 +100,8 @@ class GenerationRequest:
         for use in self.conditions:
             if not isinstance(use.image, Image.Image) or not all(isinstance(i, (Image.Image, type(None))) for i in (use.blend_image, use.mask)):
                 raise UserInputError(f"the condition images and mask of {Path(use.tuner).name} must be PIL images")
-            _check_skip_weights(f"per-skip α of {Path(use.tuner).name}", use.skip_weights, num_skips)
+            if use.skip_weights is not None:
+                check_per_skip(f"per-skip α of {Path(use.tuner).name}", use.skip_weights, num_skips, *WEIGHT_RANGE)
         # Messages name a tuner by its file name: on a server its folder means nothing to the user.
         check_choice("scheduler", self.scheduler, SCHEDULERS)
         check_number("seed", self.seed, 0, MAX_SEED, integer=True)
@@ -114,9 +115,9 @@ class GenerationRequest:
             if value % 8:
                 raise UserInputError(f"{name} must be a multiple of 8 (the VAE downsamples by 8), got {value}")
         for use in self.sc_tuners:
-            check_number(f"scale of {Path(use.tuner).name}", use.scale, -4.0, 4.0)
+            check_number(f"scale of {Path(use.tuner).name}", use.scale, *SCALE_RANGE)
         for use in self.conditions:
-            check_number(f"alpha of {Path(use.tuner).name}", use.alpha, 0.0, 4.0)
+            check_number(f"alpha of {Path(use.tuner).name}", use.alpha, *WEIGHT_RANGE)
             check_step_range(f"step range of {Path(use.tuner).name}", use.step_range)
             check_number(f"blend of {Path(use.tuner).name}", use.blend, 0.0, 1.0)
         if self.normalise_alpha and self.conditions and sum(c.alpha for c in self.conditions) <= 0:
@@ -124,7 +125,7 @@ class GenerationRequest:
         if self.skip_tuning is not None:
             st = self.skip_tuning
             for name, value in [("ρ outer", st.rho_outer), ("ρ inner", st.rho_inner), *((f"ρ of skip {g}", r) for g, r in st.overrides)]:
-                check_number(name, value, 0.0, 4.0)
+                check_number(name, value, *WEIGHT_RANGE)
             last_skip = num_skips - 1 if num_skips is not None else math.inf
             for g, _ in st.overrides:
                 check_number("Skip-Tuning skip index", g, 0, last_skip, integer=True)
@@ -193,15 +194,6 @@ class GenerationRequest:
             settings.append(f"FreeU: {','.join(map(str, self.freeu))}")
         negative = f"\nNegative prompt: {self.negative_prompt}" if self.negative_prompt else ""
         return f"{self.prompt}{negative}\n{', '.join(settings)}"
-
-
-def _check_skip_weights(name: str, weights: tuple[float, ...] | None, num_skips: int | None) -> None:
-    if weights is None:
-        return
-    if not isinstance(weights, (tuple, list)) or not all(isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) and 0.0 <= w <= 4.0 for w in weights):
-        raise UserInputError(f"{name} must be numbers between 0 and 4, one per skip, got {weights!r}")
-    if num_skips is not None and len(weights) != num_skips:
-        raise UserInputError(f"{name} has {len(weights)} values, but this model has {num_skips} skips; pick a preset or give {num_skips}")
 
 
 def _image_to_text(image: Image.Image) -> str:

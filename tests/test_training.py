@@ -7,6 +7,7 @@ import threading
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -40,7 +41,7 @@ def image_folder(tmp_path) -> Path:
 def config_for(tmp_path: Path, model: Path, **overrides) -> TrainingConfig:
     settings = dict(
         kind="sc", data="shapes:stripes", out=tmp_path / "tuner.safetensors", steps=3, batch_size=2,
-        checkpoint_every=2, base_model=str(model), work_dir=tmp_path / "work",
+        checkpoint_every=2, preview_every=0, base_model=str(model), work_dir=tmp_path / "work",
     )
     return TrainingConfig(**{**settings, **overrides})
 
@@ -78,6 +79,15 @@ def test_a_folder_without_any_captions_trains_on_the_trigger_word_alone(image_fo
         sidecar.unlink()
     data = load_training_data(config_for(tmp_path, Path("unused"), data=str(image_folder), trigger="<sce>"))
     assert [data.caption(i) for i in range(3)] == ["<sce>"] * 3
+
+
+def test_clutter_draws_unnamed_strokes_over_shapes_scenes_for_condition_tuners(tmp_path):
+    stream = load_training_data(config_for(tmp_path, Path("unused"), kind="csc", condition="canny", data="shapes+clutter"))
+    scene = sample_scene(7, split="train")
+    assert stream.size is None and stream.caption(7) == caption(scene)
+    cluttered, plain = np.asarray(stream.image(7, 64)), np.asarray(render_scene(scene, 64))
+    assert np.array_equal(cluttered, np.asarray(stream.image(7, 64)))  # a function of the key
+    assert 0.01 < (cluttered != plain).any(axis=-1).mean() < 0.6
 
 
 def test_shapes_sources_give_a_few_shot_set_for_sc_and_a_stream_for_csc(tmp_path):
@@ -164,6 +174,16 @@ def test_csc_output_names_its_condition_type(tmp_path, random_sd_folder):
     _, metadata = load_tuner(result.output)
     assert metadata.kind == "csc" and metadata.condition_type == "canny" and metadata.kernel_size == 1
     assert metadata.training["dataset"] == "Shapes world, endless stream"
+
+
+def test_above_the_preservation_threshold_the_target_is_the_base_models_own_prediction(tmp_path, random_sd_folder):
+    # A fresh SC tuner is the identity, so where the target is the base's prediction the first loss is exactly 0.
+    losses = {}
+    for threshold in (0.0, 1.0):
+        events = []
+        train_tuner(config_for(tmp_path / str(threshold), random_sd_folder, steps=1, preserve_base_above=threshold), events.append)
+        losses[threshold] = events[0].loss
+    assert losses[0.0] == 0.0 and losses[1.0] > 0.01
 
 
 def test_a_stream_outgrowing_the_prompt_cache_keeps_training(tmp_path, random_sd_folder, monkeypatch):

@@ -3,7 +3,7 @@
 Pure PyTorch + the diffusers UNet structure; nothing here imports Gradio or pipelines.
 """
 from tuners.csc_tuner import CSCTuner, CSCTunerConfig, interpolate_features
-from tuners.editor import ConditionCache, ControlCondition, SkipEditor
+from tuners.editor import ControlCondition, FeatureCache, SkipEditor
 from tuners.io import TunerFileError, TunerMetadata, load_tuner, read_metadata, save_tuner, tuner_from_config
 from tuners.layout import LayoutMismatchError, SkipLayout, SkipShape
 from tuners.official import export_official, import_official
@@ -14,8 +14,8 @@ __all__ = [
     "SKIP_WEIGHT_PRESETS",
     "CSCTuner",
     "CSCTunerConfig",
-    "ConditionCache",
     "ControlCondition",
+    "FeatureCache",
     "LayoutMismatchError",
     "SCTuner",
     "SCTunerConfig",

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import math
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ from tuners.csc_tuner import ConditionFeatures, CSCTuner, interpolate_features
 from tuners.layout import SkipLayout
 from tuners.sc_tuner import SCTuner
 from tuners.skip_scaling import SkipScaling
+from tuners.validation import WEIGHT_RANGE, check_number, check_per_skip, check_step_range
 
 logger = logging.getLogger(__name__)
 
@@ -54,11 +54,9 @@ class ControlCondition:
     skip_weights: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
-        start, end = self.step_range
-        if not 0.0 <= start <= end <= 1.0:
-            raise ValueError(f"step_range must satisfy 0 ≤ start ≤ end ≤ 1, got {self.step_range}")
-        if not 0.0 <= self.blend <= 1.0:
-            raise ValueError(f"blend must be in [0, 1], got {self.blend}")
+        check_number("alpha", self.alpha, *WEIGHT_RANGE)
+        self.step_range = check_step_range("step range", self.step_range)
+        check_number("blend", self.blend, 0.0, 1.0)
         if self.mask is not None:
             if self.mask.ndim == 2:
                 self.mask = self.mask[None, None]
@@ -67,15 +65,13 @@ class ControlCondition:
             if not bool(((self.mask >= 0) & (self.mask <= 1)).all()):
                 raise ValueError("mask values must lie in [0, 1]")
         if self.skip_weights is not None:
-            self.skip_weights = tuple(float(w) for w in self.skip_weights)
-            if not all(math.isfinite(w) and 0.0 <= w <= 4.0 for w in self.skip_weights):
-                raise ValueError(f"every per-skip weight must be a finite number in [0, 4], got {self.skip_weights}")
+            self.skip_weights = check_per_skip("per-skip α", self.skip_weights, None, *WEIGHT_RANGE)
 
     def skip_weight(self, g: int) -> float:
         return 1.0 if self.skip_weights is None else self.skip_weights[g]
 
 
-def image_digest(image: torch.Tensor) -> str:
+def tensor_digest(image: torch.Tensor) -> str:
     data = image.detach().to("cpu", torch.float32).contiguous().numpy()
     return hashlib.blake2b(data.tobytes() + str(data.shape).encode(), digest_size=16).hexdigest()
 
@@ -85,7 +81,7 @@ def _parameter_version(module: nn.Module) -> int:
     return sum(p._version for p in module.parameters())
 
 
-class ConditionCache:
+class FeatureCache:
     """The most recent condition features, keyed by (tuner, its weights' version, condition image).
 
     The hint encoder and dense convs depend only on the condition image, so a generation computes
@@ -158,7 +154,7 @@ class SkipEditor:
     def __init__(self, unet: nn.Module, num_train_timesteps: int = 1000) -> None:
         self.unet = unet
         self.layout = SkipLayout.from_unet(unet)
-        self.cache = ConditionCache()
+        self.cache = FeatureCache()
         self.sc_tuners: dict[str, tuple[SCTuner, float]] = {}
         self.conditions: list[ControlCondition] = []
         self.normalise_alpha = False
@@ -191,11 +187,7 @@ class SkipEditor:
             raise ValueError("cannot normalise α: the weights sum to 0 or less")
         self.conditions = list(conditions)
         self.normalise_alpha = normalise_alpha
-        self._digests = {}
-        for condition in self.conditions:
-            for image in (condition.image, condition.blend_image):
-                if image is not None:
-                    self._digests[id(image)] = image_digest(image)
+        self._digests = {}  # filled on first use: training never reads the feature cache, so never hashes
 
     def set_skip_scaling(self, scaling: SkipScaling | None) -> None:
         if scaling is not None and len(scaling.rho) != self.layout.num_skips:
@@ -295,7 +287,10 @@ class SkipEditor:
     def _features(self, tuner: CSCTuner, image: torch.Tensor, device: torch.device) -> ConditionFeatures:
         if torch.is_grad_enabled():  # training the condition branch: fresh features with a graph
             return tuner.condition_features(image.to(device))
-        return self.cache.features(tuner, image, self._digests[id(image)], device)
+        digest = self._digests.get(id(image))
+        if digest is None:
+            digest = self._digests[id(image)] = tensor_digest(image)
+        return self.cache.features(tuner, image, digest, device)
 
     def _up_block_hook(self, b: int):
         def hook(block: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:

@@ -1,11 +1,11 @@
 """Per-skip factors: Skip-Tuning's training-free ρ_g (x'_g = ρ_g · x_g) and per-skip α presets for conditions."""
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 from tuners.layout import SkipLayout
+from tuners.validation import WEIGHT_RANGE, check_choice, check_number, check_per_skip, check_step_range
 
 
 def rho_schedule(num_skips: int, rho_outer: float = 1.0, rho_inner: float = 1.0) -> tuple[float, ...]:
@@ -23,11 +23,8 @@ class SkipScaling:
     step_range: tuple[float, float] = (0.0, 1.0)
 
     def __post_init__(self) -> None:
-        if not all(math.isfinite(r) and 0.0 <= r <= 4.0 for r in self.rho):
-            raise ValueError(f"every ρ must be a finite number in [0, 4], got {self.rho}")
-        start, end = self.step_range
-        if not 0.0 <= start <= end <= 1.0:
-            raise ValueError(f"step_range must satisfy 0 ≤ start ≤ end ≤ 1, got {self.step_range}")
+        object.__setattr__(self, "rho", check_per_skip("ρ", self.rho, None, *WEIGHT_RANGE))
+        object.__setattr__(self, "step_range", check_step_range("Skip-Tuning step range", self.step_range))
 
     @classmethod
     def linear(
@@ -41,8 +38,7 @@ class SkipScaling:
         """The linear schedule, with per-skip values in `overrides` taking precedence."""
         rho = list(rho_schedule(num_skips, rho_outer, rho_inner))
         for g, value in (overrides or {}).items():
-            if not 0 <= g < num_skips:
-                raise ValueError(f"skip index {g} is out of range for {num_skips} skips")
+            check_number("skip index", g, 0, num_skips - 1, integer=True)
             rho[g] = value
         return cls(tuple(rho), step_range)
 
@@ -63,10 +59,9 @@ def skip_weight_preset(layout: SkipLayout, preset: str) -> tuple[float, ...]:
     "inner skips only" keeps the lower-resolution skips (coarse layout and colour regions).
     """
     levels = [layout.downsamples_before(g) for g in range(layout.num_skips)]
+    check_choice("per-skip preset", preset, SKIP_WEIGHT_PRESETS)
     if preset == "all skips":
         return (1.0,) * layout.num_skips
     if preset == "outer skips only":
         return tuple(1.0 if level == 0 else 0.0 for level in levels)
-    if preset == "inner skips only":
-        return tuple(0.0 if level == 0 else 1.0 for level in levels)
-    raise ValueError(f"unknown per-skip preset {preset!r}; choose one of: {', '.join(SKIP_WEIGHT_PRESETS)}")
+    return tuple(0.0 if level == 0 else 1.0 for level in levels)

@@ -10,6 +10,11 @@ from collections.abc import Iterable
 from numbers import Integral, Real
 from typing import Any
 
+# α of a condition, ρ of a skip and per-skip α: 0 switches an edit off, above 1 exaggerates it.
+WEIGHT_RANGE = (0.0, 4.0)
+# The scale of an SC tuner: negative values push away from its style.
+SCALE_RANGE = (-4.0, 4.0)
+
 
 class UserInputError(ValueError):
     """Bad input or a missing resource, with a message that tells the user what to do.
@@ -25,6 +30,17 @@ def check_number(name: str, value: Any, low: float, high: float, *, integer: boo
     if not (is_number and math.isfinite(value) and low <= value <= high):
         raise UserInputError(f"{name} must be {kind} from {low:g} to {high:g}, got {value!r}")
     return value
+
+
+def check_per_skip(name: str, values: Any, num_skips: int | None, low: float, high: float) -> tuple[float, ...]:
+    """One number in [low, high] per skip (encoder order g); `num_skips` None leaves the count unchecked."""
+    if not isinstance(values, (tuple, list)):
+        raise UserInputError(f"{name} must be a list of numbers, one per skip, got {values!r}")
+    for g, value in enumerate(values):
+        check_number(f"{name} of skip {g}", value, low, high)
+    if num_skips is not None and len(values) != num_skips:
+        raise UserInputError(f"{name} has {len(values)} values, but this model has {num_skips} skips; pick a preset or give {num_skips}")
+    return tuple(float(v) for v in values)
 
 
 def check_step_range(name: str, step_range: Any) -> tuple[float, float]:

@@ -9,13 +9,14 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 from PIL import Image
 
 from scedit_ui import conditions
 from scedit_ui.errors import UserInputError
-from scedit_ui.shapes.world import STYLES, caption, render_scene, sample_scene
-from scedit_ui.training.config import IMAGE_SUFFIXES, DEFAULT_SHAPES_IMAGES, TrainingConfig
+from scedit_ui.shapes.world import COLORS, STYLES, caption, render_scene, sample_scene
+from scedit_ui.training.config import CLUTTER, DEFAULT_SHAPES_IMAGES, IMAGE_SUFFIXES, TrainingConfig
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +53,8 @@ class TrainingData:
 def load_training_data(config: TrainingConfig) -> TrainingData:
     """The dataset `config.data` names, fully validated (every image decoded, every caption found)."""
     source = config.data.strip()
+    if source == CLUTTER:
+        return _clutter_data(config)
     if source == "shapes" or source.startswith("shapes:"):
         return _shapes_data(config, source.partition(":")[2].strip() or None)
     return _folder_data(config, Path(source).expanduser())
@@ -75,6 +78,47 @@ def _shapes_data(config: TrainingConfig, style: str | None) -> TrainingData:
     seeds = np.random.default_rng([config.seed, 0x5CED]).integers(0, 2**48, size=count)
     scenes = [sample_scene(int(s), split="train", style=style) for s in seeds]
     return TrainingData(f"{name}, {count} scenes", count, lambda i: text_of(scenes[i]), lambda i, r: render_scene(scenes[i], r))
+
+
+def _clutter_data(config: TrainingConfig) -> TrainingData:
+    """Plain Shapes scenes with random strokes, outlines and polygons drawn over them, which the captions do not
+    name: a condition tuner trained on them has to follow the edges of the condition, not the shapes it expects."""
+
+    def picture(key: int, resolution: int) -> Image.Image:
+        return draw_clutter(render_scene(sample_scene(key, split="train"), resolution), np.random.default_rng([key, 0xC1]))
+
+    def text(key: int) -> str:
+        return prepare_caption(caption(sample_scene(key, split="train")), config.trigger, config.remove_words)
+
+    return TrainingData("Shapes world with clutter, endless stream", None, text, picture)
+
+
+def draw_clutter(image: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """`image` with 2–9 random lines, polylines, ellipse arcs and small filled polygons in random colours."""
+    canvas = np.array(image.convert("RGB"))
+    size = min(canvas.shape[:2])
+    colours = list(COLORS.values())
+    for _ in range(int(rng.integers(2, 10))):
+        colour = tuple(int(c) for c in colours[int(rng.integers(len(colours)))])
+        width = int(rng.integers(1, max(2, size // 40)))
+        kind = rng.choice(["line", "polyline", "arc", "polygon"])
+        if kind == "line":
+            a, b = (tuple(int(v) for v in rng.integers(0, size, 2)) for _ in range(2))
+            cv2.line(canvas, a, b, colour, width, cv2.LINE_AA)
+        elif kind == "polyline":
+            points = rng.integers(0, size, (int(rng.integers(3, 7)), 2)).astype(np.int32)
+            cv2.polylines(canvas, [points], bool(rng.random() < 0.5), colour, width, cv2.LINE_AA)
+        elif kind == "polygon":  # small, so the captioned shapes mostly stay visible
+            centre, radius = rng.uniform(0, size, 2), rng.uniform(size / 12, size / 5)
+            angles = np.sort(rng.uniform(0, 2 * np.pi, int(rng.integers(3, 7))))
+            points = centre + radius * rng.uniform(0.5, 1.0, (len(angles), 1)) * np.stack([np.cos(angles), np.sin(angles)], 1)
+            cv2.fillPoly(canvas, [points.astype(np.int32)], colour, cv2.LINE_AA)
+        else:
+            centre = tuple(int(v) for v in rng.integers(0, size, 2))
+            axes = tuple(int(v) for v in rng.integers(size // 16, size // 2, 2))
+            start = float(rng.uniform(0, 360))
+            cv2.ellipse(canvas, centre, axes, float(rng.uniform(0, 180)), start, start + float(rng.uniform(90, 360)), colour, width, cv2.LINE_AA)
+    return Image.fromarray(canvas)
 
 
 def _folder_data(config: TrainingConfig, folder: Path) -> TrainingData:

@@ -27,15 +27,16 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from diffusers.image_processor import VaeImageProcessor
 from PIL import Image
 
 from scedit_ui.errors import UserInputError
-from scedit_ui.model_manager import load_pipeline, resolve_source
+from scedit_ui.model_manager import images_to_tensor, load_pipeline, resolve_source
+from scedit_ui.training.config import ProgressCallback, TrainingConfig, TrainingProgress, TrainingResult
+from scedit_ui.training.data import load_training_data, make_condition
 from tuners import ControlCondition, CSCTuner, SCTuner, SkipEditor, TunerMetadata, save_tuner
 from tuners.io import Tuner, atomic_write
 from tuners.reference_configs import guess_architecture
-from scedit_ui.training.config import ProgressCallback, TrainingConfig, TrainingProgress, TrainingResult
-from scedit_ui.training.data import load_training_data, make_condition
 
 logger = logging.getLogger(__name__)
 
@@ -49,24 +50,22 @@ PREVIEW_DIR = "previews"
 class TunedDenoiser(nn.Module):
     """The frozen UNet with the tuner attached through a `SkipEditor`: what Accelerate prepares (and DDP wraps).
 
-    Its forward is one noise prediction; for a CSC tuner the batch's condition images come with it.
+    Its forward is one noise prediction; for a CSC tuner the batch's condition images come with it and
+    replace the image of `condition`, the one condition the editor holds for the whole run (a new
+    `set_conditions` per step would check the layout again for nothing).
     """
 
-    def __init__(self, unet: nn.Module, editor: SkipEditor, tuner: Tuner) -> None:
+    def __init__(self, unet: nn.Module, editor: SkipEditor, tuner: Tuner, condition: ControlCondition | None) -> None:
         super().__init__()
         self.unet = unet
-        self.tuner = tuner
+        self.tuner = tuner  # a submodule, so that Accelerate (and DDP) see its parameters
         self.editor = editor
+        self.condition = condition
 
     def forward(self, noisy: torch.Tensor, timesteps: torch.Tensor, text: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
         if condition is not None:
-            self.editor.set_conditions([ControlCondition(self.tuner, condition)])
+            self.condition.image = condition
         return self.unet(noisy, timesteps, encoder_hidden_states=text).sample
-
-
-def _to_tensor(images: Sequence[Image.Image]) -> torch.Tensor:
-    """(B, 3, H, W) in [0, 1]."""
-    return torch.from_numpy(np.stack([np.asarray(i.convert("RGB"), dtype=np.float32) for i in images]) / 255.0).permute(0, 3, 1, 2)
 
 
 def make_optimizer(config: TrainingConfig, parameters: list[nn.Parameter], device: torch.device) -> torch.optim.Optimizer:
@@ -125,6 +124,7 @@ class TunerTrainer:
         with torch.random.fork_rng(devices=[]):  # the initial weights depend on the seed only
             torch.manual_seed(config.seed)
             self.tuner: Tuner = SCTuner(layout, config.down_ratio) if config.kind == "sc" else CSCTuner(layout, config.kernel_size, config.condition)
+        self.condition: ControlCondition | None = None  # CSC: the condition whose image each batch sets
         if config.kind == "sc":
             self.editor.add_sc_tuner("training", self.tuner)
         else:
@@ -132,15 +132,16 @@ class TunerTrainer:
             # A resumed run loads its trained weights over this later.
             rng = np.random.default_rng(config.seed)
             pictures = [self.data.image(k, self.resolution) for k in self.data.preview_keys(CALIBRATION_IMAGES)]
-            hints = _to_tensor([make_condition(p, config.condition, dict(config.condition_params), rng) for p in pictures])
+            hints = images_to_tensor([make_condition(p, config.condition, dict(config.condition_params), rng) for p in pictures])
             self.tuner.calibrate_hint_encoder(hints.to(self.device))
             placeholder = torch.zeros(1, 3, self.resolution, self.resolution, device=self.device)
-            self.editor.set_conditions([ControlCondition(self.tuner, placeholder)])
+            self.condition = ControlCondition(self.tuner, placeholder)
+            self.editor.set_conditions([self.condition])
         if config.gradient_checkpointing:
             pipeline.unet.enable_gradient_checkpointing()  # only the decoder records a graph, so only it is checkpointed
         self.parameters = self.editor.train_mode(True)
         optimizer = make_optimizer(config, self.parameters, self.device)
-        self.model, self.optimizer = self.accelerator.prepare(TunedDenoiser(pipeline.unet, self.editor, self.tuner), optimizer)
+        self.model, self.optimizer = self.accelerator.prepare(TunedDenoiser(pipeline.unet, self.editor, self.tuner, self.condition), optimizer)
         self._latents: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._text: dict[str, torch.Tensor] = {}
 
@@ -211,9 +212,7 @@ class TunerTrainer:
             self._text.clear()  # before looking up this batch, whose cached captions would go too
         missing = [c for c in dict.fromkeys(captions) if c not in self._text]
         if missing:
-            tokenizer = self.pipeline.tokenizer
-            ids = tokenizer(missing, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
-            embeddings = self.pipeline.text_encoder(ids.to(self.device))[0]
+            embeddings, _ = self.pipeline.encode_prompt(missing, self.device, num_images_per_prompt=1, do_classifier_free_guidance=False)
             self._text.update(zip(missing, embeddings))
         return torch.stack([self._text[c] for c in captions])
 
@@ -226,7 +225,7 @@ class TunerTrainer:
         fresh = {}
         # A cached image is encoded alone, so its latent does not depend on which batch first met it.
         for chunk in ([[i] for i in todo] if cacheable else [todo] if todo else []):
-            pixels = _to_tensor([images[i] for i in chunk]).to(self.device, vae.dtype) * 2 - 1
+            pixels = VaeImageProcessor.normalize(images_to_tensor([images[i] for i in chunk]).to(self.device, vae.dtype))
             posterior = vae.encode(pixels).latent_dist
             fresh.update({i: (posterior.mean[n].float(), posterior.std[n].float()) for n, i in enumerate(chunk)})
         if cacheable:
@@ -250,7 +249,7 @@ class TunerTrainer:
         condition = None
         if config.kind == "csc":
             params = dict(config.condition_params)
-            condition = _to_tensor([make_condition(image, config.condition, params, rng) for image in images]).to(self.device)
+            condition = images_to_tensor([make_condition(image, config.condition, params, rng) for image in images]).to(self.device)
 
         noise = torch.randn(latents.shape, generator=generator).to(self.device)
         timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (len(keys),), generator=generator).to(self.device)
@@ -260,6 +259,11 @@ class TunerTrainer:
         else:
             target = noise  # epsilon
 
+        if config.kind == "sc" and config.preserve_base_above < 1.0:
+            preserved = timesteps >= round(config.preserve_base_above * self.noise_scheduler.config.num_train_timesteps)
+            if preserved.any():
+                target = target.clone()
+                target[preserved] = self._base_prediction(noisy[preserved], timesteps[preserved], text[preserved]).to(target.dtype)
         prediction = self.model(noisy, timesteps, text, condition)
         loss = F.mse_loss(prediction.float(), target.float())
         self.accelerator.backward(loss)
@@ -268,6 +272,15 @@ class TunerTrainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return float(self.accelerator.reduce(loss.detach(), "mean"))
+
+    @torch.no_grad()
+    def _base_prediction(self, noisy: torch.Tensor, timesteps: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """What the base model alone predicts: the prior-preservation target of an SC tuner."""
+        self.editor.remove_sc_tuner("training")
+        try:
+            return self.pipeline.unet(noisy, timesteps, encoder_hidden_states=text).sample
+        finally:
+            self.editor.add_sc_tuner("training", self.tuner)
 
     # -- previews ------------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -284,7 +297,7 @@ class TunerTrainer:
                 if config.kind == "csc":
                     picture = self.data.image(keys[n % len(keys)], self.resolution)
                     hint = make_condition(picture, config.condition, dict(config.condition_params), np.random.default_rng(n))
-                    self.editor.set_conditions([ControlCondition(self.tuner, _to_tensor([hint]).to(self.device))])
+                    self.editor.set_conditions([ControlCondition(self.tuner, images_to_tensor([hint]).to(self.device))])
                 for seed in config.preview_seeds:
                     images += self.pipeline(
                         prompt=prompt, num_inference_steps=config.preview_steps, guidance_scale=5.0,
@@ -292,6 +305,8 @@ class TunerTrainer:
                     ).images
         finally:
             self.editor.cache.clear()
+            if self.condition is not None:
+                self.editor.set_conditions([self.condition])
             self.editor.train_mode(True)
         return images
 

@@ -6,7 +6,7 @@ import logging
 import shutil
 import threading
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import gradio as gr
@@ -27,6 +27,7 @@ DATA_SOURCES = ("Shapes world", "My images")
 PLAIN_SHAPES = "plain (no style)"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 POLL_SECONDS = 1.0
+DEFAULTS = {f.name: f.default for f in fields(TrainingConfig)}  # what `python -m scedit_ui train` uses when not told
 
 
 @dataclass
@@ -101,7 +102,7 @@ def collect_uploads(files: list[str], default_caption: str, folder: Path) -> Pat
     caption get `default_caption` when one is given."""
     images = [Path(f) for f in files if Path(f).suffix.lower() in IMAGE_SUFFIXES]
     if not images:
-        raise UserInputError(f"upload the training images ({', '.join(IMAGE_SUFFIXES)}), each with a caption")
+        raise UserInputError(f"upload the training images ({', '.join(IMAGE_SUFFIXES)}); captions (NAME.txt or metadata.jsonl) are optional")
     folder.mkdir(parents=True, exist_ok=True)
     for file in map(Path, files):
         if file.suffix.lower() in IMAGE_SUFFIXES or file.suffix == ".txt":
@@ -207,20 +208,21 @@ def build(state: AppState, library_version: gr.State) -> TrainTab:
             source = gr.Radio(list(DATA_SOURCES), value="Shapes world", label="Training data")
             style = gr.Dropdown([PLAIN_SHAPES, *STYLES], value="stripes", label="Shapes-world style")
             with gr.Group(visible=False) as upload_group:
-                files = gr.File(label="Images, with NAME.txt captions or a metadata.jsonl", file_count="multiple", type="filepath",
+                files = gr.File(label="10–30 images; captions optional (NAME.txt or a metadata.jsonl)", file_count="multiple", type="filepath",
                                 file_types=["image", ".txt", ".jsonl"])
                 default_caption = gr.Textbox(label="Caption for images without one")
             with gr.Row():
                 trigger = gr.Textbox(label="Trigger word", value="<sce>")
                 remove_words = gr.Textbox(label="Remove from captions (comma-separated)", value="in stripes style")
             with gr.Row():
-                steps = gr.Slider(1, 5000, value=200, step=1, label="Steps", elem_id="train-steps")
-                learning_rate = gr.Number(value=1e-4, label="Learning rate", minimum=1e-8, maximum=1.0)
+                steps = gr.Slider(1, 5000, value=DEFAULTS["steps"], step=1, label="Steps", elem_id="train-steps")
+                learning_rate = gr.Number(value=DEFAULTS["learning_rate"], label="Learning rate", minimum=1e-8, maximum=1.0)
             with gr.Row():
-                batch = gr.Slider(1, 64, value=4, step=1, label="Batch", elem_id="train-batch")
+                batch = gr.Slider(1, 64, value=DEFAULTS["batch_size"], step=1, label="Batch", elem_id="train-batch")
                 resolution = gr.Slider(64, 1024, value=state.manager.native_size, step=8, label="Resolution")
             with gr.Row():
-                preview_every = gr.Slider(0, 1000, value=50, step=1, label="Preview every N steps (0 = never)", elem_id="train-preview-every")
+                preview_every = gr.Slider(0, 1000, value=DEFAULTS["preview_every"], step=1, label="Preview every N steps (0 = never)",
+                                          elem_id="train-preview-every")
                 seed = gr.Number(value=0, precision=0, minimum=0, label="Seed")
             with gr.Row():
                 start_button = gr.Button("Start training", variant="primary", elem_id="train-start")

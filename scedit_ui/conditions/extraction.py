@@ -94,18 +94,14 @@ class ConditionCache:
     """Bounded LRU of extracted conditions. Cached images are shared: do not modify them in place."""
 
     maxsize: int = 32
-    hits: int = 0
-    misses: int = 0
     _entries: OrderedDict = field(default_factory=OrderedDict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def get(self, key: tuple) -> Condition | None:
         with self._lock:
             if key in self._entries:
-                self.hits += 1
                 self._entries.move_to_end(key)
                 return self._entries[key]
-            self.misses += 1
             return None
 
     def put(self, key: tuple, condition: Condition) -> None:

@@ -22,6 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     # Each subcommand is added by one `_add_<name>_command(subparsers)` function below.
     _add_condition_command(subparsers)
     _add_generate_command(subparsers)
+    _add_grid_command(subparsers)
     _add_eval_command(subparsers)
     _add_train_command(subparsers)
     _add_tuners_command(subparsers)
@@ -125,22 +126,30 @@ def _add_model_options(command: argparse.ArgumentParser) -> None:
     command.add_argument("--device", default="auto", choices=("auto", "cuda", "mps", "cpu"))
 
 
-def _add_generate_command(subparsers: argparse._SubParsersAction) -> None:
+def _add_generation_options(command: argparse.ArgumentParser) -> None:
+    """What one image asks for: shared by `generate` and `grid`."""
     from scedit_ui.request import SCHEDULERS
+    from tuners import SKIP_WEIGHT_PRESETS
 
-    command = subparsers.add_parser("generate", help="generate images (PNG with the parameters in its metadata)")
     command.add_argument("--prompt", required=True)
     command.add_argument("--negative", default="", help="negative prompt")
     command.add_argument("--seed", type=int, default=0)
-    command.add_argument("--out", required=True, metavar="FILE.png", help="output; a batch writes FILE-0.png, FILE-1.png, ...")
     command.add_argument("--steps", type=int, default=20)
     command.add_argument("--guidance", type=float, default=5.0)
     command.add_argument("--size", metavar="WxH", help="default: the model's native size")
     command.add_argument("--scheduler", default="DDIM", help=f"one of: {', '.join(SCHEDULERS)}")
-    command.add_argument("--batch", type=int, default=1)
     command.add_argument("--tuner", action="append", default=[], metavar="FILE[:SCALE]", help="SC tuner (file or library name), repeatable")
     command.add_argument("--control", action="append", default=[], metavar="TUNER:IMAGE[:ALPHA]", help="CSC tuner and the picture to extract its condition from, repeatable")
     command.add_argument("--raw-control", action="store_true", help="the --control images are condition images already (no extraction)")
+    command.add_argument(
+        "--mask", action="append", default=[], metavar="IMAGE|none",
+        help="spatial α map of the n-th --control (white: full α, black: none; stretched to the image size), repeatable in --control order",
+    )
+    command.add_argument(
+        "--skip-alpha", action="append", default=[], metavar="PRESET|W,W,...",
+        help=f"per-skip α of the n-th --control: one of {', '.join(repr(p) for p in SKIP_WEIGHT_PRESETS)}, "
+        "or one weight per skip (encoder order), repeatable in --control order",
+    )
     command.add_argument("--normalise-alpha", action="store_true", help="divide the α of the controls by their sum")
     command.add_argument("--rho-inner", type=float, help="Skip-Tuning: ρ of the innermost skip (linear from --rho-outer)")
     command.add_argument("--rho-outer", type=float, default=1.0)
@@ -148,43 +157,86 @@ def _add_generate_command(subparsers: argparse._SubParsersAction) -> None:
     command.add_argument("--library", default="library", metavar="DIR", help="tuner library folder")
     _add_model_options(command)
 
+
+def _request_from_args(args: argparse.Namespace, batch_size: int = 1, check: Callable[[object], None] | None = None):
+    """The `GenerationRequest` the options ask for and the loaded `ModelManager`; bad values fail before loading.
+
+    `check` sees the request before the model loads (the grid checks its axes against it there).
+    """
+    from dataclasses import replace
+
+    from scedit_ui import conditions
+    from scedit_ui.model_manager import ModelManager
+    from scedit_ui.request import ConditionUse, GenerationRequest, SkipTuningSettings, TunerUse
+    from scedit_ui.tuner_library import TunerLibrary
+    from scedit_ui.use_cases import ConditionRow, with_controls
+    from tuners import read_metadata
+
+    library = TunerLibrary(args.library)
+    width, height = conditions.parse_size(args.size) if args.size else (None, None)
+    request = GenerationRequest(
+        prompt=args.prompt, negative_prompt=args.negative, seed=args.seed, steps=args.steps, guidance=args.guidance,
+        width=width, height=height, scheduler=args.scheduler, batch_size=batch_size,
+        sc_tuners=tuple(TunerUse(str(library.resolve(name)), scale) for name, scale in map(_split_suffix_number, args.tuner)),
+        normalise_alpha=args.normalise_alpha,
+        skip_tuning=SkipTuningSettings(args.rho_outer, args.rho_inner) if args.rho_inner is not None else None,
+    )
+    request.validated(native_size=512)  # fail on bad values before loading anything; 512 only fills unset sizes
+    for option, values in (("--mask", args.mask), ("--skip-alpha", args.skip_alpha)):
+        if len(values) > len(args.control):
+            raise UserInputError(f"{option} is given {len(values)} times for {len(args.control)} --control; give one per --control, in order")
+    controls = []
+    for k, spec in enumerate(args.control):
+        head, alpha = _split_suffix_number(spec)
+        tuner_name, _, image_path = head.partition(":")
+        if not image_path:
+            raise UserInputError(f"--control needs TUNER:IMAGE[:ALPHA], got {spec!r}")
+        mask = args.mask[k] if k < len(args.mask) and args.mask[k].lower() != "none" else None
+        controls.append((library.resolve(tuner_name), conditions.load_image(image_path), alpha,
+                         conditions.load_image(mask) if mask else None, args.skip_alpha[k] if k < len(args.skip_alpha) else None))
+    if check is not None:
+        check(replace(request, conditions=tuple(ConditionUse(str(c[0]), c[1], c[2]) for c in controls)))
+    manager = ModelManager(args.device)
+    manager.load(args.model, args.config)
+    request = replace(request, width=width or manager.native_size, height=height or manager.native_size,
+                      freeu=manager.freeu_preset() if args.freeu else None)
+    for tuner_path, picture, alpha, mask, skip_alpha in controls:
+        skip_weights = _skip_weights(skip_alpha, manager.editor.layout) if skip_alpha else None
+        if args.raw_control:  # the picture is the condition image
+            use = ConditionUse(str(tuner_path), picture, alpha, mask=mask, skip_weights=skip_weights)
+            request = replace(request, conditions=request.conditions + (use,))
+        else:
+            row = ConditionRow(read_metadata(tuner_path).condition_type, {}, tuner_path, alpha, mask=mask, skip_weights=skip_weights)
+            request, _ = with_controls(request, picture, [row], normalise_alpha=args.normalise_alpha)
+    return request, manager
+
+
+def _skip_weights(spec: str, layout) -> tuple[float, ...]:
+    """A preset name or comma-separated weights, as per-skip α for `layout`."""
+    from tuners import SKIP_WEIGHT_PRESETS, skip_weight_preset
+
+    if spec in SKIP_WEIGHT_PRESETS:
+        return skip_weight_preset(layout, spec)
+    try:
+        return tuple(float(w) for w in spec.split(","))
+    except ValueError:
+        raise UserInputError(
+            f"--skip-alpha {spec!r} is neither a preset ({', '.join(SKIP_WEIGHT_PRESETS)}) nor {layout.num_skips} comma-separated numbers"
+        ) from None
+
+
+def _add_generate_command(subparsers: argparse._SubParsersAction) -> None:
+    command = subparsers.add_parser("generate", help="generate images (PNG with the parameters in its metadata)")
+    command.add_argument("--out", required=True, metavar="FILE.png", help="output; a batch writes FILE-0.png, FILE-1.png, ...")
+    command.add_argument("--batch", type=int, default=1)
+    _add_generation_options(command)
+
     def run(args: argparse.Namespace) -> int:
-        from dataclasses import replace
         from pathlib import Path
 
-        from scedit_ui import conditions
-        from scedit_ui.model_manager import ModelManager
-        from scedit_ui.request import ConditionUse, GenerationRequest, SkipTuningSettings, TunerUse, save_png
-        from scedit_ui.tuner_library import TunerLibrary
-        from scedit_ui.use_cases import ConditionRow, with_controls
-        from tuners import read_metadata
+        from scedit_ui.request import save_png
 
-        library = TunerLibrary(args.library)
-        width, height = conditions.parse_size(args.size) if args.size else (None, None)
-        request = GenerationRequest(
-            prompt=args.prompt, negative_prompt=args.negative, seed=args.seed, steps=args.steps, guidance=args.guidance,
-            width=width, height=height, scheduler=args.scheduler, batch_size=args.batch,
-            sc_tuners=tuple(TunerUse(str(library.resolve(name)), scale) for name, scale in map(_split_suffix_number, args.tuner)),
-            normalise_alpha=args.normalise_alpha,
-            skip_tuning=SkipTuningSettings(args.rho_outer, args.rho_inner) if args.rho_inner is not None else None,
-        )
-        request.validated(native_size=512)  # fail on bad values before loading anything; 512 only fills unset sizes
-        manager = ModelManager(args.device)
-        manager.load(args.model, args.config)
-        request = replace(request, width=width or manager.native_size, height=height or manager.native_size,
-                          freeu=manager.freeu_preset() if args.freeu else None)
-        for spec in args.control:
-            head, alpha = _split_suffix_number(spec)
-            tuner_name, _, image_path = head.partition(":")
-            if not image_path:
-                raise UserInputError(f"--control needs TUNER:IMAGE[:ALPHA], got {spec!r}")
-            tuner_path = library.resolve(tuner_name)
-            picture = conditions.load_image(image_path)
-            if args.raw_control:  # the picture is the condition image
-                request = replace(request, conditions=request.conditions + (ConditionUse(str(tuner_path), picture, alpha),))
-            else:
-                row = ConditionRow(read_metadata(tuner_path).condition_type, {}, tuner_path, alpha)
-                request, _ = with_controls(request, picture, [row], normalise_alpha=args.normalise_alpha)
+        request, manager = _request_from_args(args, batch_size=args.batch)
         result = manager.generate(request)
         for notice in result.notices:
             print(f"note: {notice}", file=sys.stderr)
@@ -193,6 +245,53 @@ def _add_generate_command(subparsers: argparse._SubParsersAction) -> None:
         for i, image in enumerate(result.images):
             path = out if len(result.images) == 1 else out.with_name(f"{out.stem}-{i}{out.suffix}")
             save_png(image, str(path))
+            print(path)
+        return 0
+
+    command.set_defaults(handler=run)
+
+
+def _add_grid_command(subparsers: argparse._SubParsersAction) -> None:
+    from scedit_ui.use_cases import GRID_AXES
+
+    command = subparsers.add_parser(
+        "grid",
+        help="X/Y(/Z) compare grid: one labelled grid PNG plus every image, each with its recipe in the metadata",
+        description="Generate one image per combination of the axis values (X varies fastest) with the options below as the base.",
+        epilog=f"axes: {', '.join(GRID_AXES)}\nexample: --x 'SC scale=0,0.5,1' --y 'seed=1,2' --z 'prompt S/R=red,green'",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    for axis in ("x", "y", "z"):
+        command.add_argument(
+            f"--{axis}", required=axis == "x", metavar="AXIS=V1,V2,...",
+            help="step ranges as 0-0.5; prompt S/R: the first value is the text to replace" if axis == "x" else None,
+        )
+    command.add_argument("--target", type=int, default=1, help="SC scale / CSC α / step range axes vary this tuner or control (1 = the first)")
+    command.add_argument("--out", required=True, metavar="DIR", help="writes DIR/grid.png and DIR/grid-NN.png")
+    _add_generation_options(command)
+
+    def run(args: argparse.Namespace) -> int:
+        from pathlib import Path
+
+        from scedit_ui.use_cases import grid_requests, parse_axis, run_grid, save_grid
+
+        axes = []
+        for name in ("x", "y", "z"):
+            spec = getattr(args, name)
+            if spec is None:
+                continue
+            kind, separator, values = spec.partition("=")
+            if not separator:
+                raise UserInputError(f"--{name} needs AXIS=VALUES, for example 'seed=1,2,3'; got {spec!r}")
+            axes.append(parse_axis(kind.strip(), values, args.target - 1))
+        request, manager = _request_from_args(args, check=lambda base: grid_requests(base, axes))
+
+        def report(done: int, total: int) -> None:
+            if args.verbose:
+                print(f"{done}/{total} steps", file=sys.stderr)
+
+        result = run_grid(manager.generate, request, axes, progress=report)
+        for path in save_grid(result, Path(args.out)):
             print(path)
         return 0
 

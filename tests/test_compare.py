@@ -142,3 +142,40 @@ def test_a_cancelled_grid_stops_and_the_model_keeps_serving(tiny):
 def test_a_grid_axis_label_names_the_value():
     assert GridAxis("step range", ((0.0, 0.5),)).label((0.0, 0.5)) == "steps 0-0.5"
     assert GridAxis("ρ inner", (0.8,)).label(0.8) == "ρ inner 0.8"
+
+
+# -- the command line ------------------------------------------------------------------------------------------------
+
+
+def test_cli_grid_writes_the_grid_and_every_cell(tmp_path, capsys):
+    from scedit_ui.cli import main
+
+    picture = tmp_path / "edges.png"
+    edge_picture().save(picture)
+    code = main([
+        "grid", "--prompt", "a red circle on a blue background", "--steps", "2", "--size", "64x64",
+        "--control", f"{CANNY}:{picture}", "--x", "CSC α=0,1", "--y", "prompt S/R=red,green", "--out", str(tmp_path / "out"),
+    ])
+    assert code == 0
+    written = capsys.readouterr().out.split()
+    assert [Path(p).name for p in written] == ["grid.png", "grid-00.png", "grid-01.png", "grid-02.png", "grid-03.png"]
+    request, _, _ = read_png_request(written[4])
+    assert request.prompt.startswith("a green circle") and request.conditions[0].alpha == 1.0
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--x", "seed"], "--x needs AXIS=VALUES"),
+        (["--x", "CSC α=0,1"], "the CSC α axis varies condition 1, but the request has 0 conditions"),
+        (["--x", "size=1,2"], "unknown grid axis 'size'"),
+    ],
+)
+def test_cli_grid_refuses_bad_axes_in_one_line_before_loading(argv, message, tmp_path, capsys, monkeypatch):
+    from scedit_ui import cli
+    from scedit_ui.model_manager import ModelManager
+
+    monkeypatch.setattr(ModelManager, "load", lambda *a, **k: pytest.fail("the model was loaded"))
+    code = cli.main(["grid", "--prompt", "a red circle", "--out", str(tmp_path), *argv])
+    error = capsys.readouterr().err
+    assert code == 2 and message in error and error.count("\n") == 1

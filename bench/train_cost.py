@@ -29,16 +29,14 @@ import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402
 
 _common.set_threads()
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from torch.utils.checkpoint import checkpoint  # noqa: E402
+from train_memory import SavedTensorCounter  # noqa: E402
 
 from tuners import SCTuner, SkipEditor  # noqa: E402
 
@@ -73,31 +71,15 @@ class Method:
     unet: torch.nn.Module
     parameters: list[torch.nn.Parameter]
     optimizer: torch.optim.Optimizer
+    counter: SavedTensorCounter
     keep: list = field(default_factory=list)  # editor, tuner: alive as long as the method
     phases: dict[str, list[float]] = field(default_factory=lambda: {"forward": [], "backward": [], "optimizer": []})
-
-
-def checkpoint_decoder(unet: torch.nn.Module) -> int:
-    """Gradient checkpointing on the up blocks only, the way `ModelMixin.enable_gradient_checkpointing`
-    sets it on every module (diffusers 0.42): each module with a `gradient_checkpointing` flag gets the
-    flag and a non-reentrant `_gradient_checkpointing_func`. In the up blocks that is the blocks (their
-    resnets) and each Transformer2DModel (its transformer blocks). Returns how many modules were set."""
-
-    def checkpointed(module: torch.nn.Module, *args):
-        return checkpoint(module.__call__, *args, use_reentrant=False)
-
-    count = 0
-    for module in unet.up_blocks.modules():
-        if hasattr(module, "gradient_checkpointing"):
-            module._gradient_checkpointing_func = checkpointed
-            module.gradient_checkpointing = True
-            count += 1
-    return count
 
 
 def make_method(name: str, base: torch.nn.Module, seed: int = 0) -> Method:
     unet = _common.unet_view(base)
     keep: list = []
+    counter = SavedTensorCounter(unet)
     if name == "full":
         unet.requires_grad_(True)
         parameters = list(unet.parameters())
@@ -116,44 +98,18 @@ def make_method(name: str, base: torch.nn.Module, seed: int = 0) -> Method:
             torch.nn.init.normal_(adapter.ln2.weight, std=1e-3)
         editor.add_sc_tuner("bench", tuner)
         parameters = editor.train_mode(True)
-        if name.endswith("_ckpt"):
-            checkpoint_decoder(unet)
+        counter = SavedTensorCounter(unet, tuner)
+        if name.endswith("_ckpt"):  # the trainer's --gradient-checkpointing: only the decoder runs with autograd
+            unet.enable_gradient_checkpointing()
         keep = [editor, tuner]
-    return Method(name, unet, parameters, torch.optim.AdamW(parameters, lr=1e-6), keep)
+    return Method(name, unet, parameters, torch.optim.AdamW(parameters, lr=1e-6), counter, keep)
 
 
-class SavedTensorMeter:
-    """Bytes of the distinct non-parameter storages that autograd saves for backward."""
-
-    def __init__(self, parameter_storages: set[int]) -> None:
-        self.exclude = parameter_storages
-        self.storages: dict[int, int] = {}
-
-    def pack(self, tensor: torch.Tensor) -> torch.Tensor:
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in self.exclude:
-            self.storages[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    @staticmethod
-    def unpack(tensor: torch.Tensor) -> torch.Tensor:
-        return tensor
-
-    @property
-    def bytes(self) -> int:
-        return sum(self.storages.values())
-
-
-def parameter_storages(base: torch.nn.Module, method: Method) -> set[int]:
-    parameters = [*base.parameters(), *method.unet.parameters(), *method.parameters]
-    return {p.untyped_storage().data_ptr() for p in parameters}
-
-
-def forward_backward(method: Method, batch: Batch, meter: SavedTensorMeter | None = None) -> float:
+def forward_backward(method: Method, batch: Batch, count: bool = False) -> float:
     method.optimizer.zero_grad(set_to_none=True)
     cuda = batch.latents.is_cuda
     autocast = torch.autocast("cuda", torch.float16) if cuda else nullcontext()
-    hooks = torch.autograd.graph.saved_tensors_hooks(meter.pack, meter.unpack) if meter else nullcontext()
+    hooks = method.counter.recording() if count else nullcontext()
     started = time.perf_counter()
     with hooks, autocast:
         prediction = method.unet(batch.latents, batch.timestep, batch.text).sample
@@ -167,8 +123,8 @@ def forward_backward(method: Method, batch: Batch, meter: SavedTensorMeter | Non
     return loss.item()
 
 
-def train_step(method: Method, batch: Batch, meter: SavedTensorMeter | None = None) -> None:
-    forward_backward(method, batch, meter)
+def train_step(method: Method, batch: Batch, count: bool = False) -> None:
+    forward_backward(method, batch, count)
     started = time.perf_counter()
     method.optimizer.step()
     _common.sync()
@@ -188,7 +144,8 @@ def check_checkpointing(base: torch.nn.Module, batch: Batch) -> dict:
     diff = max((a.grad - b.grad).abs().max().item() for a, b in zip(plain.parameters, checkpointed.parameters))
     scale = max(a.grad.abs().max().item() for a in plain.parameters)
     return {
-        "checkpointed_modules": sum(getattr(m, "gradient_checkpointing", False) for m in checkpointed.unet.modules()),
+        # Set on every block; these are the ones whose checkpoints take effect (the decoder's).
+        "checkpointed_modules": sum(getattr(m, "gradient_checkpointing", False) for m in checkpointed.unet.up_blocks.modules()),
         "loss": losses,
         "max_abs_gradient_difference": diff,
         "max_abs_gradient": scale,
@@ -238,25 +195,24 @@ def run(names: list[str], repeats: int, size: int | None, batch_size: int) -> di
     for name in names:
         _common.log(f"{name}: memory step ...")
         method = make_method(name, base)
-        meter = SavedTensorMeter(parameter_storages(base, method))
         if cuda:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
-        train_step(method, batch, meter)
+        train_step(method, batch, count=True)
         gradients, optimizer = state_bytes(method)
         rows[name] = {
             "method": METHODS[name],
             "trainable_parameters": sum(p.numel() for p in method.parameters),
-            "saved_activation_bytes": meter.bytes,
+            "saved_activation_bytes": method.counter.bytes,
             "gradient_bytes": gradients,
             "optimizer_state_bytes": optimizer,
-            "memory_bytes": meter.bytes + gradients + optimizer,
+            "memory_bytes": method.counter.bytes + gradients + optimizer,
         }
         if cuda:
             rows[name]["memory_bytes"] = rows[name]["cuda_max_memory_allocated"] = torch.cuda.max_memory_allocated()
         if keep:
             methods[name] = method
-        del method, meter
+        del method
         gc.collect()
 
     if repeats > 0:

@@ -1,38 +1,35 @@
 """Skip-connection editing of diffusers UNets: SC-Tuner, CSC-Tuner and Skip-Tuning.
 
 Pure PyTorch + the diffusers UNet structure; nothing here imports Gradio or pipelines.
+The names below load their module on first use, so that `tuners.validation` (which the app's
+light modules import) costs no torch import.
 """
-from tuners.csc_tuner import CSCTuner, CSCTunerConfig, interpolate_features
-from tuners.editor import ControlCondition, FeatureCache, SkipEditor
-from tuners.io import TunerFileError, TunerMetadata, load_tuner, read_metadata, save_tuner, tuner_from_config
-from tuners.layout import LayoutMismatchError, SkipLayout, SkipShape
-from tuners.official import export_official, import_official
-from tuners.sc_tuner import SCTuner, SCTunerConfig, SkipAdapter
-from tuners.skip_scaling import SKIP_WEIGHT_PRESETS, SkipScaling, rho_schedule, skip_weight_preset
+from __future__ import annotations
 
-__all__ = [
-    "SKIP_WEIGHT_PRESETS",
-    "CSCTuner",
-    "CSCTunerConfig",
-    "ControlCondition",
-    "FeatureCache",
-    "LayoutMismatchError",
-    "SCTuner",
-    "SCTunerConfig",
-    "SkipAdapter",
-    "SkipEditor",
-    "SkipLayout",
-    "SkipScaling",
-    "SkipShape",
-    "TunerFileError",
-    "TunerMetadata",
-    "export_official",
-    "import_official",
-    "interpolate_features",
-    "load_tuner",
-    "read_metadata",
-    "rho_schedule",
-    "save_tuner",
-    "skip_weight_preset",
-    "tuner_from_config",
-]
+import importlib
+from typing import Any
+
+_MODULE_OF = {
+    "CSCTuner": "csc_tuner", "CSCTunerConfig": "csc_tuner", "interpolate_features": "csc_tuner",
+    "ControlCondition": "editor", "FeatureCache": "editor", "SkipEditor": "editor",
+    "TunerFileError": "io", "TunerMetadata": "io", "load_tuner": "io", "read_metadata": "io", "save_tuner": "io",
+    "tuner_from_config": "io",
+    "LayoutMismatchError": "layout", "SkipLayout": "layout", "SkipShape": "layout",
+    "export_official": "official", "import_official": "official",
+    "SCTuner": "sc_tuner", "SCTunerConfig": "sc_tuner", "SkipAdapter": "sc_tuner",
+    "SKIP_WEIGHT_PRESETS": "skip_scaling", "SkipScaling": "skip_scaling", "rho_schedule": "skip_scaling",
+    "skip_weight_preset": "skip_scaling",
+    "UserInputError": "validation",
+}
+
+__all__ = sorted(_MODULE_OF)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _MODULE_OF:
+        raise AttributeError(f"module 'tuners' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"tuners.{_MODULE_OF[name]}"), name)
+
+
+def __dir__() -> list[str]:
+    return __all__

@@ -193,3 +193,15 @@ def test_skip_tuning_step_range_counts_sampling_steps(manager):
         hook.remove()
     # The first two steps are identical to the plain run; the last two see ρ = 0.5 on every skip.
     assert scaled[:2] == seen[:2] and scaled[2] == pytest.approx(0.5 * seen[2], rel=1e-5)
+
+
+# -- snags -----------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("size", [128, 512])
+def test_the_default_colour_map_has_8_cells_across_at_every_size(size):
+    from scedit_ui.conditions import extract_condition
+
+    gradient = np.tile(np.linspace(0, 255, size, dtype=np.uint8)[None, :, None], (size, 1, 3))
+    colour = np.asarray(extract_condition(Image.fromarray(gradient), "color", (size, size)))
+    assert len(np.unique(colour[0, :, 0])) == 8  # was 2 at 128 px with a fixed 64 px cell

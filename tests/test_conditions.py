@@ -307,7 +307,7 @@ def test_cache_is_bounded_and_least_recently_used():
 
 def test_requests_fill_defaults_so_equal_meanings_compare_equal():
     assert ConditionRequest("canny", (64, 64)) == ConditionRequest("canny", [64, 64], "crop", {"high": 200})
-    assert ConditionRequest("color", (64, 64)).params == (("ratio", 64),)
+    assert ConditionRequest("color", (64, 64)).params == (("ratio", 0),)
 
 
 @pytest.mark.parametrize(

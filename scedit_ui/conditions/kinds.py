@@ -118,7 +118,7 @@ CONDITION_KINDS: Mapping[str, ConditionKind] = MappingProxyType(
             ConditionKind(
                 "color",
                 "colour map: mean colour of each ratio x ratio cell, up-sampled back to size",
-                (ParamSpec("ratio", "int", 64, "down-sampling factor", 1, 512),),
+                (ParamSpec("ratio", "int", 0, "cell size in pixels; 0: 1/8 of the shorter side (8 cells across, SD's 64 at 512 px)", 0, 512),),
             ),
             ConditionKind(
                 "inpaint",

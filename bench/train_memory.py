@@ -116,7 +116,8 @@ class MemoryCount:
     trainable_parameters: int
 
     def total(self, optimizer: str = "adamw") -> int:
-        """weights + saved activations + gradients + optimizer state: what the step holds at once."""
+        """weights + saved activations + gradients + optimizer state (gradients appear in backward while the
+        activations are freed, so this errs high on that part and leaves out the temporaries)."""
         return self.weights + self.saved_activations + self.gradients + self.optimizer_state[optimizer]
 
 

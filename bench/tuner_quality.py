@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -220,17 +221,22 @@ class Bench:
         }
 
 
-def measure(model: str, tuners: Path, n: int, steps: int, guidance: float, alpha: float) -> dict:
+PARTS = ("canny", "colour", "styles")
+
+
+def measure(model: str, tuners: Path, n: int, steps: int, guidance: float, alpha: float, parts: Sequence[str] = PARTS) -> dict:
     manager = ModelManager("auto")
     info = manager.load(model)
     bench = Bench(manager, n, steps, guidance)
     canny, colour = tuners / "canny.safetensors", tuners / "colour.safetensors"
+    canny = canny if canny.is_file() and "canny" in parts else None
+    colour = colour if colour.is_file() and "colour" in parts else None
+    styles = sorted(tuners.glob("style-*.safetensors")) if "styles" in parts else []
     result = {
         "model": info.name, "prompts": n, "steps": steps, "guidance": guidance, "composition_alpha": alpha,
-        "control": bench.control(canny if canny.is_file() else None, colour if colour.is_file() else None, alpha),
-        "styles": [bench.style(path) for path in sorted(tuners.glob("style-*.safetensors"))],
+        "control": bench.control(canny, colour, alpha), "styles": [bench.style(path) for path in styles],
     }
-    if canny.is_file():
+    if canny is not None:
         size = manager.native_size
         drawings = [line_drawing(seed, size) for seed in range(n)]
         photos = [edges for _, edges in photo_edge_maps(size) for _ in range(PHOTO_SEEDS)]
@@ -272,13 +278,14 @@ def main() -> int:
     parser.add_argument("--guidance", type=float, default=5.0)
     parser.add_argument("--alpha", type=float, default=1.0, help="α of each tuner in the composition")
     parser.add_argument("--threads", type=int, help="torch CPU threads")
+    parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, from {', '.join(PARTS)}")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
-    result = measure(args.model, args.tuners, args.n, args.steps, args.guidance, args.alpha)
+    result = measure(args.model, args.tuners, args.n, args.steps, args.guidance, args.alpha, args.parts.split(","))
     if args.json:
         print(json.dumps(result, indent=2))
     else:

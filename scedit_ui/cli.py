@@ -459,8 +459,14 @@ def _add_train_command(subparsers: argparse._SubParsersAction) -> None:
         cancel = threading.Event()
         previous_handler = signal.signal(signal.SIGINT, lambda *_: cancel.set())  # stop after this step, keep a checkpoint
         every = max(1, config.steps // 100)
+        announced = False
 
         def report(event: TrainingProgress) -> None:
+            nonlocal announced
+            if not announced:  # after the checks of data, settings and checkpoint: an error stays the only line
+                announced = True
+                print(f"training {trainer.data.description}: {config.steps} steps; checkpoints and previews in {config.work}",
+                      file=sys.stderr)
             if event.step % every == 0 or event.checkpoint or event.previews or event.step == event.total_steps:
                 saved = f", checkpoint {event.checkpoint}" if event.checkpoint else ""
                 print(f"step {event.step}/{event.total_steps} loss {event.loss:.4f} eta {duration(event.eta_seconds)} "
@@ -469,9 +475,7 @@ def _add_train_command(subparsers: argparse._SubParsersAction) -> None:
                 print(f"  previews: {' '.join(map(str, event.preview_paths))}", file=sys.stderr)
 
         try:
-            trainer = TunerTrainer(config)  # bad data or settings end here, before any line of progress
-            print(f"training {trainer.data.description}: {config.steps} steps; checkpoints and previews in {config.work}",
-                  file=sys.stderr)
+            trainer = TunerTrainer(config)
             result = trainer.run(report, cancel)
         finally:
             signal.signal(signal.SIGINT, previous_handler)

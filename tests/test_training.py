@@ -186,6 +186,15 @@ def test_above_the_preservation_threshold_the_target_is_the_base_models_own_pred
     assert losses[0.0] == 0.0 and losses[1.0] > 0.01
 
 
+def test_an_uncaptioned_folder_trains_and_previews_its_trigger_word_once(image_folder, tmp_path, random_sd_folder):
+    for sidecar in image_folder.glob("*.txt"):
+        sidecar.unlink()
+    events = []
+    config = config_for(tmp_path, random_sd_folder, data=str(image_folder), trigger="<sce>", steps=1, preview_every=1, preview_steps=2)
+    result = train_tuner(config, events.append)
+    assert len(events[0].previews) == 1 and load_tuner(result.output)[1].training["dataset_size"] == 3
+
+
 def test_a_stream_outgrowing_the_prompt_cache_keeps_training(tmp_path, random_sd_folder, monkeypatch):
     # Found training a canny tuner: the cache was emptied after this batch's cached prompts (often "") were looked up.
     monkeypatch.setattr(trainer, "TEXT_CACHE_SIZE", 2)

@@ -289,6 +289,8 @@ class TunerTrainer:
         config = self.config
         keys = self.data.preview_keys(max(1, len(config.preview_prompts) or 2))
         prompts = list(config.preview_prompts) or [self.data.caption(k) for k in keys]
+        if config.kind == "sc":  # an uncaptioned folder gives the trigger word twice: the same image
+            prompts = list(dict.fromkeys(prompts))
         self.editor.train_mode(False)
         self.pipeline.scheduler = self.preview_scheduler
         images = []

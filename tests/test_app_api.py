@@ -28,7 +28,7 @@ PUBLIC_ENDPOINTS = {
     "/skip_tuning_compare", "/rho_schedule", "/tuner_details", "/rename_tuner", "/delete_tuner", "/import_tuner",
     "/fetch_tuner", "/export_tuner_official",
     "/export_tuner", "/list_tuners", "/load_model", "/memory_options", "/train_start", "/train_cancel", "/train_resume",
-    "/training_status",
+    "/training_status", "/compare_grid",
 }
 
 
@@ -450,3 +450,27 @@ def test_the_shipped_example_pictures_are_the_scenes_their_prompts_describe():
     for path in pictures:
         adherence = score_adherence(Image.open(path), _example_prompt(path))
         assert adherence.overall == 1.0, (path, adherence)
+
+
+def test_compare_grid_gives_a_labelled_grid_and_every_cell_with_its_settings(served):
+    grid_path, cells, files, info = served.client.predict(
+        prompt=PROMPT, negative_prompt="", seed=3, steps=2, guidance=5.0, width=64, height=64, scheduler="DDIM",
+        sc_tuner="style", sc_scale=1.0, picture=None, kind="canny", csc_tuner=None, alpha=1.0, rho_inner=1.0,
+        x_axis="SC scale", x_values="0, 1", y_axis="prompt S/R", y_values="red, green", api_name="/compare_grid",
+    )
+    with Image.open(grid_path) as grid:
+        assert grid.width > 2 * 64 and grid.height > 2 * 64 and "Grid: X: SC scale" in grid.info["parameters"]
+    assert [caption for _, caption in ((c["image"], c["caption"]) for c in cells)] == [
+        "SC scale 0 · red", "SC scale 1 · red", "SC scale 0 · green", "SC scale 1 · green"]
+    request, _, _ = request_from_png(Image.open(files[4]))
+    assert request.sc_tuners[0].scale == 1.0 and "green circle" in request.prompt
+    assert "4 images" in info
+
+
+def test_compare_grid_refuses_a_bad_axis_with_one_message(served):
+    with pytest.raises(AppError, match="the SC scale axis varies SC tuner 1"):
+        served.client.predict(
+            prompt=PROMPT, negative_prompt="", seed=3, steps=2, guidance=5.0, width=64, height=64, scheduler="DDIM",
+            sc_tuner=None, sc_scale=1.0, picture=None, kind="canny", csc_tuner=None, alpha=1.0, rho_inner=1.0,
+            x_axis="SC scale", x_values="0, 1", api_name="/compare_grid",
+        )

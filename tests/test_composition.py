@@ -205,3 +205,60 @@ def test_the_default_colour_map_has_8_cells_across_at_every_size(size):
     gradient = np.tile(np.linspace(0, 255, size, dtype=np.uint8)[None, :, None], (size, 1, 3))
     colour = np.asarray(extract_condition(Image.fromarray(gradient), "color", (size, size)))
     assert len(np.unique(colour[0, :, 0])) == 8  # was 2 at 128 px with a fixed 64 px cell
+
+
+@pytest.fixture(scope="module")
+def builtin_app(tmp_path_factory):
+    """The app built (not launched) on the built-in tiny model, with the shipped tuners in its library."""
+    import app
+
+    root = tmp_path_factory.mktemp("builtin-app")
+    args = app.build_parser().parse_args(["--device", "cpu", "--library", str(root / "library"), "--outputs", str(root / "outputs")])
+    demo, state, _ = app.create_app(args)
+    yield demo, state
+    demo.close()
+
+
+def _components(demo, kind):
+    return [block for block in demo.blocks.values() if type(block).__name__ == kind]
+
+
+def test_a_condition_row_preselects_the_shipped_tuner_made_for_its_kind(builtin_app):
+    demo, state = builtin_app
+    assert state.default_tuner("canny") == "canny" and state.default_tuner("color") == "colour"
+    assert state.default_tuner("depth") is None  # no depth tuner ships: the row stays empty
+    values = [block.value for block in _components(demo, "Dropdown") if block.label == "CSC tuner"]
+    # One row per condition kind in Control, plus the Compare tab's canny default; only canny and colour ship.
+    assert sorted(v for v in values if v) == ["canny", "canny", "colour", "inpaint"] and values.count(None) == len(values) - 4
+
+
+def test_result_galleries_show_images_at_their_aspect_ratio(builtin_app):
+    demo, _ = builtin_app
+    galleries = _components(demo, "Gallery")
+    assert len(galleries) >= 4 and all(gallery.object_fit == "contain" for gallery in galleries)
+
+
+def test_a_photo_on_the_built_in_model_gets_one_line_on_what_it_draws(builtin_app, tmp_path):
+    from scedit_ui.ui.control_tab import builtin_model_notice, example_pictures
+
+    _, state = builtin_app
+    notice = builtin_model_notice(state, str(tmp_path / "holiday.jpg"))
+    assert "Shapes-world" in notice and "Model tab" in notice and notice.count("\n") == 0
+    assert builtin_model_notice(state, example_pictures(state)[0]) == ""  # a shipped Shapes scene needs no warning
+    assert builtin_model_notice(state, None) == ""
+
+
+def test_a_region_mask_is_painted_or_uploaded_and_fitted_like_the_picture():
+    from scedit_ui.ui.control_tab import fit_mask, region_mask
+
+    picture = Image.new("RGB", (200, 100), (10, 120, 30))
+    layer = Image.new("RGBA", (200, 100), (0, 0, 0, 0))
+    layer.paste((255, 255, 255, 255), (0, 0, 100, 100))  # the left half painted
+    painted = region_mask({"background": picture, "layers": [layer], "composite": picture}, picture)
+    assert region_mask({"background": picture, "layers": [], "composite": picture}, picture) is None
+    uploaded = Image.new("RGB", (200, 100), (0, 0, 0))
+    uploaded.paste((255, 255, 255), (100, 0, 200, 100))
+    assert np.asarray(region_mask({"background": uploaded, "layers": [], "composite": uploaded}, picture))[:, 150].min() == 255
+    # "crop" keeps the centre square of the 2:1 picture: its left half is painted.
+    fitted = np.asarray(fit_mask(painted, (64, 64), "crop"))
+    assert fitted[:, :28].min() == 255 and fitted[:, 36:].max() == 0

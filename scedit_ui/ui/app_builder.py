@@ -1,4 +1,4 @@
-"""The whole app: six tabs on one shared state, and the events that cross from one tab to another."""
+"""The whole app: seven tabs on one shared state, and the events that cross from one tab to another."""
 from __future__ import annotations
 
 import gradio as gr
@@ -7,12 +7,12 @@ from PIL import Image
 from scedit_ui.conditions import CONDITION_KINDS
 from scedit_ui.errors import UserInputError
 from scedit_ui.request import read_png_request
-from scedit_ui.ui import control_tab, generate_tab, model_tab, skip_tuning_tab, train_tab, tuners_tab
+from scedit_ui.ui import compare_tab, control_tab, generate_tab, model_tab, skip_tuning_tab, train_tab, tuners_tab
 from scedit_ui.ui.handlers import clear_value_errors, user_errors
 from scedit_ui.ui.state import AppState
 
 TITLE = "SCEdit Studio"
-TAB_IDS = ("generate", "control", "skip-tuning", "train", "tuners", "model")
+TAB_IDS = ("generate", "control", "compare", "skip-tuning", "train", "tuners", "model")
 INTRO = (
     f"# {TITLE}\n"
     "Edit the skip connections of a Stable Diffusion U-Net: **SC-Tuners** for styles, **CSC-Tuners** for control "
@@ -30,6 +30,8 @@ def build_app(state: AppState) -> gr.Blocks:
                 generate = generate_tab.build(state)
             with gr.Tab("Control", id="control"):
                 control = control_tab.build(state)
+            with gr.Tab("Compare", id="compare"):
+                compare = compare_tab.build(state)
             with gr.Tab("Skip-Tuning", id="skip-tuning"):
                 skip = skip_tuning_tab.build(state)
             with gr.Tab("Train", id="train"):
@@ -39,7 +41,7 @@ def build_app(state: AppState) -> gr.Blocks:
             with gr.Tab("Model", id="model"):
                 model = model_tab.build(state)
         _wire_send_buttons(generate, control, skip, tabs)
-        _wire_tuner_choices(state, demo, library_version, generate, control)
+        _wire_tuner_choices(state, demo, library_version, generate, control, compare)
         _wire_tuner_use(state, tuners, generate, control, tabs)
         _wire_model_change(state, model, generate, control, skip, train, library_version)
         # A page opened (or reloaded) while a training runs follows it too.
@@ -82,15 +84,20 @@ def _wire_send_buttons(generate, control, skip, tabs: gr.Tabs) -> None:
         api_name="send_to_skip_tuning", api_visibility="private")
 
 
-def _wire_tuner_choices(state: AppState, demo: gr.Blocks, library_version: gr.State, generate, control) -> None:
-    """Every tuner dropdown lists the library tuners that fit the loaded base, refreshed when either changes."""
+def _wire_tuner_choices(state: AppState, demo: gr.Blocks, library_version: gr.State, generate, control, compare) -> None:
+    """Every tuner dropdown lists the library tuners that fit the loaded base, refreshed when either changes; an empty
+    condition row gets the tuner made for its kind."""
     kinds = list(CONDITION_KINDS)
-    dropdowns = [*generate.tuners, *(control.tuners[kind] for kind in kinds)]
+    dropdowns = [*generate.tuners, compare.sc_tuner, *(control.tuners[kind] for kind in kinds)]
 
     def refresh(*current: str | None) -> list[gr.Dropdown]:
         sc = state.tuner_names("sc")
-        choices = [sc] * len(generate.tuners) + [state.tuner_names("csc", kind) for kind in kinds]
-        return [gr.Dropdown(choices=names, value=value if value in names else None) for names, value in zip(choices, current)]
+        choices = [sc] * (len(generate.tuners) + 1) + [state.tuner_names("csc", kind) for kind in kinds]
+        defaults = [None] * (len(generate.tuners) + 1) + [state.default_tuner(kind) for kind in kinds]
+        return [
+            gr.Dropdown(choices=names, value=value if value in names else default)
+            for names, value, default in zip(choices, current, defaults)
+        ]
 
     library_version.change(refresh, dropdowns, dropdowns, api_name="refresh_tuner_choices", api_visibility="private", queue=False)
     demo.load(refresh, dropdowns, dropdowns, api_name="refresh_tuner_choices_on_load", api_visibility="private", queue=False)

@@ -14,11 +14,12 @@ from scedit_ui import conditions, use_cases
 from scedit_ui.conditions import CONDITION_KINDS, FIT_MODES, ParamSpec
 from scedit_ui.errors import UserInputError
 from scedit_ui.request import MAX_SEED, SCHEDULERS, GenerationRequest
-from scedit_ui.shapes.world import caption, sample_scene
+from scedit_ui.shapes.world import COLORS, SHAPES, caption, sample_scene
 from scedit_ui.ui.generate_tab import describe_result, pick_seed
 from scedit_ui.ui.handlers import GPU_QUEUE, on_gpu, optional_keywords, readable_upload, user_errors, whole_number
 from scedit_ui.ui.state import AppState
 from scedit_ui.use_cases import ConditionRow
+from tuners import SKIP_WEIGHT_PRESETS, skip_weight_preset
 
 KINDS = tuple(CONDITION_KINDS)
 ROW_FIELDS = ("tuner", "alpha", "start", "end")
@@ -59,6 +60,41 @@ def mask_from_editor(value: dict | Image.Image | None) -> Image.Image | None:
     if painted is None or not painted.any():
         return None
     return Image.fromarray(np.where(painted, 255, 0).astype(np.uint8), "L")
+
+
+def region_mask(value: dict | None, picture: Image.Image | None) -> Image.Image | None:
+    """A condition's spatial α map from its region editor: the painted area, or an uploaded mask (a background
+    that is not the control picture); None applies the condition everywhere."""
+    painted = mask_from_editor(value)
+    if painted is not None or not isinstance(value, dict) or value.get("background") is None:
+        return painted
+    background = value["background"].convert("RGB")
+    if picture is not None and background.size == picture.size and np.array_equal(np.asarray(background), np.asarray(picture.convert("RGB"))):
+        return None  # the picture itself, shown to paint on, with nothing painted
+    return conditions.mask_from_image(background)
+
+
+def fit_mask(mask: Image.Image | None, size: tuple[int, int], fit: str) -> Image.Image | None:
+    """A mask drawn over the picture, brought to the generation size the way the picture is (crop, resize or pad)."""
+    if mask is None:
+        return None
+    fitted, box = conditions.fit_image(mask.convert("L"), size, fit, resample=Image.Resampling.BILINEAR)
+    canvas = Image.new("L", size, 0)
+    canvas.paste(fitted, box[:2])
+    return canvas
+
+
+def builtin_model_notice(state: AppState, picture: str | None) -> str:
+    """One line when the built-in tiny model meets a picture of its own (not a shipped Shapes example)."""
+    if picture is None or state.manager.source is None or state.manager.source.kind != "builtin":
+        return ""
+    if Path(picture).name in {Path(example).name for example in example_pictures(state)}:
+        return ""
+    return (
+        f"**Note:** the built-in tiny model draws only Shapes-world scenes ({', '.join(SHAPES)} in {len(COLORS)} colours on plain "
+        "backgrounds, 128 px), so a photo's edges and colours come out as such shapes. For photos, load a real Stable Diffusion "
+        "model in the Model tab (a diffusers folder, a .safetensors file or a hub id)."
+    )
 
 
 def load_picture(path: str | None) -> Image.Image | None:
@@ -136,7 +172,7 @@ def build(state: AppState) -> ControlTab:
                 scheduler = gr.Dropdown(list(SCHEDULERS), value="DDIM", label="Scheduler")
             normalise = gr.Checkbox(False, label="Normalise α (Σα = 1, as in the paper)")
             generate_button = gr.Button("Generate with conditions", variant="primary", elem_id="control-generate-button")
-            gallery = gr.Gallery(label="Results", format="png", columns=2, height=300, interactive=False, elem_id="control-gallery")
+            gallery = gr.Gallery(label="Results", format="png", columns=2, height=300, object_fit="contain", interactive=False, elem_id="control-gallery")
             info = gr.Markdown()
 
     groups, previews, params, settings = {}, {}, {}, {}
@@ -150,10 +186,17 @@ def build(state: AppState) -> ControlTab:
                     for param in spec.params:
                         params[f"{kind}_{param.name}"] = _param_control(kind, param)
                 with gr.Column():
-                    settings[f"{kind}_tuner"] = gr.Dropdown(state.tuner_names("csc", kind), value=None, label="CSC tuner", allow_custom_value=True)
+                    settings[f"{kind}_tuner"] = gr.Dropdown(state.tuner_names("csc", kind), value=state.default_tuner(kind), label="CSC tuner", allow_custom_value=True)
                     settings[f"{kind}_alpha"] = gr.Slider(0, 2, value=1.0, step=0.05, label="α")
                     settings[f"{kind}_start"] = gr.Slider(0, 1, value=0.0, step=0.05, label="active from (fraction of steps)")
                     settings[f"{kind}_end"] = gr.Slider(0, 1, value=1.0, step=0.05, label="active until")
+                    settings[f"{kind}_skips"] = gr.Dropdown(list(SKIP_WEIGHT_PRESETS), value="all skips", label="skips (per-skip α)",
+                                                            info="outer: full-resolution skips (fine detail); inner: the coarser ones (layout)")
+            with gr.Accordion(f"{kind}: region (spatial α map)", open=False):
+                settings[f"{kind}_region"] = readable_upload(gr.ImageEditor(
+                    label="Paint where this condition applies, or upload a mask (white = full α); empty: everywhere", type="pil",
+                    sources=["upload"], layers=False, brush=gr.Brush(colors=["#ffffff"], color_mode="fixed"), transforms=(), height=260,
+                ), f"{kind} region")
 
     with gr.Accordion("Interpolate between two pictures (paper Fig. 9b)", open=False):
         with gr.Row():
@@ -164,12 +207,14 @@ def build(state: AppState) -> ControlTab:
                 blend = gr.Slider(0, 1, value=0.5, step=0.05, label="Blend towards the second picture (used by Generate)")
                 strip_length = gr.Slider(2, 8, value=4, step=1, label="Images in the strip")
                 interpolate_button = gr.Button("Generate the strip")
-        strip = gr.Gallery(label="Interpolation strip", format="png", columns=8, rows=1, height=200, interactive=False)
+        strip = gr.Gallery(label="Interpolation strip", format="png", columns=8, rows=1, height=200, object_fit="contain", interactive=False)
 
     examples = example_pictures(state)
     gr.Examples([[path, _example_prompt(path)] for path in examples], inputs=[picture, prompt], label="Example pictures")
 
-    def rows_from(kinds: list[str] | None, values: dict[str, Any]) -> list[ConditionRow]:
+    def rows_from(
+        kinds: list[str] | None, values: dict[str, Any], picture: Image.Image | None = None, size: tuple[int, int] = (0, 0), fit: str = "crop",
+    ) -> list[ConditionRow]:
         rows = []
         for kind in kinds or []:
             if kind not in CONDITION_KINDS:
@@ -180,9 +225,14 @@ def build(state: AppState) -> ControlTab:
             if kind == "inpaint":
                 raw["seed"] = whole_number("random mask seed", raw["seed"])
             tuner = values.get(f"{kind}_tuner")
+            preset = values.get(f"{kind}_skips") or "all skips"
+            if preset not in SKIP_WEIGHT_PRESETS:
+                raise UserInputError(f"unknown skips preset {preset!r}; choose one of: {', '.join(SKIP_WEIGHT_PRESETS)}")
             rows.append(ConditionRow(
                 kind, raw, state.library.find(tuner) if tuner else None, values.get(f"{kind}_alpha", 1.0),
                 (float(values.get(f"{kind}_start", 0.0)), float(values.get(f"{kind}_end", 1.0))),
+                mask=fit_mask(region_mask(values.get(f"{kind}_region"), picture), size, fit),
+                skip_weights=None if preset == "all skips" else skip_weight_preset(state.manager.editor.layout, preset),
             ))
         return rows
 
@@ -214,8 +264,9 @@ def build(state: AppState) -> ControlTab:
     ) -> list:
         """Generate with one CSC tuner per chosen condition; returns the images, a summary and every condition image."""
         base = base_request(prompt, negative_prompt, seed, steps, guidance, width, height, scheduler)
-        rows = rows_from(condition_types, row_values)
-        request, extracted = use_cases.with_controls(base, load_picture(picture), rows, fit, normalise_alpha, load_picture(second_picture), blend, _stage_progress(progress))
+        image = load_picture(picture)
+        rows = rows_from(condition_types, row_values, image, (base.width, base.height), fit)
+        request, extracted = use_cases.with_controls(base, image, rows, fit, normalise_alpha, load_picture(second_picture), blend, _stage_progress(progress))
         result = state.manager.generate(request, progress=lambda s, n: progress((s, n), desc="denoising", unit="steps"))
         paths = state.save_outputs(result.images, f"control-seed{request.seed}")
         return [paths, describe_result(request, result.seconds, result.notices), *preview_outputs(extracted)]
@@ -230,8 +281,9 @@ def build(state: AppState) -> ControlTab:
         base = base_request(prompt, negative_prompt, seed, steps, guidance, width, height, scheduler)
         if second_picture is None:
             raise UserInputError("add a second picture to interpolate towards")
-        rows = rows_from(condition_types, row_values)
-        request, _ = use_cases.with_controls(base, load_picture(picture), rows, fit, normalise_alpha, load_picture(second_picture))
+        image = load_picture(picture)
+        rows = rows_from(condition_types, row_values, image, (base.width, base.height), fit)
+        request, _ = use_cases.with_controls(base, image, rows, fit, normalise_alpha, load_picture(second_picture))
         return interpolation_gallery(state, request, whole_number("images in the strip", strip_length), progress)
 
     param_inputs = dict(params)
@@ -260,6 +312,9 @@ def build(state: AppState) -> ControlTab:
         image = load_picture(picture)
         return {"background": image, "layers": [], "composite": image} if image is not None else None
 
-    picture.change(to_mask_editor, picture, mask_editor, api_name="picture_to_mask_editor", api_visibility="private")
+    region_editors = [settings[f"{kind}_region"] for kind in KINDS]
+    picture.change(lambda p: [to_mask_editor(p)] * (1 + len(region_editors)), picture, [mask_editor, *region_editors],
+                   api_name="picture_to_mask_editor", api_visibility="private")
+    picture.upload(lambda p: builtin_model_notice(state, p), picture, info, api_name="builtin_model_notice", api_visibility="private", queue=False)
     return ControlTab(picture, kinds, prompt, negative, seed, steps, guidance, width, height, scheduler,
                       {kind: settings[f"{kind}_tuner"] for kind in KINDS})

@@ -121,7 +121,7 @@ def build(state: AppState) -> GenerateTab:
                         scales.append(gr.Slider(-2, 2, value=1.0, step=0.05, label="Scale", scale=1))
             button = gr.Button("Generate", variant="primary", elem_id="generate-button")
         with gr.Column(scale=3):
-            gallery = gr.Gallery(label="Images (PNG with settings)", format="png", columns=2, height=620, interactive=False, elem_id="generate-gallery")
+            gallery = gr.Gallery(label="Images (PNG with settings)", format="png", columns=2, height=620, object_fit="contain", interactive=False, elem_id="generate-gallery")
             info = gr.Markdown(elem_id="generate-info")
             with gr.Row():
                 send_to_control = gr.Button("Send to Control", size="sm")

@@ -55,3 +55,8 @@ class AppState:
             and (layout is None or entry.fits(layout))
             and (condition is None or entry.metadata.condition_type in (condition, None, "unknown"))
         ]
+
+    def default_tuner(self, condition: str) -> str | None:
+        """The library CSC tuner made for `condition` (first by name) that fits the base: preselected in its condition row."""
+        names = [name for name in self.tuner_names("csc", condition) if self.library.entry(name).metadata.condition_type == condition]
+        return names[0] if names else None

@@ -232,7 +232,7 @@ def build(state: AppState, library_version: gr.State) -> TrainTab:
             progress = gr.HTML(progress_html(None), elem_id="train-progress")
             status = gr.Markdown(elem_id="train-status")
             plot = gr.LinePlot(loss_frame(None), x="step", y="loss", title="Training loss", height=240)
-            previews = gr.Gallery(label="Previews (fixed prompts and seeds)", format="png", columns=4, height=240, interactive=False, elem_id="train-previews")
+            previews = gr.Gallery(label="Previews (fixed prompts and seeds)", format="png", columns=4, height=240, object_fit="contain", interactive=False, elem_id="train-previews")
     timer = gr.Timer(POLL_SECONDS, active=False)
 
     @user_errors

@@ -5,7 +5,10 @@ while the app keeps serving, and saves a screenshot of each tab (the path is pri
 """
 from __future__ import annotations
 
+import os
 import re
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -16,7 +19,7 @@ from app_server import served_app
 from scedit_ui.shapes.world import render_scene, sample_scene
 from tuners import CSCTuner, SkipLayout, TunerMetadata, save_tuner
 
-CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_NAMES = ("chromium", "chromium-browser")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--no-first-run"]
 TIMEOUT_MS = 120_000
 
@@ -31,14 +34,34 @@ def app_url(random_sd_folder, tmp_path_factory):
         yield server.url
 
 
+def find_chromium() -> str | None:
+    found = (shutil.which(name) for name in CHROMIUM_NAMES)
+    return next((path for path in found if path), None)
+
+
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    """The system Chromium; as root on Debian/Ubuntu it is installed on first use (apt-get), so the README's one
+    test command passes on a fresh machine."""
+    path = find_chromium()
+    if path is None and os.geteuid() == 0 and shutil.which("apt-get"):
+        environment = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        for command in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", "chromium"]):
+            done = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=900)
+            if done.returncode:
+                pytest.fail(f"could not install chromium for the browser tests ({' '.join(command)}: {done.stderr.strip()[-300:]})")
+        path = find_chromium()
+    if path is None:
+        pytest.fail("the browser tests need Chromium: install Debian's package (sudo apt-get install -y chromium) and run pytest again")
+    return path
+
+
 @pytest.fixture(scope="module")
-def page(app_url):
-    if not CHROMIUM.is_file():
-        pytest.fail(f"{CHROMIUM} is missing: the browser tests need Debian's chromium package (apt-get install -y chromium)")
+def page(app_url, chromium):
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        browser = playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1280, "height": 1000})
         page.set_default_timeout(TIMEOUT_MS)
         page.goto(app_url)
@@ -126,6 +149,16 @@ def test_skip_tuning_tab_compares_plain_and_edited(page, shots):
     page.click("#compare-button")
     page.locator("#skip-edited img").first.wait_for()
     page.screenshot(path=shots / "3-skip-tuning.png", full_page=True)
+
+
+def test_compare_tab_draws_a_grid(page, shots):
+    open_tab(page, "Compare")
+    page.fill("#compare-prompt textarea", "a red circle at the top left on a blue background")
+    set_number(page, "compare-steps", 2)
+    page.click("#compare-run")
+    page.locator("#compare-grid img").first.wait_for()
+    wait_for_text(page, "#compare-info", "3 images")
+    page.screenshot(path=shots / "3-compare.png", full_page=True)
 
 
 def test_train_tab_runs_a_short_training(page, shots):

@@ -68,7 +68,7 @@ def build(state: AppState) -> CompareTab:
             negative = gr.Textbox(label="Negative prompt")
             with gr.Row():
                 seed = gr.Number(label="Seed (-1 = random)", value=-1, precision=0, minimum=-1, maximum=MAX_SEED)
-                steps = gr.Slider(1, 150, value=20, step=1, label="Steps")
+                steps = gr.Slider(1, 150, value=20, step=1, label="Steps", elem_id="compare-steps")
                 guidance = gr.Slider(0, 30, value=5.0, step=0.5, label="Guidance")
             with gr.Row():
                 width = gr.Slider(64, 2048, value=native, step=8, label="Width")
@@ -99,7 +99,7 @@ def build(state: AppState) -> CompareTab:
             grid_image = gr.Image(label="Grid", format="png", interactive=False, elem_id="compare-grid")
             cells = gr.Gallery(label="Cells", format="png", columns=4, height="auto", object_fit="contain", interactive=False)
             files = gr.File(label="Grid and cells (PNG with their settings)", file_count="multiple", interactive=False)
-            info = gr.Markdown()
+            info = gr.Markdown(elem_id="compare-info")
 
     @user_errors
     def compare(

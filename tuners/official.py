@@ -246,7 +246,7 @@ def _condition_type(checkpoint: OfficialCheckpoint) -> str:
     for key in ("condition_type", "CONTROL_TYPE"):
         if isinstance(checkpoint.config.get(key), str):
             return checkpoint.config[key]
-    for part in reversed(checkpoint.weights_file.parts[:-1]):
+    for part in checkpoint.weights_file.parts[-3:-1]:  # its folder and the one above (canny_control/0_SwiftSCETuning)
         for word in _CONDITION_WORDS:
             if word in part.lower():
                 return word

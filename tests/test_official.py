@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import save_file
 
+from scedit_ui.errors import UserInputError
 from tuners import (
     ControlCondition,
     CSCTuner,
@@ -30,7 +31,6 @@ from tuners import (
     import_official,
 )
 from tuners.official import official_state_dict
-from scedit_ui.errors import UserInputError
 from tuners.reference_configs import REFERENCE_UNET_CONFIGS
 
 # -- SCEPTER's modules ---------------------------------------------------------------------------

@@ -10,6 +10,7 @@ import torch.nn as nn
 from tuners.layout import SkipShape
 from tuners.sc_tuner import SkipAdapter, mid_width
 
+
 def hint_widths(out_channels: int = 256, dim_ratio: float = 1.0) -> tuple[int, ...]:
     """Output widths of the hint encoder's seven convs, as the reference builds them from
     PRE_HINT_OUT_CHANNELS and PRE_HINT_DIM_RATIO (SD 1.5 / 2.1 controllers: 256, 1.0; SDXL: 320, 2.0)."""

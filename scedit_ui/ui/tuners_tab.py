@@ -4,8 +4,8 @@ from __future__ import annotations
 import json
 import tempfile
 import zipfile
-from pathlib import Path
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import gradio as gr
 

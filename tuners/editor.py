@@ -151,7 +151,7 @@ class SkipEditor:
     Attach before `torch.compile`: hooks registered after compiling are ignored.
     """
 
-    def __init__(self, unet: nn.Module, num_train_timesteps: int = 1000) -> None:
+    def __init__(self, unet: nn.Module) -> None:
         self.unet = unet
         self.layout = SkipLayout.from_unet(unet)
         self.cache = FeatureCache()

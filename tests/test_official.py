@@ -391,6 +391,13 @@ def test_export_writes_scepters_layout_and_imports_back_exactly(tmp_path):
     assert next(iter(official_state_dict(sc))) == "model.lsc_identity.0.scetuner_0_SwiftSCETuning.tuner_op.ln1.weight"
 
 
+def test_an_export_for_sd21_is_refused_for_sd15_although_the_skips_match(tmp_path):
+    tuner = SCTuner(layout_of("sd21"), 0.1)
+    export_official(tuner, TunerMetadata.describe(tuner, "sd21"), tmp_path / "sd21-style")
+    with pytest.raises(LayoutMismatchError, match="adapter_model.safetensors was exported for sd21, but the base is sd15; load sd21 first"):
+        import_official(tmp_path / "sd21-style", layout_of("sd15"), "sd15")
+
+
 # -- bad input: one message naming the file and what was expected ---------------------------------
 
 

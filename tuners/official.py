@@ -302,6 +302,10 @@ def import_official(
     `TunerFileError` or `LayoutMismatchError` naming the file and what was expected.
     """
     checkpoint = read_official(path)
+    made_for = checkpoint.studio.base_architecture if checkpoint.studio else None
+    if made_for in REFERENCE_UNET_CONFIGS and base_architecture in REFERENCE_UNET_CONFIGS and made_for != base_architecture:
+        # SD 1.5 and SD 2.1 have the same skips: only the recorded base tells their tuners apart.
+        raise LayoutMismatchError(f"{checkpoint.weights_file.name} was exported for {made_for}, but the base is {base_architecture}; load {made_for} first")
     keys = list(checkpoint.state)
     if any(_SC_IDENTITY.match(k) or _SC_DECODER.match(k) for k in keys):
         tuner: Tuner = _sc_from_official(checkpoint, layout)

@@ -160,24 +160,24 @@ def plot(results: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axis = plt.subplots(figsize=(6.4, 3.6), dpi=120)
+    figure, axis = plt.subplots(figsize=(9, 3.8), dpi=110)
     for result, colour in zip(results, ("tab:red", "tab:blue", "tab:green")):
         scales = [r["scale"] for r in result["sweep"]]
-        axis.plot(scales, [r["style_ratio"] for r in result["sweep"]], "-o", color=colour, label=f"{result['set']}: style / training images")
+        axis.plot(scales, [r["style_ratio"] for r in result["sweep"]], "-o", color=colour, label=f"{result['set']}: style ÷ training pictures'")
         axis.plot(scales, [r["colour_accuracy"] for r in result["sweep"]], "--s", color=colour, label=f"{result['set']}: colour accuracy")
         if "reference" in result:  # drawn at the right edge: the style itself, through the VAE
             edge = max(scales) + 0.25
             axis.plot([edge], [result["reference"]["style_ratio"]], "o", color=colour, markerfacecolor="none")
             axis.plot([edge], [result["reference"]["colour_accuracy"]], "s", color=colour, markerfacecolor="none")
     axis.axhline(0.8, color="grey", linewidth=0.8, linestyle=":")
-    axis.set_xlabel("tuner scale (0 = base model alone; open marks at the right: the style itself through the VAE)")
+    axis.set_xlabel("tuner scale (0: the base alone); open marks at the right: the style itself through the VAE")
     axis.set_ylabel("measured")
     axis.set_ylim(0, 1.1)
-    axis.legend(fontsize=7, loc="lower left")
-    axis.set_title("Few-shot style tuners, default training settings: scale trade-off", fontsize=9)
+    axis.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    axis.set_title("Few-shot style tuners against their scale (targets 0.8, dotted)", fontsize=9)
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path)
+    figure.savefig(path, bbox_inches="tight")
 
 
 def main() -> int:

@@ -1,6 +1,7 @@
 """The checker reads Shapes-world images back: prompts, shapes, background, adherence, styles."""
 
 import random
+import re
 from dataclasses import replace
 
 import cv2
@@ -16,6 +17,7 @@ from scedit_ui.shapes.checker import (
     style_score,
 )
 from scedit_ui.errors import UserInputError
+from scedit_ui.shapes.evaluation import PROMPT_SETS, evaluate_adherence
 from scedit_ui.shapes.world import (
     COLORS,
     SHAPES,
@@ -216,3 +218,28 @@ def test_style_score_separates_styled_from_plain_renders(style):
 def test_style_score_rejects_unknown_styles():
     with pytest.raises(UserInputError, match="choose one of"):
         style_score(Image.new("RGB", (64, 64)), "cubism")
+
+
+@pytest.mark.parametrize("prompts", PROMPT_SETS)
+def test_evaluation_prompt_sets_score_their_own_scenes_as_right(prompts):
+    """A generator that draws exactly the prompted scene scores (near) 1 on every metric the set measures."""
+    split, max_shapes = ("heldout", 3) if prompts == "heldout" else ("any", 1)
+    seen = []
+
+    def draw(prompt: str, seed: int) -> Image.Image:
+        seen.append(prompt)
+        return render_scene(sample_scene(seed, split=split, max_shapes=max_shapes))
+
+    report = evaluate_adherence(draw, n=12, seed=5, prompts=prompts)
+    assert report.color_accuracy == report.shape_accuracy == report.background_accuracy == 1.0
+    assert report.count_accuracy >= 11 / 12
+    if prompts == "plain":
+        assert report.position_accuracy is None
+        assert all(re.fullmatch(r"an? [a-z]+ [a-z]+ on an? [a-z]+ background", p) for p in seen), seen
+    else:
+        assert report.position_accuracy == 1.0 and all(" at the " in p or " in the center" in p for p in seen)
+
+
+def test_evaluation_rejects_an_unknown_prompt_set():
+    with pytest.raises(UserInputError, match="heldout, plain"):
+        evaluate_adherence(lambda prompt, seed: Image.new("RGB", (8, 8)), n=1, prompts="fancy")

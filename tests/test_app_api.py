@@ -186,6 +186,22 @@ def test_alpha_zero_gives_the_plain_image(served):
     assert np.array_equal(pixels(gallery_paths(gallery)[0]), pixels(plain[0]))
 
 
+def test_control_generate_takes_a_region_and_a_per_skip_preset_into_the_request(served, tmp_path):
+    layer = Image.new("RGBA", (128, 128), (0, 0, 0, 0))
+    layer.paste((255, 255, 255, 255), (0, 0, 64, 128))  # the left half painted
+    layer.save(tmp_path / "region.png")
+    picture = handle_file(str(served.pictures[0]))
+    region = {"background": picture, "layers": [handle_file(str(tmp_path / "region.png"))], "composite": picture}
+    gallery, *_ = served.client.predict(**control_arguments(served, canny_region=region, canny_skips="outer skips only"),
+                                        api_name="/control_generate")
+    request, _, _ = request_from_png(Image.open(gallery_paths(gallery)[0]))
+    mask = np.asarray(request.conditions[0].mask)
+    assert mask.shape == (64, 64) and mask[:, :28].min() == 255 and mask[:, 36:].max() == 0
+    assert request.conditions[0].skip_weights == (1.0,) * 3 + (0.0,) * 9
+    with pytest.raises(AppError, match="middle is not in the list of choices"):
+        served.client.predict(**control_arguments(served, canny_skips="middle"), api_name="/control_generate")
+
+
 def test_control_interpolate_gives_a_strip_from_one_picture_to_the_other(served):
     arguments = control_arguments(served, second_picture=handle_file(str(served.pictures[1])), strip_length=3)
     strip = served.client.predict(**arguments, api_name="/control_interpolate")

@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
+from bench.region_mask import two_sided_picture
 from scedit_ui.request import ConditionUse, GenerationRequest, SkipTuningSettings
 from tuners import (
     SKIP_WEIGHT_PRESETS,
@@ -278,3 +279,40 @@ def test_a_masked_condition_changes_pixels_less_outside_its_mask_within_the_meas
     _, state = builtin_app
     result = measure(state.manager, "canny", seed=0, steps=8, size=128)
     assert result["leak"] < LEAK_TOLERANCE and result["miss"] < MISS_TOLERANCE, result
+
+
+# -- the command line ------------------------------------------------------------------------------------------------
+
+
+def test_cli_generate_takes_a_mask_and_per_skip_alpha_per_control(tmp_path, capsys):
+    from scedit_ui.cli import main
+    from scedit_ui.request import read_png_request
+
+    picture, mask = tmp_path / "picture.png", tmp_path / "left.png"
+    two_sided_picture(128).save(picture)
+    Image.fromarray(np.where(np.arange(64)[None, :] < 32, 255, 0).repeat(64, 0).astype(np.uint8), "L").save(mask)
+    out = tmp_path / "out.png"
+    canny = "assets/tuners/canny.safetensors"
+    code = main(["generate", "--prompt", "a yellow circle", "--steps", "2", "--size", "64x64", "--out", str(out),
+                 "--control", f"{canny}:{picture}", "--mask", str(mask), "--skip-alpha", "inner skips only",
+                 "--control", f"{canny}:{picture}:0.5", "--mask", "none"])
+    assert code == 0, capsys.readouterr().err
+    request, _, _ = read_png_request(out)
+    first, second = request.conditions
+    assert np.asarray(first.mask)[:, :30].min() == 255 and np.asarray(first.mask)[:, 34:].max() == 0
+    assert first.skip_weights == (0.0,) * 3 + (1.0,) * 9 and second.mask is None and second.skip_weights is None
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [(["--skip-alpha", "middle"], "--skip-alpha 'middle' is neither a preset"), (["--mask", "a.png", "--mask", "b.png"], "--mask is given 2 times")],
+)
+def test_cli_generate_refuses_bad_composition_options_in_one_line(tmp_path, capsys, extra, message):
+    from scedit_ui.cli import main
+
+    picture = tmp_path / "picture.png"
+    two_sided_picture(128).save(picture)
+    code = main(["generate", "--prompt", "a", "--steps", "2", "--size", "64x64", "--out", str(tmp_path / "o.png"),
+                 "--control", f"assets/tuners/canny.safetensors:{picture}", *extra])
+    error = capsys.readouterr().err
+    assert code == 2 and message in error and error.count("\n") == 1

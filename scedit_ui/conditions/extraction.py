@@ -211,8 +211,6 @@ def _color(image: np.ndarray, ratio: int) -> np.ndarray:
     height, width = image.shape[:2]
     if ratio == 0:  # scale with the size: a fixed 64 px cell left a 128 px image with 2x2 cells
         ratio = max(1, min(height, width) // 8)
-    if ratio == 0:  # scale with the size: a fixed 64 px cell left a 128 px image with 2x2 cells
-        ratio = max(1, min(height, width) // 8)
     small = cv2.resize(image, (max(1, width // ratio), max(1, height // ratio)), interpolation=cv2.INTER_AREA)
     return cv2.resize(small, (width, height), interpolation=cv2.INTER_NEAREST)
 

@@ -24,8 +24,8 @@ FREEU_PRESETS: dict[str, tuple[float, float, float, float]] = {  # s1, s2, b1, b
 MAX_SEED = 2**32 - 1
 # CLIP reads 77 tokens; far longer text is a mistake (or an attack on the tokenizer's time), not a prompt.
 MAX_PROMPT_CHARACTERS = 10_000
-METADATA_KEY = "scedit"
-GRID_METADATA_KEY = "scedit_grid"  # a compare grid's axes; its METADATA_KEY holds the base request
+PNG_RECIPE_KEY = "scedit"
+PNG_GRID_KEY = "scedit_grid"  # a compare grid's axes; its PNG_RECIPE_KEY chunk holds the base request
 
 
 @dataclass(frozen=True)
@@ -209,13 +209,13 @@ def _image_from_text(text: str) -> Image.Image:
 def attach_metadata(image: Image.Image, request: GenerationRequest, index: int, seed: int, model_name: str) -> Image.Image:
     """Put the A1111 `parameters` text and the exact request JSON into `image.info` (kept by PNG saves)."""
     image.info["parameters"] = request.a1111_parameters(seed, model_name)
-    image.info[METADATA_KEY] = json.dumps({"request": json.loads(request.to_json()), "index": index, "model": model_name})
+    image.info[PNG_RECIPE_KEY] = json.dumps({"request": json.loads(request.to_json()), "index": index, "model": model_name})
     return image
 
 
 def png_info(image: Image.Image) -> PngInfo:
     info = PngInfo()
-    for key in ("parameters", METADATA_KEY, GRID_METADATA_KEY):
+    for key in ("parameters", PNG_RECIPE_KEY, PNG_GRID_KEY):
         if key in image.info:
             info.add_text(key, image.info[key])
     return info
@@ -227,7 +227,7 @@ def save_png(image: Image.Image, path: str) -> None:
 
 def request_from_png(image: Image.Image) -> tuple[GenerationRequest, int, str]:
     """The request, image index in its batch and model name stored in a generated PNG."""
-    text = image.info.get(METADATA_KEY)
+    text = image.info.get(PNG_RECIPE_KEY)
     if not text:
         raise UserInputError("this image carries no SCEdit Studio metadata (was it saved as PNG by this app?)")
     # The text may have been edited or damaged: anything unexpected in it is one clear error.

@@ -18,8 +18,8 @@ from scedit_ui import conditions
 from scedit_ui.errors import UserInputError
 from scedit_ui.model_manager import GenerationResult, ProgressCallback
 from scedit_ui.request import (
-    GRID_METADATA_KEY,
-    METADATA_KEY,
+    PNG_GRID_KEY,
+    PNG_RECIPE_KEY,
     SCHEDULERS,
     ConditionUse,
     GenerationRequest,
@@ -263,9 +263,9 @@ def run_grid(
         images.append(generate(cell, progress=step, cancel=cancel).images[0])
         done += cell.steps
     grid = draw_grid(images, axes)
-    model = json.loads(images[0].info[METADATA_KEY])["model"]
+    model = json.loads(images[0].info[PNG_RECIPE_KEY])["model"]
     attach_metadata(grid, replace(request, batch_size=1), 0, request.seed, model)
-    grid.info[GRID_METADATA_KEY] = json.dumps({"axes": [{"kind": a.kind, "values": list(a.values), "target": a.target} for a in axes]})
+    grid.info[PNG_GRID_KEY] = json.dumps({"axes": [{"kind": a.kind, "values": list(a.values), "target": a.target} for a in axes]})
     grid.info["parameters"] += "\nGrid: " + "; ".join(f"{name}: {a.kind} = {', '.join(a.label(v) for v in a.values)}" for name, a in zip("XYZ", axes))
     return GridResult(grid, images, [labels for _, labels in cells])
 

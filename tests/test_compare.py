@@ -11,7 +11,7 @@ from PIL import Image
 
 from scedit_ui.errors import UserInputError
 from scedit_ui.model_manager import GenerationCancelled, ModelManager
-from scedit_ui.request import GRID_METADATA_KEY, ConditionUse, GenerationRequest, TunerUse, read_png_request
+from scedit_ui.request import PNG_GRID_KEY, ConditionUse, GenerationRequest, TunerUse, read_png_request
 from scedit_ui.use_cases import GridAxis, grid_requests, parse_axis, run_grid, save_grid
 from tuners import CSCTuner
 
@@ -113,7 +113,7 @@ def test_a_grid_computes_the_condition_features_once_and_labels_every_cell(tiny,
     cell_request, _, _ = read_png_request(paths[1 + 6])  # image 6: x = 0, y = 1, z = 1
     assert (cell_request.conditions[0].alpha, cell_request.sc_tuners[0].scale, cell_request.guidance) == (0.5, 1.0, 6.0)
     with Image.open(paths[0]) as saved:
-        assert '"kind": "CSC \\u03b1"' in saved.info[GRID_METADATA_KEY] and "Grid: X: CSC α" in saved.info["parameters"]
+        assert '"kind": "CSC \\u03b1"' in saved.info[PNG_GRID_KEY] and "Grid: X: CSC α" in saved.info["parameters"]
 
 
 def test_each_cell_equals_the_same_request_generated_alone(tiny):

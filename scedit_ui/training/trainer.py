@@ -383,6 +383,8 @@ class TunerTrainer:
             summary["condition_params"] = dict(config.condition_params)
         if config.remove_words:
             summary["removed_words"] = list(config.remove_words)
+        if config.kind == "sc":
+            summary["preserve_base_above"] = config.preserve_base_above
         return TunerMetadata.describe(self.tuner, self.base_architecture, trigger_word=config.trigger, training=summary)
 
 

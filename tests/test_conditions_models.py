@@ -165,6 +165,16 @@ def test_weights_load_from_the_environment_folder(tmp_path, monkeypatch):
     assert extract_condition(picture(), "seg", (48, 48), **FAST).size == (48, 48)
 
 
+def test_the_segmenter_uses_the_image_processor_saved_with_its_weights(tmp_path):
+    from transformers import SegformerImageProcessor
+
+    tiny_segformer().save_pretrained(tmp_path / SEGFORMER)
+    SegformerImageProcessor(image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5]).save_pretrained(tmp_path / SEGFORMER)
+    annotators.set_annotators_dir(tmp_path)
+    assert extract_condition(picture(), "seg", (64, 64), **FAST).size == (64, 64)
+    assert list(annotators.annotator_model(SEGFORMER).processor.image_mean) == [0.5, 0.5, 0.5]
+
+
 def test_a_corrupt_weight_file_is_reported_not_raised_as_a_traceback(tmp_path):
     (tmp_path / "ControlNetHED.pth").write_bytes(b"not a checkpoint")
     annotators.set_annotators_dir(tmp_path)

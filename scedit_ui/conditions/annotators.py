@@ -41,8 +41,6 @@ logger = logging.getLogger(__name__)
 ANNOTATORS_ENV = "SCEDIT_ANNOTATORS"
 HUB_TIMEOUT_S = 10.0
 HUB_PROBE_TIMEOUT_S = 3.0
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # Errors a weight file that is truncated, of the wrong model or not a checkpoint at all can raise on load.
 _LOAD_ERRORS = (OSError, RuntimeError, ValueError, KeyError, EOFError, pickle.UnpicklingError)
@@ -287,10 +285,12 @@ def _build_openpose_part(part: str) -> Callable[[list[Path]], Any]:
 
 
 def _build_segmenter(paths: list[Path]) -> Any:
-    from transformers import AutoModelForSemanticSegmentation
+    from transformers import AutoImageProcessor, AutoModelForSemanticSegmentation
 
-    model = AutoModelForSemanticSegmentation.from_pretrained(paths[0].parent, local_files_only=True)
-    return SemanticSegmenter(model.eval())
+    folder = paths[0].parent
+    model = AutoModelForSemanticSegmentation.from_pretrained(folder, local_files_only=True)
+    processor = AutoImageProcessor.from_pretrained(folder, local_files_only=True) if (folder / "preprocessor_config.json").is_file() else None
+    return SemanticSegmenter(model.eval(), processor)
 
 
 _ANNOTATORS_REPO = "lllyasviel/Annotators"
@@ -330,12 +330,15 @@ class SemanticSegmenter:
     """A transformers semantic-segmentation model whose label map is drawn with the ADE20K palette.
 
     ControlNet's segmentation conditions use the same palette, so its seg maps are interchangeable.
+    Pre- and post-processing are the model's own transformers image processor.
     """
 
-    def __init__(self, model: Any, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD):
+    def __init__(self, model: Any, processor: Any = None):
+        from transformers import SegformerImageProcessor
+
         self.model = model
-        self.mean = np.asarray(mean, dtype=np.float32)
-        self.std = np.asarray(std, dtype=np.float32)
+        # The ADE20K segmenters offered (SegFormer, UperNet) ship this processor: ImageNet mean and std, no crop.
+        self.processor = processor if processor is not None else SegformerImageProcessor()
 
     def to(self, device: Any) -> SemanticSegmenter:
         self.model.to(device)
@@ -343,22 +346,19 @@ class SemanticSegmenter:
 
     def __call__(self, image: np.ndarray, detect_resolution: int = 512) -> np.ndarray:
         """RGB uint8 HxWx3 in, palette colour map of the same size out."""
-        import cv2
         import torch
 
         height, width = image.shape[:2]
         scale = detect_resolution / min(height, width)
         # Multiples of 32 suit every backbone's down-sampling (ConvNeXt, MiT).
         detect_w, detect_h = (max(32, int(round(side * scale / 32)) * 32) for side in (width, height))
-        resized = cv2.resize(image, (detect_w, detect_h), interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_CUBIC)
-        pixels = (resized.astype(np.float32) / 255.0 - self.mean) / self.std
+        inputs = self.processor(images=image, size={"height": detect_h, "width": detect_w}, return_tensors="pt")
         parameter = next(self.model.parameters())
-        tensor = torch.from_numpy(pixels.transpose(2, 0, 1)[None].copy()).to(parameter.device, parameter.dtype)
         with torch.no_grad():
-            logits = self.model(pixel_values=tensor).logits
-            logits = torch.nn.functional.interpolate(logits.float(), size=(height, width), mode="bilinear", align_corners=False)
-            labels = logits.argmax(dim=1)[0].cpu().numpy()
-        return ade_palette(logits.shape[1])[labels]
+            outputs = self.model(pixel_values=inputs.pixel_values.to(parameter.device, parameter.dtype))
+        outputs.logits = outputs.logits.float()
+        labels = self.processor.post_process_semantic_segmentation(outputs, target_sizes=[(height, width)])[0]
+        return ade_palette(self.model.config.num_labels)[labels.cpu().numpy()]
 
 
 def ade_palette(num_labels: int = 150) -> np.ndarray:

@@ -151,6 +151,8 @@ class TunerTrainer:
         return self.config.work / CHECKPOINT_NAME
 
     def _save_checkpoint(self, step: int, loss: float, seconds: float) -> Path:
+        # One file written atomically, not Accelerate's save_state: that writes a folder of files in place, so a
+        # kill during a save could leave a checkpoint that neither resumes nor can be told apart from a good one.
         state = {
             "step": step,
             "loss": loss,

@@ -155,7 +155,7 @@ class _Killed(Exception):
 
 
 def test_vae_stage_resumes_to_identical_weights(tmp_path, monkeypatch):
-    cfg = tiny_model.TrainConfig(
+    cfg = tiny_model.TinyModelConfig(
         vae_crop_steps=2, vae_full_steps=2, vae_crop_batch=2, vae_full_batch=1, checkpoint_every=2, round_trip_scenes=2
     )
     cpu = torch.device("cpu")
@@ -191,7 +191,7 @@ def test_vae_stage_sees_every_style_and_the_cache_only_the_base_styles(tmp_path,
         return real_scenes(seeds, styles)
 
     monkeypatch.setattr(tiny_model, "_scenes", recording)
-    cfg = tiny_model.TrainConfig(
+    cfg = tiny_model.TinyModelConfig(
         vae_crop_steps=6, vae_full_steps=0, vae_crop_batch=8, vae_styled_fraction=0.9, checkpoint_every=100,
         round_trip_scenes=1, cache_scenes=40, cache_chunk=40, base_styled_fraction=0.9,
     )
@@ -217,8 +217,8 @@ def test_training_captions_are_free_form_and_fixed_by_step():
     assert {parse_prompt(c).background for c in first} == {s.background for s in scenes}
 
 
-def _tiny_run(init: str | None = None, **kw) -> tiny_model.TrainConfig:
-    return tiny_model.TrainConfig(
+def _tiny_run(init: str | None = None, **kw) -> tiny_model.TinyModelConfig:
+    return tiny_model.TinyModelConfig(
         init=init, latent_channels=4, cache_scenes=8, cache_chunk=8, unet_steps=4, unet_batch=2, unet_warmup=1,
         checkpoint_every=2, eval_prompts=0, **kw,
     )
@@ -263,7 +263,7 @@ def test_a_work_folder_refuses_another_configuration(tmp_path):
 def test_set_overrides_convert_to_the_field_types():
     overrides = tiny_model._parse_overrides(["unet_steps=600", "unet_lr=2e-4", "init=assets/tiny-sd"])
     assert overrides == {"unet_steps": 600, "unet_lr": 2e-4, "init": "assets/tiny-sd"}
-    with pytest.raises(UserInputError, match="TrainConfig field"):
+    with pytest.raises(UserInputError, match="TinyModelConfig field"):
         tiny_model._parse_overrides(["unet_stepz=600"])
     with pytest.raises(UserInputError, match="unet_steps"):
         tiny_model._parse_overrides(["unet_steps=many"])
@@ -273,4 +273,4 @@ def test_init_must_be_a_model_folder(tmp_path):
     (tmp_path / "tokenizer").mkdir()
     (tmp_path / "tokenizer" / "vocab.json").write_text("{}")
     with pytest.raises(UserInputError, match="model_index.json"):
-        tiny_model.train(tmp_path / "work", tmp_path / "out", tiny_model.TrainConfig(init=str(tmp_path)), threads=1)
+        tiny_model.train(tmp_path / "work", tmp_path / "out", tiny_model.TinyModelConfig(init=str(tmp_path)), threads=1)

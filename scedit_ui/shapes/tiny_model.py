@@ -19,7 +19,7 @@ resumable stages, each checkpointed atomically under a work directory::
    captions written afresh at every step (the EMA weights are exported and scored).
 
 ``--init FOLDER`` starts stage 3 from an existing model folder (its VAE is kept, stage 1 is skipped);
-``--set name=value`` overrides any :class:`TrainConfig` field. Kill it at any time and rerun the same
+``--set name=value`` overrides any :class:`TinyModelConfig` field. Kill it at any time and rerun the same
 command: it continues from the last checkpoint.
 """
 
@@ -269,7 +269,7 @@ def tokenize(tokenizer: CLIPTokenizer, prompts: Sequence[str]) -> torch.Tensor:
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TinyModelConfig:
     """Everything that determines the trained weights (with the Shapes world and the seed).
 
     ``train --set name=value`` overrides any field, e.g. to size a run to the machine.
@@ -320,7 +320,7 @@ EVAL_STEPS = 20
 EVAL_GUIDANCE = 5.0
 
 
-def pick_device(threads: int = 2) -> torch.device:
+def training_device(threads: int = 2) -> torch.device:
     """CUDA when present, else the CPU with ``threads`` threads.
 
     On a CPU shared with other busy processes one thread is several times faster than two:
@@ -376,7 +376,7 @@ def _to_images(batch: torch.Tensor) -> list[Image.Image]:
 
 
 def _vae_loss(
-    vae: AutoencoderKL, images: torch.Tensor, weight: torch.Tensor, cfg: TrainConfig, generator: torch.Generator
+    vae: AutoencoderKL, images: torch.Tensor, weight: torch.Tensor, cfg: TinyModelConfig, generator: torch.Generator
 ) -> torch.Tensor:
     posterior = vae.encode(images).latent_dist
     noise = torch.randn(posterior.mean.shape, generator=generator).to(images.device)
@@ -402,7 +402,7 @@ def vae_round_trip(vae: AutoencoderKL, n: int, device: torch.device) -> dict[str
     return {f: float(np.mean([float(getattr(s, f)) for s in scores])) for f in fields}
 
 
-def train_vae(work: Path, cfg: TrainConfig, device: torch.device) -> AutoencoderKL:
+def train_vae(work: Path, cfg: TinyModelConfig, device: torch.device) -> AutoencoderKL:
     """Stage 1. Returns the trained VAE (scaling factor still 1); resumes from ``work/vae.pt``.
 
     Plain and styled scenes (every style): the encoder must read the base styles the UNet learns and
@@ -483,7 +483,7 @@ class LatentCache:
 
 
 @torch.no_grad()
-def cache_latents(work: Path, vae: AutoencoderKL, cfg: TrainConfig, device: torch.device) -> LatentCache:
+def cache_latents(work: Path, vae: AutoencoderKL, cfg: TinyModelConfig, device: torch.device) -> LatentCache:
     """Stage 2. Encodes ``cfg.cache_scenes`` training scenes, ``cfg.base_styled_fraction`` of them in a base style.
 
     A fresh VAE (scaling factor 1) gets 1 / std of the latents as its scaling factor; a VAE from ``--init``
@@ -534,7 +534,7 @@ def train_unet(
     unet: UNet2DConditionModel,
     text_encoder: CLIPTextModel,
     cache: LatentCache,
-    cfg: TrainConfig,
+    cfg: TinyModelConfig,
     device: torch.device,
 ) -> None:
     """Stage 3: UNet and text encoder jointly (epsilon, Min-SNR-gamma, offset noise, caption dropout), resumable.
@@ -654,7 +654,7 @@ def evaluate_export(out: Path, n: int, work: Path, tag: str) -> None:
 # ---------------------------------------------------------------------------- all stages
 
 
-def _claim_work_folder(work: Path, cfg: TrainConfig) -> Path:
+def _claim_work_folder(work: Path, cfg: TinyModelConfig) -> Path:
     """``work``, created and stamped with ``cfg``; a folder of a run with another configuration is refused."""
     work = Path(work)
     work.mkdir(parents=True, exist_ok=True)
@@ -671,7 +671,7 @@ def _load_init(init: Path) -> StableDiffusionPipeline:
     return StableDiffusionPipeline.from_pretrained(init, dtype=torch.float32, safety_checker=None)
 
 
-def train(work: Path, out: Path, cfg: TrainConfig = TrainConfig(), threads: int = 2) -> None:
+def train(work: Path, out: Path, cfg: TinyModelConfig = TinyModelConfig(), threads: int = 2) -> None:
     """Run (or resume) every stage; the tokenizer must already be in ``out/tokenizer`` (or in ``cfg.init``)."""
     init = _load_init(Path(cfg.init)) if cfg.init else None
     if init is not None:
@@ -687,7 +687,7 @@ def train(work: Path, out: Path, cfg: TrainConfig = TrainConfig(), threads: int 
             )
         tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
     work = _claim_work_folder(work, cfg)
-    device = pick_device(threads)
+    device = training_device(threads)
     logger.info("training on %s (%d CPU threads) with %s", device, torch.get_num_threads(), cfg)
     t0 = time.time()
     if init is not None:
@@ -707,13 +707,13 @@ def train(work: Path, out: Path, cfg: TrainConfig = TrainConfig(), threads: int 
 
 
 def _parse_overrides(items: Sequence[str]) -> dict:
-    """``name=value`` pairs for :class:`TrainConfig`, each value converted to the field's type."""
-    types = {f.name: f.type for f in fields(TrainConfig)}
+    """``name=value`` pairs for :class:`TinyModelConfig`, each value converted to the field's type."""
+    types = {f.name: f.type for f in fields(TinyModelConfig)}
     out = {}
     for item in items:
         name, sep, value = item.partition("=")
         if not sep or name not in types:
-            raise UserInputError(f"--set {item!r}: write name=value with a TrainConfig field ({', '.join(types)}).")
+            raise UserInputError(f"--set {item!r}: write name=value with a TinyModelConfig field ({', '.join(types)}).")
         kind = types[name]
         try:
             out[name] = None if value == "" and "None" in str(kind) else (
@@ -734,7 +734,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_train.add_argument("--work", type=Path, default=DEFAULT_WORK, help="checkpoints, caches, train.log and eval.jsonl")
     p_train.add_argument("--out", type=Path, default=DEFAULT_OUT)
     p_train.add_argument("--init", type=Path, help="start the UNet and text encoder from this model folder, keep its VAE")
-    p_train.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="override a TrainConfig field")
+    p_train.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="override a TinyModelConfig field")
     p_train.add_argument("--threads", type=int, default=2, help="CPU threads (1 is faster on a busy shared CPU)")
     args = parser.parse_args(argv)
 
@@ -750,7 +750,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             overrides = _parse_overrides(args.set)
             if args.init is not None:
                 overrides["init"] = str(args.init)
-            train(args.work, args.out, replace(TrainConfig(), **overrides), threads=args.threads)
+            train(args.work, args.out, replace(TinyModelConfig(), **overrides), threads=args.threads)
     except UserInputError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

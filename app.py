@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from scedit_ui.errors import UserInputError
+from tuners.validation import UserInputError
 
 if TYPE_CHECKING:  # the heavy imports wait until the app is built, so --help answers at once
     import gradio as gr

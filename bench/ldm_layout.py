@@ -8,7 +8,6 @@ import re
 
 import torch
 
-
 # =================#
 # UNet Conversion #
 # =================#

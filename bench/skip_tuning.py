@@ -22,9 +22,9 @@ import _common  # noqa: E402
 
 _common.set_threads()
 
-from scedit_ui.use_cases import measure_adherence  # noqa: E402
 from scedit_ui.model_manager import ModelManager  # noqa: E402
 from scedit_ui.request import GenerationRequest, SkipTuningSettings  # noqa: E402
+from scedit_ui.use_cases import measure_adherence  # noqa: E402
 
 ACCURACIES = ("color_accuracy", "shape_accuracy", "position_accuracy", "count_accuracy", "background_accuracy")
 

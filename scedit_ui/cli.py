@@ -10,7 +10,7 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 
-from scedit_ui.errors import UserInputError
+from tuners.validation import UserInputError
 
 Handler = Callable[[argparse.Namespace], int]
 

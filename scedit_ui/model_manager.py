@@ -28,13 +28,13 @@ from PIL import Image
 from safetensors import safe_open
 
 from scedit_ui.conditions import normalize_image
-from scedit_ui.errors import UserInputError
 from scedit_ui.hub import hub_offline
 from scedit_ui.request import FREEU_PRESETS, GenerationRequest, attach_metadata
 from tuners import ControlCondition, SkipEditor, SkipScaling, TunerFileError, load_tuner
 from tuners.io import Tuner
 from tuners.layout import LayoutMismatchError
 from tuners.reference_configs import guess_architecture
+from tuners.validation import UserInputError
 
 logger = logging.getLogger(__name__)
 

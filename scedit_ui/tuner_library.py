@@ -17,13 +17,13 @@ import huggingface_hub
 from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 from safetensors import SafetensorError, safe_open
 
-from scedit_ui.errors import UserInputError
 from scedit_ui.hub import hub_offline
 from scedit_ui.model_manager import ASSETS
 from tuners import LayoutMismatchError, SkipLayout, TunerFileError, TunerMetadata, load_tuner, read_metadata, save_tuner
 from tuners.io import METADATA_KEY, Tuner, atomic_write
 from tuners.official import OFFICIAL_FILES, export_official, import_official
 from tuners.reference_configs import REFERENCE_UNET_CONFIGS
+from tuners.validation import UserInputError
 
 SHIPPED_TUNERS = ASSETS / "tuners"
 OFFICIAL_REPO = "scepter-studio/scepter_scedit"  # the SCEdit release on the Hugging Face Hub

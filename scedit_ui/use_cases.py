@@ -15,7 +15,6 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from scedit_ui import conditions
-from scedit_ui.errors import UserInputError
 from scedit_ui.model_manager import GenerationResult, ProgressCallback
 from scedit_ui.request import (
     PNG_GRID_KEY,
@@ -28,6 +27,7 @@ from scedit_ui.request import (
     save_png,
 )
 from scedit_ui.shapes.evaluation import AdherenceReport, evaluate_adherence
+from tuners.validation import UserInputError
 
 Generate = Callable[..., GenerationResult]  # ModelManager.generate(request, progress=None, cancel=None)
 StageProgress = Callable[[int, int, str], None]  # (done, total, what)

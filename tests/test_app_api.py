@@ -9,17 +9,17 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from app_server import served_app
 from diffusers import UNet2DConditionModel
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from PIL import Image
 
 import app
-from app_server import served_app
-from scedit_ui.errors import UserInputError
 from scedit_ui.request import request_from_png
 from scedit_ui.shapes.world import render_scene, sample_scene
 from tuners import CSCTuner, SCTuner, SkipLayout, TunerMetadata, save_tuner
+from tuners.validation import UserInputError
 
 FAST = dict(steps=2, guidance=5.0, width=64, height=64, scheduler="DDIM")
 PROMPT = "a red circle at the top left on a blue background"

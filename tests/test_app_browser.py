@@ -12,10 +12,10 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from app_server import served_app
 from diffusers import UNet2DConditionModel
 from PIL import Image
 
-from app_server import served_app
 from scedit_ui.shapes.world import render_scene, sample_scene
 from tuners import CSCTuner, SkipLayout, TunerMetadata, save_tuner
 

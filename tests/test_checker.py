@@ -16,7 +16,6 @@ from scedit_ui.shapes.checker import (
     score_adherence,
     style_score,
 )
-from scedit_ui.errors import UserInputError
 from scedit_ui.shapes.evaluation import PROMPT_SETS, evaluate_adherence
 from scedit_ui.shapes.world import (
     COLORS,
@@ -28,6 +27,7 @@ from scedit_ui.shapes.world import (
     render_scene,
     sample_scene,
 )
+from tuners.validation import UserInputError
 
 
 def _blur(image: Image.Image, sigma: float, noise: float, seed: int = 0) -> np.ndarray:

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from scedit_ui.errors import UserInputError
 from scedit_ui.model_manager import GenerationCancelled, ModelManager
 from scedit_ui.request import PNG_GRID_KEY, ConditionUse, GenerationRequest, TunerUse, read_png_request
 from scedit_ui.use_cases import GridAxis, grid_requests, parse_axis, run_grid, save_grid
 from tuners import CSCTuner
+from tuners.validation import UserInputError
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 CANNY = str(ASSETS / "tuners" / "canny.safetensors")

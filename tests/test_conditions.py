@@ -12,18 +12,18 @@ import pytest
 from PIL import Image, ImageDraw
 
 from scedit_ui import conditions
-from scedit_ui.conditions import annotators
 from scedit_ui.conditions import (
     CONDITION_KINDS,
     MASK_FILL,
     ConditionCache,
     ConditionRequest,
+    annotators,
     extract,
     extract_condition,
     load_image,
     load_mask,
 )
-from scedit_ui.errors import UserInputError
+from tuners.validation import UserInputError
 
 BUILT_IN_KINDS = [name for name, kind in CONDITION_KINDS.items() if not kind.annotator_models]
 MODEL_KINDS = [name for name, kind in CONDITION_KINDS.items() if kind.annotator_models]

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from scedit_ui.conditions import annotators
 from scedit_ui.cli import main
+from scedit_ui.conditions import annotators
 
 
 @pytest.fixture

@@ -9,9 +9,8 @@ import torch
 from PIL import Image, ImageDraw
 
 from scedit_ui import conditions
-from scedit_ui.conditions import annotators
-from scedit_ui.conditions import ConditionRequest, extract, extract_condition
-from scedit_ui.errors import UserInputError
+from scedit_ui.conditions import ConditionRequest, annotators, extract, extract_condition
+from tuners.validation import UserInputError
 
 annotators._import_controlnet_aux()  # once, with its import-time warnings silenced
 

@@ -25,7 +25,6 @@ from PIL.PngImagePlugin import PngInfo
 
 import app
 from scedit_ui import cli, conditions
-from scedit_ui.errors import UserInputError
 from scedit_ui.model_manager import image_to_tensor, resolve_source
 from scedit_ui.request import (
     ConditionUse,
@@ -38,6 +37,7 @@ from scedit_ui.request import (
 from scedit_ui.training import TrainingConfig, train_tuner
 from scedit_ui.tuner_library import TunerLibrary
 from tuners import SCTuner, TunerMetadata, save_tuner
+from tuners.validation import UserInputError
 
 FAST = dict(steps=2, guidance=5.0)
 

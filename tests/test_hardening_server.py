@@ -15,6 +15,7 @@ import httpx
 import numpy as np
 import pytest
 import torch
+from app_server import served_app
 from bad_inputs import (
     BROKEN_IMAGES,
     HOSTILE_NAMES,
@@ -31,7 +32,6 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 import app
-from app_server import served_app
 from scedit_ui.request import read_png_request
 from tuners import SCTuner, SkipLayout, TunerMetadata, save_tuner
 

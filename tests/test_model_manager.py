@@ -12,7 +12,6 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from scedit_ui.errors import UserInputError
 from scedit_ui.model_manager import GenerationCancelled, ModelManager, resolve_source
 from scedit_ui.request import (
     SCHEDULERS,
@@ -24,6 +23,7 @@ from scedit_ui.request import (
     save_png,
 )
 from tuners import CSCTuner, SCTuner, TunerMetadata, save_tuner
+from tuners.validation import UserInputError
 
 FAST = dict(steps=2, guidance=5.0)
 

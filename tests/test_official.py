@@ -17,7 +17,6 @@ import torch
 import torch.nn as nn
 from safetensors.torch import save_file
 
-from scedit_ui.errors import UserInputError
 from tuners import (
     ControlCondition,
     CSCTuner,
@@ -32,6 +31,7 @@ from tuners import (
 )
 from tuners.official import official_state_dict
 from tuners.reference_configs import REFERENCE_UNET_CONFIGS
+from tuners.validation import UserInputError
 
 # -- SCEPTER's modules ---------------------------------------------------------------------------
 

@@ -8,14 +8,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from scedit_ui.errors import UserInputError
 from scedit_ui.shapes.world import (
+    BASE_STYLES,
     COLORS,
     POSITIONS,
     SHAPES,
     SIZES,
     STYLES,
-    BASE_STYLES,
     TUNER_STYLES,
     Scene,
     ShapeSpec,
@@ -27,6 +26,7 @@ from scedit_ui.shapes.world import (
     render_scene,
     sample_scene,
 )
+from tuners.validation import UserInputError
 
 
 def _combos(scene: Scene):

@@ -9,9 +9,9 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from scedit_ui.errors import UserInputError
 from scedit_ui.shapes import tiny_model, world
 from scedit_ui.shapes.checker import parse_prompt
+from tuners.validation import UserInputError
 
 MODEL_DIR = Path(__file__).resolve().parents[1] / "assets" / "tiny-sd"
 

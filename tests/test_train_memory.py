@@ -77,9 +77,9 @@ def test_fused_adamw_trains_to_the_same_weights_as_plain_adamw(tmp_path, random_
 
 
 def test_eight_bit_adamw_off_a_gpu_and_unknown_optimizers_are_refused_clearly(tmp_path) -> None:
-    from scedit_ui.errors import UserInputError
     from scedit_ui.training import TrainingConfig
     from scedit_ui.training.trainer import make_optimizer
+    from tuners.validation import UserInputError
 
     config = TrainingConfig(kind="sc", data="shapes", out=tmp_path / "t.safetensors", optimizer="adamw-8bit").validated()
     with pytest.raises(UserInputError, match="CUDA GPU"):

@@ -12,9 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from scedit_ui.training import trainer
 from scedit_ui.cli import main
-from scedit_ui.errors import UserInputError
 from scedit_ui.shapes.world import caption, render_scene, sample_scene
 from scedit_ui.training import (
     TrainingConfig,
@@ -22,8 +20,10 @@ from scedit_ui.training import (
     load_training_data,
     prepare_caption,
     train_tuner,
+    trainer,
 )
 from tuners import load_tuner
+from tuners.validation import UserInputError
 
 
 @pytest.fixture

@@ -7,10 +7,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from scedit_ui.errors import UserInputError
 from scedit_ui.tuner_library import TunerLibrary, sanitize_name
 from tuners import CSCTuner, SCTuner, SkipLayout, TunerMetadata, load_tuner, save_tuner
 from tuners.official import official_state_dict
+from tuners.validation import UserInputError
 
 LAYOUT = SkipLayout((8, 8, 8, 8, 16, 16, 16, 32, 32, 32, 32, 32), (False, False, False, True) * 3, ((0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11),))
 OTHER_LAYOUT = SkipLayout((4, 4, 4), (False, False, True), ((0, 1, 2),))

@@ -33,8 +33,8 @@ from typing import Any
 
 import numpy as np
 
-from scedit_ui.errors import UserInputError
 from scedit_ui.hub import hub_offline
+from tuners.validation import UserInputError
 
 logger = logging.getLogger(__name__)
 

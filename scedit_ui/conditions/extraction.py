@@ -45,7 +45,7 @@ from scedit_ui.conditions.images import (
     validate_size,
 )
 from scedit_ui.conditions.kinds import condition_kind
-from scedit_ui.errors import UserInputError
+from tuners.validation import UserInputError
 
 # --- requests, results and the cache -----------------------------------------------------------------------------
 

@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from scedit_ui.errors import UserInputError
+from tuners.validation import UserInputError
 
 DEFAULT_MAX_PIXELS = 40_000_000  # refuse bigger pictures before decoding them (decompression bombs)
 MAX_SIDE = 8192

@@ -10,8 +10,7 @@ from PIL import Image
 
 from scedit_ui.conditions import annotators
 from scedit_ui.conditions.images import MASK_FILL
-from scedit_ui.errors import UserInputError
-from tuners.validation import check_choice, check_number
+from tuners.validation import UserInputError, check_choice, check_number
 
 # --- parameters and kinds -------------------------------------------------------------------------------------
 

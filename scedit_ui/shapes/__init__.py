@@ -1,5 +1,5 @@
 """The offline world: procedural Shapes scenes, their checker, the tiny model trained on them, its evaluation.
 
-Nothing here imports the rest of scedit_ui (only the leaf `scedit_ui.errors`): changing a render here
+Nothing here imports the rest of scedit_ui (only `tuners.validation`, for its errors): changing a render here
 invalidates assets/tiny-sd and the shipped tuners, so this package is kept apart from the product.
 """

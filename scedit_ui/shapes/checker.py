@@ -51,7 +51,6 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from scedit_ui.errors import UserInputError
 from scedit_ui.shapes.world import (
     COLORS,
     PIXEL_BLOCK,
@@ -65,6 +64,7 @@ from scedit_ui.shapes.world import (
     shape_alpha,
     shape_polygon,
 )
+from tuners.validation import UserInputError
 
 _NAMES = list(COLORS)
 _PALETTE_LAB = cv2.cvtColor(np.array([[COLORS[n] for n in _NAMES]], np.float32) / 255, cv2.COLOR_RGB2LAB)[0]

@@ -17,8 +17,8 @@ import numpy as np
 from PIL import Image
 
 from scedit_ui.shapes.checker import score_adherence
-from scedit_ui.errors import UserInputError
 from scedit_ui.shapes.world import Scene, caption, plain_prompt, sample_scene
+from tuners.validation import UserInputError
 
 logger = logging.getLogger(__name__)
 

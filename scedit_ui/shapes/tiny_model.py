@@ -49,11 +49,11 @@ from diffusers.training_utils import EMAModel, compute_snr
 from PIL import Image
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from scedit_ui.errors import UserInputError
 from scedit_ui.shapes import world
 from scedit_ui.shapes.checker import score_adherence
 from scedit_ui.shapes.evaluation import PROMPT_SETS, evaluate_adherence
 from scedit_ui.shapes.world import Scene
+from tuners.validation import UserInputError
 
 logger = logging.getLogger(__name__)
 

@@ -34,7 +34,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from scedit_ui.errors import UserInputError
+from tuners.validation import UserInputError
 
 # Chosen far apart in CIELAB so nearest-colour segmentation separates them even when blurred.
 COLORS: dict[str, tuple[int, int, int]] = {

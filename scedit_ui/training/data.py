@@ -14,9 +14,9 @@ import numpy as np
 from PIL import Image
 
 from scedit_ui import conditions
-from scedit_ui.errors import UserInputError
 from scedit_ui.shapes.world import COLORS, STYLES, caption, render_scene, sample_scene
 from scedit_ui.training.config import CLUTTER, DEFAULT_SHAPES_IMAGES, IMAGE_SUFFIXES, TrainingConfig
+from tuners.validation import UserInputError
 
 logger = logging.getLogger(__name__)
 

@@ -30,13 +30,13 @@ import torch.nn.functional as F
 from diffusers.image_processor import VaeImageProcessor
 from PIL import Image
 
-from scedit_ui.errors import UserInputError
 from scedit_ui.model_manager import images_to_tensor, load_pipeline, resolve_source
 from scedit_ui.training.config import ProgressCallback, TrainingConfig, TrainingProgress, TrainingResult
 from scedit_ui.training.data import load_training_data, make_condition
 from tuners import ControlCondition, CSCTuner, SCTuner, SkipEditor, TunerMetadata, save_tuner
 from tuners.io import Tuner, atomic_write
 from tuners.reference_configs import guess_architecture
+from tuners.validation import UserInputError
 
 logger = logging.getLogger(__name__)
 

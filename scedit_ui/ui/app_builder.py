@@ -5,11 +5,11 @@ import gradio as gr
 from PIL import Image
 
 from scedit_ui.conditions import CONDITION_KINDS
-from scedit_ui.errors import UserInputError
 from scedit_ui.request import read_png_request
 from scedit_ui.ui import compare_tab, control_tab, generate_tab, model_tab, skip_tuning_tab, train_tab, tuners_tab
 from scedit_ui.ui.handlers import clear_value_errors, user_errors
 from scedit_ui.ui.state import AppState
+from tuners.validation import UserInputError
 
 TITLE = "SCEdit Studio"
 TAB_IDS = ("generate", "control", "compare", "skip-tuning", "train", "tuners", "model")

@@ -9,13 +9,13 @@ import gradio as gr
 
 from scedit_ui import conditions, use_cases
 from scedit_ui.conditions import CONDITION_KINDS
-from scedit_ui.errors import UserInputError
 from scedit_ui.model_manager import GenerationCancelled
 from scedit_ui.request import MAX_SEED, SCHEDULERS, GenerationRequest, SkipTuningSettings, TunerUse
 from scedit_ui.ui.generate_tab import pick_seed
 from scedit_ui.ui.handlers import GPU_QUEUE, on_gpu, user_errors, whole_number
 from scedit_ui.ui.state import AppState
 from scedit_ui.use_cases import GRID_AXES, ConditionRow
+from tuners.validation import UserInputError
 
 NO_AXIS = "(none)"
 EXAMPLE_VALUES = {

@@ -12,7 +12,6 @@ from PIL import Image
 
 from scedit_ui import conditions, use_cases
 from scedit_ui.conditions import CONDITION_KINDS, FIT_MODES, ParamSpec
-from scedit_ui.errors import UserInputError
 from scedit_ui.request import MAX_SEED, SCHEDULERS, GenerationRequest
 from scedit_ui.shapes.world import COLORS, SHAPES, caption, sample_scene
 from scedit_ui.ui.generate_tab import describe_result, pick_seed
@@ -20,6 +19,7 @@ from scedit_ui.ui.handlers import GPU_QUEUE, on_gpu, optional_keywords, readable
 from scedit_ui.ui.state import AppState
 from scedit_ui.use_cases import ConditionRow
 from tuners import SKIP_WEIGHT_PRESETS, skip_weight_preset
+from tuners.validation import UserInputError
 
 KINDS = tuple(CONDITION_KINDS)
 ROW_FIELDS = ("tuner", "alpha", "start", "end")

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import gradio as gr
 
-from scedit_ui.errors import UserInputError
 from scedit_ui.request import MAX_SEED, SCHEDULERS, GenerationRequest, TunerUse, read_png_request
 from scedit_ui.shapes.world import caption, sample_scene
 from scedit_ui.ui.handlers import GPU_QUEUE, on_gpu, step_progress, user_errors, whole_number
 from scedit_ui.ui.state import AppState
+from tuners.validation import UserInputError
 
 TUNER_SLOTS = 3
 MAX_SIZE = 2048

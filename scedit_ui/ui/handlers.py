@@ -11,7 +11,7 @@ from typing import Any
 import gradio as gr
 from PIL import Image
 
-from scedit_ui.errors import UserInputError
+from tuners.validation import UserInputError
 
 GPU_QUEUE = "gpu"  # concurrency_id shared by every event that runs the base model
 

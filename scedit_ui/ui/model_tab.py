@@ -5,9 +5,9 @@ from dataclasses import dataclass
 
 import gradio as gr
 
-from scedit_ui.errors import UserInputError
 from scedit_ui.ui.handlers import GPU_QUEUE, on_gpu, user_errors
 from scedit_ui.ui.state import AppState
+from tuners.validation import UserInputError
 
 FAMILY_NAMES = {
     "tiny": "built-in tiny model (SD 1.5 blocks)", "sd15": "Stable Diffusion 1.x", "sd21": "Stable Diffusion 2.x", "sdxl": "SDXL",

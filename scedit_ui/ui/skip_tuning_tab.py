@@ -5,13 +5,12 @@ from dataclasses import dataclass, replace
 
 import gradio as gr
 
-from scedit_ui.errors import UserInputError
 from scedit_ui.request import FREEU_PRESETS, MAX_SEED, SCHEDULERS, GenerationRequest, SkipTuningSettings
 from scedit_ui.ui.generate_tab import describe_result, example_prompts, pick_seed
 from scedit_ui.ui.handlers import GPU_QUEUE, on_gpu, user_errors, whole_number
 from scedit_ui.ui.state import AppState
 from tuners import SkipLayout, rho_schedule
-from tuners.validation import check_number
+from tuners.validation import UserInputError, check_number
 
 MAX_SKIPS = 12  # SD 1.5 / 2.1; SDXL has 9
 RHO_PRESETS: dict[str, tuple[float, float]] = {  # name: (ρ outer, ρ inner), linear in between

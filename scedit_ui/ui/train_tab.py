@@ -13,13 +13,20 @@ import gradio as gr
 import pandas as pd
 from PIL import Image
 
-from scedit_ui.errors import UserInputError
 from scedit_ui.shapes.world import STYLES
 from scedit_ui.training import (
-    CHECKPOINT_NAME, TRAINABLE_CONDITIONS, TrainingConfig, TrainingProgress, TrainingResult, duration, load_training_data, train_tuner,
+    CHECKPOINT_NAME,
+    TRAINABLE_CONDITIONS,
+    TrainingConfig,
+    TrainingProgress,
+    TrainingResult,
+    duration,
+    load_training_data,
+    train_tuner,
 )
 from scedit_ui.ui.handlers import user_errors, whole_number
 from scedit_ui.ui.state import AppState
+from tuners.validation import UserInputError
 
 logger = logging.getLogger(__name__)
 

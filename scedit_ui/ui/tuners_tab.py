@@ -10,10 +10,10 @@ from pathlib import Path
 import gradio as gr
 
 from scedit_ui.conditions import CONDITION_KINDS
-from scedit_ui.errors import UserInputError
 from scedit_ui.tuner_library import OFFICIAL_REPO, TunerEntry
 from scedit_ui.ui.handlers import user_errors
 from scedit_ui.ui.state import AppState
+from tuners.validation import UserInputError
 
 TABLE_COLUMNS = ["name", "kind", "base", "condition", "trigger word", "parameters", "size", "fits loaded base", "where"]
 

@@ -28,17 +28,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from scedit_ui import conditions  # noqa: E402
-from scedit_ui.shapes.checker import score_adherence, style_score  # noqa: E402
 from scedit_ui.model_manager import ModelManager  # noqa: E402
 from scedit_ui.request import ConditionUse, GenerationRequest, TunerUse  # noqa: E402
+from scedit_ui.shapes.checker import score_adherence, style_score  # noqa: E402
 from scedit_ui.shapes.world import Scene, caption, render_scene, sample_scene  # noqa: E402
 from scedit_ui.training import TrainingConfig, load_training_data  # noqa: E402
 from tuners import read_metadata  # noqa: E402

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn as nn
 from PIL import Image
+from test_tuners import randomise
 
 from bench.region_mask import two_sided_picture
 from scedit_ui.request import ConditionUse, GenerationRequest, SkipTuningSettings
@@ -22,14 +23,6 @@ from tuners import (
     skip_weight_preset,
 )
 from tuners.editor import step_is_active
-
-
-def randomise(module: nn.Module, seed: int = 0) -> nn.Module:
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=generator) * 0.1)
-    return module
 
 
 def condition_image(seed: int) -> torch.Tensor:

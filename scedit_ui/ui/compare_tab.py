@@ -10,9 +10,9 @@ import gradio as gr
 from scedit_ui import conditions, use_cases
 from scedit_ui.conditions import CONDITION_KINDS
 from scedit_ui.model_manager import GenerationCancelled
-from scedit_ui.request import MAX_SEED, SCHEDULERS, GenerationRequest, SkipTuningSettings, TunerUse
-from scedit_ui.ui.generate_tab import pick_seed
-from scedit_ui.ui.handlers import GPU_QUEUE, on_gpu, user_errors, whole_number
+from scedit_ui.request import MAX_SEED, SCHEDULERS, SkipTuningSettings, TunerUse
+from scedit_ui.ui.generate_tab import request_from_form
+from scedit_ui.ui.handlers import GPU_QUEUE, on_gpu, user_errors
 from scedit_ui.ui.state import AppState
 from scedit_ui.use_cases import GRID_AXES, ConditionRow
 from tuners.validation import UserInputError
@@ -110,9 +110,8 @@ def build(state: AppState) -> CompareTab:
     ) -> tuple:
         """An X/Y(/Z) grid: the grid image, every cell with its labels, the PNG files and a summary."""
         axes = grid_axes([(x_axis, x_values), (y_axis, y_values), (z_axis, z_values)])
-        request = GenerationRequest(
-            prompt=prompt, negative_prompt=negative_prompt or "", seed=pick_seed(seed), steps=whole_number("steps", steps),
-            guidance=float(guidance), width=whole_number("width", width), height=whole_number("height", height), scheduler=scheduler,
+        request = request_from_form(
+            prompt, negative_prompt, seed, steps, guidance, width, height, scheduler,
             sc_tuners=(TunerUse(str(state.library.find(sc_tuner)), float(sc_scale)),) if sc_tuner else (),
             skip_tuning=SkipTuningSettings(rho_inner=float(rho_inner)) if float(rho_inner) != 1.0 else None,
         )

@@ -14,7 +14,7 @@ from scedit_ui import conditions, use_cases
 from scedit_ui.conditions import CONDITION_KINDS, FIT_MODES, ParamSpec
 from scedit_ui.request import MAX_SEED, SCHEDULERS, GenerationRequest
 from scedit_ui.shapes.world import COLORS, SHAPES, caption, sample_scene
-from scedit_ui.ui.generate_tab import describe_result, pick_seed
+from scedit_ui.ui.generate_tab import describe_result, request_from_form
 from scedit_ui.ui.handlers import GPU_QUEUE, on_gpu, optional_keywords, readable_upload, user_errors, whole_number
 from scedit_ui.ui.state import AppState
 from scedit_ui.use_cases import ConditionRow
@@ -237,12 +237,6 @@ def build(state: AppState) -> ControlTab:
     def preview_outputs(extracted: dict[str, Image.Image]) -> list:
         return [extracted.get(kind) for kind in KINDS]
 
-    def base_request(prompt, negative_prompt, seed, steps, guidance, width, height, scheduler) -> GenerationRequest:
-        return GenerationRequest(
-            prompt=prompt, negative_prompt=negative_prompt or "", seed=pick_seed(seed), steps=whole_number("steps", steps),
-            guidance=float(guidance), width=whole_number("width", width), height=whole_number("height", height), scheduler=scheduler,
-        )
-
     @user_errors
     def extract(picture: str | None, condition_types: list[str], fit: str, width: int, height: int, progress=gr.Progress(), **row_values) -> list:
         """Extract the condition image of every chosen type (one output per type, empty for the others)."""
@@ -261,7 +255,7 @@ def build(state: AppState) -> ControlTab:
         blend: float = 0.0, progress=gr.Progress(), **row_values,
     ) -> list:
         """Generate with one CSC tuner per chosen condition; returns the images, a summary and every condition image."""
-        base = base_request(prompt, negative_prompt, seed, steps, guidance, width, height, scheduler)
+        base = request_from_form(prompt, negative_prompt, seed, steps, guidance, width, height, scheduler)
         image = load_picture(picture)
         rows = rows_from(condition_types, row_values, image, (base.width, base.height), fit)
         request, extracted = use_cases.with_controls(base, image, rows, fit, normalise_alpha, load_picture(second_picture), blend, _stage_progress(progress))
@@ -276,7 +270,7 @@ def build(state: AppState) -> ControlTab:
         strip_length: int = 4, progress=gr.Progress(), **row_values,
     ) -> list[tuple[str, str]]:
         """A strip of images (same seed) whose condition features blend from the first to the second picture."""
-        base = base_request(prompt, negative_prompt, seed, steps, guidance, width, height, scheduler)
+        base = request_from_form(prompt, negative_prompt, seed, steps, guidance, width, height, scheduler)
         if second_picture is None:
             raise UserInputError("add a second picture to interpolate towards")
         image = load_picture(picture)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import gradio as gr
 
@@ -38,6 +39,18 @@ def pick_seed(seed: float | int | None) -> int:
     if seed is None or seed == -1:
         return random.randint(0, MAX_SEED)
     return whole_number("seed", seed)
+
+
+def request_from_form(
+    prompt: str, negative_prompt: str | None, seed: float | int | None, steps: float, guidance: float, width: float, height: float,
+    scheduler: str, **fields: Any,
+) -> GenerationRequest:
+    """A request from the settings every generating tab shows (numbers as the form sends them), plus `fields`."""
+    return GenerationRequest(
+        prompt=prompt, negative_prompt=negative_prompt or "", seed=pick_seed(seed), steps=whole_number("steps", steps),
+        guidance=float(guidance), width=whole_number("width", width), height=whole_number("height", height), scheduler=scheduler,
+        **fields,
+    )
 
 
 def tuner_uses(state: AppState, names: list[str | None], scales: list[float]) -> tuple[TunerUse, ...]:
@@ -140,10 +153,8 @@ def build(state: AppState) -> GenerateTab:
         tuner_3: str | None = None, scale_3: float = 1.0, progress=gr.Progress(),
     ) -> tuple[list[str], str, int]:
         """Generate images; returns the PNG files (settings in their metadata), a summary and the seed used."""
-        request = GenerationRequest(
-            prompt=prompt, negative_prompt=negative_prompt or "", seed=pick_seed(seed), steps=whole_number("steps", steps),
-            guidance=float(guidance), width=whole_number("width", width), height=whole_number("height", height),
-            scheduler=scheduler, batch_size=whole_number("batch size", batch_size),
+        request = request_from_form(
+            prompt, negative_prompt, seed, steps, guidance, width, height, scheduler, batch_size=whole_number("batch size", batch_size),
             sc_tuners=tuner_uses(state, [tuner_1, tuner_2, tuner_3], [scale_1, scale_2, scale_3]),
         )
         paths, summary = generate_images(state, request, progress)

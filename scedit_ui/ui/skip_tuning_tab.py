@@ -6,8 +6,8 @@ from dataclasses import dataclass, replace
 import gradio as gr
 
 from scedit_ui.request import FREEU_PRESETS, MAX_SEED, SCHEDULERS, GenerationRequest, SkipTuningSettings
-from scedit_ui.ui.generate_tab import describe_result, example_prompts, pick_seed
-from scedit_ui.ui.handlers import GPU_QUEUE, on_gpu, user_errors, whole_number
+from scedit_ui.ui.generate_tab import describe_result, example_prompts, request_from_form
+from scedit_ui.ui.handlers import GPU_QUEUE, on_gpu, user_errors
 from scedit_ui.ui.state import AppState
 from tuners import SkipLayout, rho_schedule
 from tuners.validation import UserInputError, check_number
@@ -149,10 +149,7 @@ def build(state: AppState) -> SkipTuningTab:
         use_freeu: bool, s1: float, s2: float, b1: float, b2: float, progress=gr.Progress(), **rho_values: float,
     ) -> tuple[str, str, str]:
         """Plain and Skip-Tuned images with the same seed (ρ0 … ρ11 per skip; extra values are ignored), and a summary."""
-        request = GenerationRequest(
-            prompt=prompt, negative_prompt=negative_prompt or "", seed=pick_seed(seed), steps=whole_number("steps", steps),
-            guidance=float(guidance), width=whole_number("width", width), height=whole_number("height", height), scheduler=scheduler,
-        )
+        request = request_from_form(prompt, negative_prompt, seed, steps, guidance, width, height, scheduler)
         values = [float(rho_values.get(f"rho_{g}", 1.0)) for g in range(MAX_SKIPS)]
         return compare(state, request, values, (s1, s2, b1, b2) if use_freeu else None, progress)
 

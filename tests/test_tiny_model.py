@@ -2,6 +2,7 @@
 
 import gzip
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -274,3 +275,19 @@ def test_init_must_be_a_model_folder(tmp_path):
     (tmp_path / "tokenizer" / "vocab.json").write_text("{}")
     with pytest.raises(UserInputError, match="model_index.json"):
         tiny_model.train(tmp_path / "work", tmp_path / "out", tiny_model.TinyModelConfig(init=str(tmp_path)), threads=1)
+
+
+def test_until_vae_trains_and_scores_only_the_autoencoder(tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(MODEL_DIR / "tokenizer", out / "tokenizer")
+    code = tiny_model.main([
+        "train", "--work", str(tmp_path / "work"), "--out", str(out), "--until", "vae", "--threads", "1",
+        "--set", "vae_crop_steps=1", "--set", "vae_full_steps=1", "--set", "vae_crop_batch=2", "--set", "vae_full_batch=1",
+        "--set", "round_trip_scenes=2", "--set", "latent_channels=16",
+    ])
+    assert code == 0
+    work = tmp_path / "work"
+    assert AutoencoderKL.from_pretrained(work / "vae").config.latent_channels == 16
+    assert json.loads((work / "vae_round_trip.json").read_text())["scenes"] == 2
+    assert not (work / "cache").exists() and not (work / "unet.pt").exists()
+    assert not (out / "model_index.json").exists()  # nothing exported: no UNet was trained

@@ -671,8 +671,16 @@ def _load_init(init: Path) -> StableDiffusionPipeline:
     return StableDiffusionPipeline.from_pretrained(init, dtype=torch.float32, safety_checker=None)
 
 
-def train(work: Path, out: Path, cfg: TinyModelConfig = TinyModelConfig(), threads: int = 2) -> None:
-    """Run (or resume) every stage; the tokenizer must already be in ``out/tokenizer`` (or in ``cfg.init``)."""
+STAGES = ("vae", "cache", "unet")
+
+
+def train(
+    work: Path, out: Path, cfg: TinyModelConfig = TinyModelConfig(), threads: int = 2, until: str = "unet"
+) -> None:
+    """Run (or resume) every stage up to ``until``; the tokenizer must already be in ``out/tokenizer`` (or in ``cfg.init``).
+
+    ``until="vae"`` trains and scores only the autoencoder: the way to compare latent sizes before paying for a UNet.
+    """
     init = _load_init(Path(cfg.init)) if cfg.init else None
     if init is not None:
         tokenizer = init.tokenizer
@@ -694,10 +702,14 @@ def train(work: Path, out: Path, cfg: TinyModelConfig = TinyModelConfig(), threa
         vae, unet, text_encoder = init.vae, init.unet, init.text_encoder
     else:
         vae = train_vae(work, cfg, device)
+        if until == "vae":
+            return
         torch.manual_seed(cfg.seed + 1)
         unet, text_encoder = build_unet(cfg.latent_channels), build_text_encoder()
     t1 = time.time()
     cache = cache_latents(work, vae, cfg, device)
+    if until == "cache":
+        return
     t2 = time.time()
     train_unet(work, Path(out), vae, tokenizer, unet, text_encoder, cache, cfg, device)
     logger.info(
@@ -736,6 +748,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_train.add_argument("--init", type=Path, help="start the UNet and text encoder from this model folder, keep its VAE")
     p_train.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="override a TinyModelConfig field")
     p_train.add_argument("--threads", type=int, default=2, help="CPU threads (1 is faster on a busy shared CPU)")
+    p_train.add_argument("--until", choices=STAGES, default="unet", help="stop after this stage (vae: measure the latent)")
     args = parser.parse_args(argv)
 
     handlers: list[logging.Handler] = [logging.StreamHandler()]
@@ -750,7 +763,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             overrides = _parse_overrides(args.set)
             if args.init is not None:
                 overrides["init"] = str(args.init)
-            train(args.work, args.out, replace(TinyModelConfig(), **overrides), threads=args.threads)
+            train(args.work, args.out, replace(TinyModelConfig(), **overrides), threads=args.threads, until=args.until)
     except UserInputError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

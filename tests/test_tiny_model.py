@@ -4,6 +4,7 @@ import gzip
 import json
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -181,6 +182,31 @@ def test_vae_stage_resumes_to_identical_weights(tmp_path, monkeypatch):
     assert straight.config.latent_channels == cfg.latent_channels
     round_trip = json.loads((tmp_path / "straight" / "vae_round_trip.json").read_text())
     assert round_trip["scenes"] == 2 and 0.0 <= round_trip["shape_correct"] <= 1.0
+    assert {f"style {s}" for s in world.STYLES} <= set(round_trip)
+
+
+def test_score_vae_keeps_a_perfect_autoencoder_at_one(monkeypatch, capsys, tmp_path):
+    """An autoencoder that returns its input scores 1 on every measure: the round trip, not the checker, is scored."""
+
+    class Identity:
+        def to(self, device):
+            return self
+
+        def eval(self):
+            return self
+
+        def encode(self, x):
+            return SimpleNamespace(latent_dist=SimpleNamespace(mean=x))
+
+        def decode(self, z):
+            return SimpleNamespace(sample=z)
+
+    scores = tiny_model.vae_round_trip(Identity(), 8, torch.device("cpu"))
+    assert all(value == pytest.approx(1.0) for value in scores.values()), scores
+    with pytest.raises(SystemExit):
+        tiny_model.main(["score-vae"])  # the folder is required
+    assert tiny_model.main(["score-vae", str(tmp_path)]) == 2
+    assert "no VAE there" in capsys.readouterr().err
 
 
 def test_vae_stage_sees_every_style_and_the_cache_only_the_base_styles(tmp_path, monkeypatch):

@@ -50,7 +50,7 @@ from PIL import Image
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from scedit_ui.shapes import world
-from scedit_ui.shapes.checker import score_adherence
+from scedit_ui.shapes.checker import score_adherence, style_score
 from scedit_ui.shapes.evaluation import PROMPT_SETS, evaluate_adherence
 from scedit_ui.shapes.world import Scene
 from tuners.validation import UserInputError
@@ -280,8 +280,8 @@ class TinyModelConfig:
     init: str | None = None
     # stage 1: VAE, on plain scenes and every style (so it encodes the base styles and decodes the tuner ones)
     latent_channels: int = 8
-    vae_crop_steps: int = 1_500  # random crops of vae_crop_size px, batch vae_crop_batch
-    vae_full_steps: int = 150  # full 128 px images, batch vae_full_batch
+    vae_crop_steps: int = 4_000  # random crops of vae_crop_size px, batch vae_crop_batch
+    vae_full_steps: int = 700  # full 128 px images, batch vae_full_batch
     vae_crop_size: int = 32
     vae_crop_batch: int = 16
     vae_full_batch: int = 8
@@ -309,8 +309,8 @@ class TinyModelConfig:
     ema_decay: float = 0.999
     grad_clip: float = 1.0
     checkpoint_every: int = 50
-    eval_every: int = 0  # 0: score only the final export
-    eval_prompts: int = 32  # per prompt set (held-out and plain); 0: no scoring
+    eval_every: int = 1_000  # 0: score only the final export
+    eval_prompts: int = 16  # per prompt set (held-out and plain); 0: no scoring
 
 
 VAE_SEED_OFFSET = 10_000_000  # VAE images use scene seeds disjoint from the cached UNet scenes
@@ -390,16 +390,33 @@ def _vae_loss(
 
 
 @torch.no_grad()
+def _round_trip(vae: AutoencoderKL, scenes: Sequence[Scene], device: torch.device) -> tuple[list[Image.Image], list[Image.Image]]:
+    """The renders of ``scenes`` and the same after encode + decode (posterior mean)."""
+    renders = _render(scenes)
+    decoded = torch.cat([
+        vae.decode(vae.encode(renders[i : i + 25].to(device)).latent_dist.mean).sample.cpu() for i in range(0, len(scenes), 25)
+    ])
+    return _to_images(renders), _to_images(decoded)
+
+
+@torch.no_grad()
 def vae_round_trip(vae: AutoencoderKL, n: int, device: torch.device) -> dict[str, float]:
-    """Checker scores of clean held-out renders after encode + decode: the ceiling of any UNet on this VAE."""
+    """Checker scores of clean held-out renders after encode + decode: the ceiling of any UNet on this VAE.
+
+    Also, per style, the style score of styled renders after the round trip relative to before (``style <name>``):
+    what a style tuner can show at most through this VAE.
+    """
     vae = vae.to(device).eval()
-    scores = []
-    for i in range(0, n, 25):
-        scenes = [world.sample_scene(ROUND_TRIP_SEED + j, split="heldout") for j in range(i, min(i + 25, n))]
-        decoded = vae.decode(vae.encode(_render(scenes).to(device)).latent_dist.mean).sample
-        scores += [score_adherence(image, scene) for image, scene in zip(_to_images(decoded), scenes)]
+    scenes = [world.sample_scene(ROUND_TRIP_SEED + j, split="heldout") for j in range(n)]
+    scores = [score_adherence(image, scene) for image, scene in zip(_round_trip(vae, scenes, device)[1], scenes)]
     fields = ("color_correct", "shape_correct", "position_correct", "count_correct", "background_correct")
-    return {f: float(np.mean([float(getattr(s, f)) for s in scores])) for f in fields}
+    result = {f: float(np.mean([float(getattr(s, f)) for s in scores])) for f in fields}
+    for style in world.STYLES:
+        styled = [replace(scene, style=style) for scene in scenes[: max(1, n // 4)]]
+        before, after = _round_trip(vae, styled, device)
+        kept = np.mean([style_score(image, style) for image in after]) / max(np.mean([style_score(image, style) for image in before]), 1e-6)
+        result[f"style {style}"] = float(kept)
+    return result
 
 
 def train_vae(work: Path, cfg: TinyModelConfig, device: torch.device) -> AutoencoderKL:
@@ -749,6 +766,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_train.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="override a TinyModelConfig field")
     p_train.add_argument("--threads", type=int, default=2, help="CPU threads (1 is faster on a busy shared CPU)")
     p_train.add_argument("--until", choices=STAGES, default="unet", help="stop after this stage (vae: measure the latent)")
+    p_score = sub.add_parser("score-vae", help="score the VAE round trip of a model folder (or a VAE folder)")
+    p_score.add_argument("folder", type=Path, help="a diffusers model folder, or its vae/ folder")
+    p_score.add_argument("--n", type=int, default=100, help="held-out scenes (a quarter of them per style)")
     args = parser.parse_args(argv)
 
     handlers: list[logging.Handler] = [logging.StreamHandler()]
@@ -759,6 +779,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "build-tokenizer":
             build_clip_tokenizer(args.bpe_vocab, args.out / "tokenizer")
+        elif args.command == "score-vae":
+            folder = args.folder / "vae" if (args.folder / "vae" / "config.json").exists() else args.folder
+            if not (folder / "config.json").exists():
+                raise UserInputError(f"{args.folder}: no VAE there (no config.json, nor vae/config.json).")
+            vae = AutoencoderKL.from_pretrained(folder, torch_dtype=torch.float32)
+            print(json.dumps({"scenes": args.n, **vae_round_trip(vae, args.n, training_device())}, indent=1))
         else:
             overrides = _parse_overrides(args.set)
             if args.init is not None:

@@ -185,7 +185,7 @@ def test_vae_stage_resumes_to_identical_weights(tmp_path, monkeypatch):
     assert {f"style {s}" for s in world.STYLES} <= set(round_trip)
 
 
-def test_score_vae_keeps_a_perfect_autoencoder_at_one(monkeypatch, capsys, tmp_path):
+def test_score_vae_keeps_a_perfect_autoencoder_at_one(capsys, tmp_path):
     """An autoencoder that returns its input scores 1 on every measure: the round trip, not the checker, is scored."""
 
     class Identity:

@@ -413,9 +413,8 @@ def vae_round_trip(vae: AutoencoderKL, n: int, device: torch.device) -> dict[str
     result = {f: float(np.mean([float(getattr(s, f)) for s in scores])) for f in fields}
     for style in world.STYLES:
         styled = [replace(scene, style=style) for scene in scenes[: max(1, n // 4)]]
-        before, after = _round_trip(vae, styled, device)
-        kept = np.mean([style_score(image, style) for image in after]) / max(np.mean([style_score(image, style) for image in before]), 1e-6)
-        result[f"style {style}"] = float(kept)
+        before, after = (np.mean([style_score(image, style) for image in images]) for images in _round_trip(vae, styled, device))
+        result[f"style {style}"] = float(after / max(before, 1e-6))
     return result
 
 
@@ -719,10 +718,10 @@ def train(
         vae, unet, text_encoder = init.vae, init.unet, init.text_encoder
     else:
         vae = train_vae(work, cfg, device)
-        if until == "vae":
-            return
         torch.manual_seed(cfg.seed + 1)
         unet, text_encoder = build_unet(cfg.latent_channels), build_text_encoder()
+    if until == "vae":  # with --init the VAE is the init folder's: nothing more to do
+        return
     t1 = time.time()
     cache = cache_latents(work, vae, cfg, device)
     if until == "cache":
@@ -783,7 +782,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             folder = args.folder / "vae" if (args.folder / "vae" / "config.json").exists() else args.folder
             if not (folder / "config.json").exists():
                 raise UserInputError(f"{args.folder}: no VAE there (no config.json, nor vae/config.json).")
-            vae = AutoencoderKL.from_pretrained(folder, torch_dtype=torch.float32)
+            vae = AutoencoderKL.from_pretrained(folder, dtype=torch.float32)
             print(json.dumps({"scenes": args.n, **vae_round_trip(vae, args.n, training_device())}, indent=1))
         else:
             overrides = _parse_overrides(args.set)

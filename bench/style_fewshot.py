@@ -2,6 +2,7 @@
 
     python bench/style_fewshot.py [--sets stripes,polka-dots,hatched] [--n 16] [--scales 0,0.5,0.75,1,1.25]
                                   [--work runs/bench/style] [--tuners DIR] [--plot docs/style-tradeoff.png] [--json PATH]
+                                  [--reuse] [--conditional-only]
 
 Each set is trained with the default settings of `python -m scedit_ui train --kind sc` (nothing but the data,
 the trigger word and the output is given):
@@ -16,7 +17,9 @@ Then, at each tuner scale, images for held-out Shapes prompts with the trigger w
 - style: the checker's style score (hatching is scored as stripes), relative to the training pictures' own score
   (target ≥ 0.8);
 - colour: the checker's colour accuracy of those images against their prompts (target ≥ 0.80).
-Scale 0 is the base model alone. Training seconds are wall time here (one torch thread).
+Scale 0 is the base model alone. Training seconds are wall time here (one torch thread). `--reuse` sweeps tuner
+files already there instead of training them; `--conditional-only` applies the tuner to the conditional half of
+classifier-free guidance only (`TunerUse.conditional_only`).
 The reference ("best reachable") is the style itself put on the renders of the same held-out scenes and passed
 through the base model's VAE, as every generated image is: its colour accuracy is the most a tuner that fully
 shows the style can keep. `--replot A.json B.json ... --plot FILE` redraws the plot from earlier runs.
@@ -139,13 +142,13 @@ def reference(manager: ModelManager, name: str, n: int) -> dict:
     return {"style": float(np.mean(styles)), "colour_accuracy": float(np.mean(colours))}
 
 
-def sweep(manager: ModelManager, tuner: Path, style: str, scales: list[float], n: int) -> list[dict]:
+def sweep(manager: ModelManager, tuner: Path, style: str, scales: list[float], n: int, conditional_only: bool) -> list[dict]:
     rows = []
     for scale in scales:
         styles, colours = [], []
         for i in range(n):
             scene = sample_scene(i, split="heldout")
-            uses = (TunerUse(str(tuner), scale),) if scale else ()
+            uses = (TunerUse(str(tuner), scale, conditional_only),) if scale else ()
             image = manager.generate(GenerationRequest(f"{TRIGGER} {caption(scene)}", seed=i, sc_tuners=uses)).images[0]
             styles.append(style_score(image, style))
             colours.append(score_adherence(image, scene).color_correct)
@@ -155,26 +158,30 @@ def sweep(manager: ModelManager, tuner: Path, style: str, scales: list[float], n
 
 
 def plot(results: list[dict], path: Path) -> None:
+    """Style and colour accuracy against the scale, one panel per way of applying the tuner."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axis = plt.subplots(figsize=(9, 3.8), dpi=110)
-    for result, colour in zip(results, ("tab:red", "tab:blue", "tab:green")):
-        scales = [r["scale"] for r in result["sweep"]]
-        axis.plot(scales, [r["style_ratio"] for r in result["sweep"]], "-o", color=colour, label=f"{result['set']}: style ÷ training pictures'")
-        axis.plot(scales, [r["colour_accuracy"] for r in result["sweep"]], "--s", color=colour, label=f"{result['set']}: colour accuracy")
-        if "reference" in result:  # drawn at the right edge: the style itself, through the VAE
-            edge = max(scales) + 0.25
-            axis.plot([edge], [result["reference"]["style_ratio"]], "o", color=colour, markerfacecolor="none")
-            axis.plot([edge], [result["reference"]["colour_accuracy"]], "s", color=colour, markerfacecolor="none")
-    axis.axhline(0.8, color="grey", linewidth=0.8, linestyle=":")
-    axis.set_xlabel("tuner scale (0: the base alone); open marks at the right: the style itself through the VAE")
-    axis.set_ylabel("measured")
-    axis.set_ylim(0, 1.1)
-    axis.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    axis.set_title("Few-shot style tuners against their scale (targets 0.8, dotted)", fontsize=9)
+    modes = sorted({bool(r.get("conditional_only")) for r in results})
+    figure, axes = plt.subplots(1, len(modes), figsize=(6 * len(modes) + 2.5, 3.8), dpi=110, squeeze=False)
+    for axis, mode in zip(axes[0], modes):
+        for result, colour in zip([r for r in results if bool(r.get("conditional_only")) == mode], ("tab:red", "tab:blue", "tab:green")):
+            scales = [r["scale"] for r in result["sweep"]]
+            axis.plot(scales, [r["style_ratio"] for r in result["sweep"]], "-o", color=colour, label=f"{result['set']}: style ÷ training pictures'")
+            axis.plot(scales, [r["colour_accuracy"] for r in result["sweep"]], "--s", color=colour, label=f"{result['set']}: colour accuracy")
+            if "reference" in result:  # drawn at the right edge: the style itself, through the VAE
+                edge = max(scales) + 0.25
+                axis.plot([edge], [result["reference"]["style_ratio"]], "o", color=colour, markerfacecolor="none")
+                axis.plot([edge], [result["reference"]["colour_accuracy"]], "s", color=colour, markerfacecolor="none")
+        axis.axhline(0.8, color="grey", linewidth=0.8, linestyle=":")
+        axis.set_xlabel("tuner scale (0: the base alone); open marks: the style itself through the VAE", fontsize=8)
+        axis.set_ylabel("measured")
+        axis.set_ylim(0, 1.1)
+        where = "the conditional half of guidance only (style guidance)" if mode else "both halves of guidance (the paper)"
+        axis.set_title(f"Tuner on {where}; targets 0.8, dotted", fontsize=9)
+    axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, bbox_inches="tight")
@@ -191,6 +198,8 @@ def main() -> int:
     parser.add_argument("--plot", type=Path, help="write the trade-off plot (PNG) here")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", metavar="PATH", help="write the results as JSON")
+    parser.add_argument("--reuse", action="store_true", help="sweep the tuner files already there; train only missing ones")
+    parser.add_argument("--conditional-only", action="store_true", help="apply the tuner to the conditional CFG half only")
     parser.add_argument("--replot", nargs="+", type=Path, metavar="JSON", help="only redraw --plot from these results")
     args = parser.parse_args()
     if args.replot:
@@ -203,16 +212,17 @@ def main() -> int:
     for name in args.sets.split(","):
         arguments = data_arguments(name, args.work / name, args.images)
         tuner = (args.tuners if args.tuners and name != "hatched" else args.work / name) / f"style-{name}.safetensors"
-        seconds = train(arguments, tuner, args.work / name / "run")
+        seconds = None if args.reuse and tuner.exists() else train(arguments, tuner, args.work / name / "run")
         train_score = float(np.mean([style_score(p, SETS[name]) for p in training_pictures(arguments)]))
-        print(f"{name}: trained in {seconds:.0f} s; training pictures' style score {train_score:.3f}", flush=True)
-        rows = sweep(manager, tuner, SETS[name], scales, args.n)
+        trained = f"trained in {seconds:.0f} s" if seconds is not None else f"reusing {tuner}"
+        print(f"{name}: {trained}; training pictures' style score {train_score:.3f}", flush=True)
+        rows = sweep(manager, tuner, SETS[name], scales, args.n, args.conditional_only)
         best = reference(manager, name, args.n)
         for row in (*rows, best):
             row["style_ratio"] = row["style"] / train_score
         print(f"  the style through the VAE: style {best['style']:.3f}, colour accuracy {best['colour_accuracy']:.3f}", flush=True)
-        results.append({"set": name, "command": arguments, "training_seconds": seconds, "train_style": train_score, "sweep": rows,
-                        "reference": best})
+        results.append({"set": name, "command": arguments, "training_seconds": seconds, "train_style": train_score,
+                        "conditional_only": args.conditional_only, "sweep": rows, "reference": best})
     if args.plot:
         plot(results, args.plot)
     if args.json:

@@ -139,6 +139,10 @@ def _add_generation_options(command: argparse.ArgumentParser) -> None:
     command.add_argument("--size", metavar="WxH", help="default: the model's native size")
     command.add_argument("--scheduler", default="DDIM", help=f"one of: {', '.join(SCHEDULERS)}")
     command.add_argument("--tuner", action="append", default=[], metavar="FILE[:SCALE]", help="SC tuner (file or library name), repeatable")
+    command.add_argument(
+        "--conditional-only", action="store_true",
+        help="apply the SC tuners to the prompt's half of classifier-free guidance only, so guidance amplifies their style",
+    )
     command.add_argument("--control", action="append", default=[], metavar="TUNER:IMAGE[:ALPHA]", help="CSC tuner and the picture to extract its condition from, repeatable")
     command.add_argument("--raw-control", action="store_true", help="the --control images are condition images already (no extraction)")
     command.add_argument(
@@ -177,7 +181,9 @@ def _request_from_args(args: argparse.Namespace, batch_size: int = 1, check: Cal
     request = GenerationRequest(
         prompt=args.prompt, negative_prompt=args.negative, seed=args.seed, steps=args.steps, guidance=args.guidance,
         width=width, height=height, scheduler=args.scheduler, batch_size=batch_size,
-        sc_tuners=tuple(TunerUse(str(library.resolve(name)), scale) for name, scale in map(_split_suffix_number, args.tuner)),
+        sc_tuners=tuple(
+            TunerUse(str(library.resolve(name)), scale, args.conditional_only) for name, scale in map(_split_suffix_number, args.tuner)
+        ),
         normalise_alpha=args.normalise_alpha,
         skip_tuning=SkipTuningSettings(args.rho_outer, args.rho_inner) if args.rho_inner is not None else None,
     )

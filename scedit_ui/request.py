@@ -30,10 +30,15 @@ PNG_GRID_KEY = "scedit_grid"  # a compare grid's axes; its PNG_RECIPE_KEY chunk 
 
 @dataclass(frozen=True)
 class TunerUse:
-    """An SC tuner file from the library, added to every skip at `scale`."""
+    """An SC tuner file from the library, added to every skip at `scale`.
+
+    With `conditional_only` it edits only the prompt's half of classifier-free guidance, so guidance amplifies
+    the tuner's effect as it amplifies the prompt (without guidance there is one half and nothing changes).
+    """
 
     tuner: str
     scale: float = 1.0
+    conditional_only: bool = False
 
 
 @dataclass(frozen=True)
@@ -116,6 +121,8 @@ class GenerationRequest:
                 raise UserInputError(f"{name} must be a multiple of 8 (the VAE downsamples by 8), got {value}")
         for use in self.sc_tuners:
             check_number(f"scale of {Path(use.tuner).name}", use.scale, *SCALE_RANGE)
+            if not isinstance(use.conditional_only, bool):
+                raise UserInputError(f"conditional_only of {Path(use.tuner).name} must be true or false, got {use.conditional_only!r}")
         for use in self.conditions:
             check_number(f"alpha of {Path(use.tuner).name}", use.alpha, *WEIGHT_RANGE)
             check_step_range(f"step range of {Path(use.tuner).name}", use.step_range)
@@ -180,7 +187,7 @@ class GenerationRequest:
             f"Steps: {self.steps}", f"Sampler: {self.scheduler}", f"CFG scale: {self.guidance}", f"Seed: {seed}",
             f"Size: {self.width}x{self.height}", f"Model: {model_name}",
         ]
-        settings += [f"SC tuner: {t.tuner} ({t.scale})" for t in self.sc_tuners]
+        settings += [f"SC tuner: {t.tuner} ({t.scale}{', conditional only' if t.conditional_only else ''})" for t in self.sc_tuners]
         settings += [
             f"Control: {c.tuner} (α {c.alpha}, steps {c.step_range[0]}-{c.step_range[1]}"
             + (", masked" if c.mask is not None else "")

@@ -130,10 +130,11 @@ def test_generate_refuses_bad_values_with_one_clear_message(served):
 
 
 def test_read_png_settings_restores_the_settings_of_that_image(served):
-    paths, _ = generate(served.client, seed=20, batch_size=2, tuner_1="style", scale_1=0.5)
+    paths, _ = generate(served.client, seed=20, batch_size=2, tuner_1="style", scale_1=0.5, conditional_only=True)
     settings = served.client.predict(handle_file(paths[1]), api_name="/read_png_settings")
     prompt, negative, seed, steps, guidance, width, height, scheduler, tuner_1, scale_1 = settings[:10]
     assert (prompt, seed, steps, width, height, scheduler, tuner_1, scale_1) == (PROMPT, 21, 2, 64, 64, "DDIM", "style", 0.5)
+    assert settings[-1] is True  # style guidance (the tuners on the conditional half only)
 
 
 def test_read_png_settings_of_a_foreign_png_explains_why(served):

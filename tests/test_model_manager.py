@@ -119,6 +119,23 @@ def test_tuners_conditions_and_rho_change_the_image(manager, tmp_path):
     assert np.array_equal(pixels(manager.generate(plain).images[0]), baseline)
 
 
+def test_a_conditional_only_tuner_differs_only_under_guidance_and_is_kept_in_the_png(manager, tmp_path):
+    sc_file = randomised_tuner_file(SCTuner(manager.editor.layout, 0.5), tmp_path / "style.safetensors")
+    both = GenerationRequest("a blue square", seed=5, sc_tuners=(TunerUse(sc_file, 1.0),), **FAST)
+    conditional = replace(both, sc_tuners=(TunerUse(sc_file, 1.0, conditional_only=True),))
+    image = manager.generate(conditional).images[0]
+    assert not np.array_equal(pixels(image), pixels(manager.generate(both).images[0]))
+    assert not manager.editor.guidance_halves  # reset with the other edits
+    unguided = [manager.generate(replace(r, guidance=1.0)).images[0] for r in (both, conditional)]
+    assert np.array_equal(pixels(unguided[0]), pixels(unguided[1]))  # one half only: the same edit
+    save_png(image, tmp_path / "c.png")
+    stored, _, _ = request_from_png(Image.open(tmp_path / "c.png"))
+    assert stored.sc_tuners[0].conditional_only
+    assert "conditional only" in Image.open(tmp_path / "c.png").info["parameters"]
+    with pytest.raises(UserInputError, match="conditional_only of style.safetensors must be true or false"):
+        manager.generate(replace(both, sc_tuners=(TunerUse(sc_file, 1.0, conditional_only="yes"),)))
+
+
 def test_a_cancelled_generation_releases_the_lock(manager):
     cancel = threading.Event()
     cancel.set()
@@ -161,13 +178,15 @@ def test_a_single_file_that_is_not_a_full_checkpoint_gives_one_clear_message(ran
             ModelManager("cpu").load(str(tmp_path / "partial.safetensors"), config)
 
 
-def test_cli_generate_writes_a_png_with_metadata(random_sd_folder, tmp_path):
+def test_cli_generate_writes_a_png_with_metadata(manager, random_sd_folder, tmp_path):
     out = tmp_path / "out.png"
+    sc_file = randomised_tuner_file(SCTuner(manager.editor.layout, 0.5), tmp_path / "style.safetensors")
     command = [sys.executable, "-m", "scedit_ui", "generate", "--prompt", "a red circle", "--seed", "3",
                "--steps", "2", "--model", str(random_sd_folder), "--out", str(out), "--rho-inner", "0.9"]
-    subprocess.run(command, check=True, capture_output=True)
+    subprocess.run([*command, "--tuner", f"{sc_file}:0.5", "--conditional-only"], check=True, capture_output=True)
     stored, _, _ = request_from_png(Image.open(out))
     assert stored.seed == 3 and stored.skip_tuning.rho_inner == 0.9
+    assert stored.sc_tuners == (TunerUse(sc_file, 0.5, conditional_only=True),)
 
     bad = subprocess.run([*command, "--scheduler", "nope"], capture_output=True, text=True)
     assert bad.returncode == 2

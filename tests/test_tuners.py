@@ -112,6 +112,24 @@ def test_zero_initialised_tuners_leave_the_output_unchanged(tiny_unet, unet_inpu
         assert not torch.allclose(run(tiny_unet, unet_inputs), baseline)
 
 
+def test_a_conditional_only_tuner_edits_the_second_half_of_a_guided_batch(tiny_unet, unet_inputs):
+    layout = SkipLayout.from_unet(tiny_unet)
+    tuner = randomise(SCTuner(layout))
+    half = {k: v[1:] for k, v in unet_inputs.items() if k != "timestep"} | {"timestep": unet_inputs["timestep"]}
+    plain = run(tiny_unet, unet_inputs)
+    with SkipEditor(tiny_unet) as editor:
+        editor.add_sc_tuner("style", tuner)
+        tuned = run(tiny_unet, unet_inputs)
+        editor.add_sc_tuner("style", tuner, conditional_only=True)
+        assert torch.equal(run(tiny_unet, unet_inputs), tuned)  # no guidance: the whole batch is conditional
+        editor.guidance_halves = True
+        guided = run(tiny_unet, unet_inputs)
+        assert torch.allclose(run(tiny_unet, half), tuned[1:], atol=1e-5)  # the same tuner on the half alone
+    assert torch.allclose(guided[0], plain[0], atol=1e-5)  # unconditional half: as if no tuner
+    assert torch.allclose(guided[1], tuned[1], atol=1e-5)  # conditional half: the tuner
+    assert not torch.allclose(tuned[0], plain[0], atol=1e-3)
+
+
 def test_a_fresh_csc_tuner_passes_a_sparse_condition_to_every_skip_at_a_trainable_scale(tiny_unet, unet_inputs):
     layout = SkipLayout.from_unet(tiny_unet)
     torch.manual_seed(0)

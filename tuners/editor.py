@@ -4,7 +4,8 @@ It registers forward pre-hooks on the up blocks and hands each a new `res_hidden
 
     x'_g = ρ_g · (x_g + Σ_i s_i · A_i(x_g) + Σ_m α_m · w_g^m · M_g^m · (c_g^m + T_g^m(x_g + c_g^m)))
 
-with SC-Tuner adapters A_i at scale s_i, CSC conditions m at weight α_m (Eq. 7), optional per-skip
+with SC-Tuner adapters A_i at scale s_i (optionally on the conditional half of a classifier-free-guidance
+batch only, so that guidance amplifies the tuner as it amplifies the prompt), CSC conditions m at weight α_m (Eq. 7), optional per-skip
 weights w_g^m and spatial α maps M^m resized to skip g's resolution, and Skip-Tuning ρ.
 No copy of the UNet forward: detaching removes the hooks and the UNet is untouched.
 
@@ -32,6 +33,13 @@ from tuners.skip_scaling import SkipScaling
 from tuners.validation import WEIGHT_RANGE, check_number, check_per_skip, check_step_range
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class _SCUse:
+    tuner: SCTuner
+    scale: float
+    conditional_only: bool
 
 
 @dataclass
@@ -155,20 +163,24 @@ class SkipEditor:
         self.unet = unet
         self.layout = SkipLayout.from_unet(unet)
         self.cache = FeatureCache()
-        self.sc_tuners: dict[str, tuple[SCTuner, float]] = {}
+        self.sc_tuners: dict[str, _SCUse] = {}
         self.conditions: list[ControlCondition] = []
         self.normalise_alpha = False
         self.skip_scaling: SkipScaling | None = None
         self.training = False
         self.step: tuple[int, int] | None = None  # (index, number of sampling steps) while sampling
+        # Set by the sampling loop: the UNet batch is [unconditional; conditional] (diffusers' CFG order).
+        self.guidance_halves = False
         self._digests: dict[int, str] = {}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._call_state: dict[str, Any] = {}
 
     # -- what to apply --------------------------------------------------------------------------
-    def add_sc_tuner(self, name: str, tuner: SCTuner, scale: float = 1.0) -> None:
+    def add_sc_tuner(self, name: str, tuner: SCTuner, scale: float = 1.0, conditional_only: bool = False) -> None:
+        """Add `tuner` at `scale`; with `conditional_only` it edits only the conditional half of a guided batch
+        (`guidance_halves`), so guidance g turns its effect s into about g·s, the way it amplifies the prompt."""
         self.layout.check_matches(tuner.shape, f"SC tuner '{name}'")
-        self.sc_tuners[name] = (tuner.to(self._device()), scale)
+        self.sc_tuners[name] = _SCUse(tuner.to(self._device()), scale, conditional_only)
 
     def remove_sc_tuner(self, name: str) -> None:
         self.sc_tuners.pop(name, None)
@@ -209,10 +221,11 @@ class SkipEditor:
         self.set_conditions([])
         self.skip_scaling = None
         self.step = None
+        self.guidance_halves = False
 
     # -- training --------------------------------------------------------------------------------
     def tuner_modules(self) -> list[nn.Module]:
-        return [t for t, _ in self.sc_tuners.values()] + list({id(c.tuner): c.tuner for c in self.conditions}.values())
+        return [use.tuner for use in self.sc_tuners.values()] + list({id(c.tuner): c.tuner for c in self.conditions}.values())
 
     def train_mode(self, enabled: bool = True) -> list[nn.Parameter]:
         """Freeze the UNet, make tuner parameters trainable, and run the encoder and mid block without
@@ -307,8 +320,12 @@ class SkipEditor:
 
     def _edit(self, g: int, x: torch.Tensor) -> torch.Tensor:
         out = x
-        for tuner, scale in self.sc_tuners.values():
-            out = out + scale * tuner.delta(g, x)
+        for use in self.sc_tuners.values():
+            if use.conditional_only and self.guidance_halves:
+                half = x.shape[0] // 2
+                out = torch.cat([out[:half], out[half:] + use.scale * use.tuner.delta(g, x[half:])])
+            else:
+                out = out + use.scale * use.tuner.delta(g, x)
         for active in self._call_state.get("active", ()):
             weight = active.weight * active.condition.skip_weight(g)
             if weight == 0:

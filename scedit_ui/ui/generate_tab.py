@@ -53,9 +53,11 @@ def request_from_form(
     )
 
 
-def tuner_uses(state: AppState, names: list[str | None], scales: list[float]) -> tuple[TunerUse, ...]:
+def tuner_uses(state: AppState, names: list[str | None], scales: list[float], conditional_only: bool) -> tuple[TunerUse, ...]:
     """The chosen SC tuners (library names) with their scales; empty slots are skipped."""
-    return tuple(TunerUse(str(state.library.find(name)), float(scale)) for name, scale in zip(names, scales) if name)
+    return tuple(
+        TunerUse(str(state.library.find(name)), float(scale), bool(conditional_only)) for name, scale in zip(names, scales) if name
+    )
 
 
 def generate_images(state: AppState, request: GenerationRequest, progress=None) -> tuple[list[str], str]:
@@ -85,7 +87,7 @@ def settings_from_png(state: AppState, path: str | None) -> tuple:
         slots += [name if name in known else None, use.scale if use else 1.0]
     return (
         request.prompt, request.negative_prompt, request.seed + index, request.steps, request.guidance,
-        request.width, request.height, request.scheduler, *slots,
+        request.width, request.height, request.scheduler, *slots, any(use.conditional_only for use in request.sc_tuners),
     )
 
 
@@ -132,6 +134,10 @@ def build(state: AppState) -> GenerateTab:
                     with gr.Row():
                         tuners.append(gr.Dropdown(state.tuner_names("sc"), value=None, label=f"Tuner {i + 1}", allow_custom_value=True, scale=2))
                         scales.append(gr.Slider(-2, 2, value=1.0, step=0.05, label="Scale", scale=1))
+                conditional_only = gr.Checkbox(
+                    False, label="Style guidance: tuners act on the prompt's side of guidance only",
+                    info="Guidance then amplifies the style as it does the prompt; use a lower scale (about 0.25–0.5).",
+                )
             button = gr.Button("Generate", variant="primary", elem_id="generate-button")
         with gr.Column(scale=3):
             gallery = gr.Gallery(label="Images (PNG with settings)", format="png", columns=2, height=620, object_fit="contain", interactive=False, elem_id="generate-gallery")
@@ -150,18 +156,18 @@ def build(state: AppState) -> GenerateTab:
     def generate(
         prompt: str, negative_prompt: str, seed: int, steps: int, guidance: float, width: int, height: int, scheduler: str,
         batch_size: int, tuner_1: str | None = None, scale_1: float = 1.0, tuner_2: str | None = None, scale_2: float = 1.0,
-        tuner_3: str | None = None, scale_3: float = 1.0, progress=gr.Progress(),
+        tuner_3: str | None = None, scale_3: float = 1.0, conditional_only: bool = False, progress=gr.Progress(),
     ) -> tuple[list[str], str, int]:
         """Generate images; returns the PNG files (settings in their metadata), a summary and the seed used."""
         request = request_from_form(
             prompt, negative_prompt, seed, steps, guidance, width, height, scheduler, batch_size=whole_number("batch size", batch_size),
-            sc_tuners=tuner_uses(state, [tuner_1, tuner_2, tuner_3], [scale_1, scale_2, scale_3]),
+            sc_tuners=tuner_uses(state, [tuner_1, tuner_2, tuner_3], [scale_1, scale_2, scale_3], conditional_only),
         )
         paths, summary = generate_images(state, request, progress)
         return paths, summary, request.seed
 
     slot_inputs = [component for pair in zip(tuners, scales) for component in pair]
-    inputs = [prompt, negative, seed, steps, guidance, width, height, scheduler, batch, *slot_inputs]
+    inputs = [prompt, negative, seed, steps, guidance, width, height, scheduler, batch, *slot_inputs, conditional_only]
     gr.on([button.click, prompt.submit], on_gpu(generate), inputs, [gallery, info, last_seed], api_name="generate", concurrency_id=GPU_QUEUE)
 
     def remember_selection(event: gr.SelectData) -> int:
@@ -177,5 +183,8 @@ def build(state: AppState) -> GenerateTab:
         """Settings (prompt, seed, steps, size, scheduler, tuners) stored in a PNG made by this app."""
         return settings_from_png(state, png)
 
-    png.upload(read_png, png, [prompt, negative, seed, steps, guidance, width, height, scheduler, *slot_inputs], api_name="read_png_settings")
+    png.upload(
+        read_png, png, [prompt, negative, seed, steps, guidance, width, height, scheduler, *slot_inputs, conditional_only],
+        api_name="read_png_settings",
+    )
     return GenerateTab(width, height, tuners, gallery, selected, send_to_control, send_to_skip_tuning)

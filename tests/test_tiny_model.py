@@ -3,6 +3,7 @@
 import gzip
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -279,6 +280,23 @@ def test_unet_stage_from_init_resumes_to_identical_weights_and_keeps_the_vae(tmp
     resumed = StableDiffusionPipeline.from_pretrained(tmp_path / "out-interrupted", dtype=torch.float32)
     for name, value in straight.unet.state_dict().items():
         torch.testing.assert_close(resumed.unet.state_dict()[name], value, msg=name)
+
+
+def test_the_shape_weight_covers_the_shapes_and_ignores_the_style():
+    big = world.Scene((world.ShapeSpec("square", "red", "top left", "large"),), "blue")
+    weight = tiny_model._latent_shape_weight([big, replace(big, style="stripes")], (16, 16), 4.0)
+    assert torch.equal(weight[0], weight[1])  # the striped background does not count as shape
+    assert weight[0, 0, :3, :3].min() > 4.0  # inside the square: 1 + 4 × full cover
+    assert weight[0, 0, 10:, 10:].max() == 1.0  # the far corner is background
+    assert torch.equal(tiny_model._latent_shape_weight([big], (16, 16), 0.0), torch.ones(1, 1, 16, 16))
+
+
+def test_the_unet_stage_uses_the_shape_weight(tmp_path):
+    outputs = {}
+    for extra in (0.0, 4.0):
+        tiny_model.train(tmp_path / f"w{extra}", tmp_path / f"out{extra}", _tiny_run(init=str(MODEL_DIR), unet_shape_weight=extra), threads=1)
+        outputs[extra] = UNet2DConditionModel.from_pretrained(tmp_path / f"out{extra}" / "unet").state_dict()
+    assert any(not torch.equal(v, outputs[4.0][k]) for k, v in outputs[0.0].items())
 
 
 def test_a_work_folder_refuses_another_configuration(tmp_path):

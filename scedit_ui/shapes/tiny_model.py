@@ -43,6 +43,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.optimization import get_cosine_schedule_with_warmup
 from diffusers.training_utils import EMAModel, compute_snr
@@ -303,6 +304,9 @@ class TinyModelConfig:
     unet_warmup: int = 100
     caption_dropout: float = 0.1
     min_snr_gamma: float = 5.0
+    # Extra loss weight of the latent pixels a shape covers (and their neighbours): shapes are a small part of
+    # each scene, and an unweighted loss taught the background long before the shapes (docs/tiny-model.md).
+    unet_shape_weight: float = 0.0
     # A random per-channel constant added to the noise, so the background colour must come from the text
     # (docs/tiny-model.md: without it the model read the background from the first step's latent mean).
     offset_noise: float = 0.3
@@ -365,6 +369,15 @@ def _shape_mask(images: torch.Tensor, scenes: Sequence[Scene]) -> torch.Tensor:
     background = torch.tensor([world.COLORS[s.background] for s in scenes], dtype=torch.float32)
     background = (background / 127.5 - 1.0)[:, :, None, None]
     return ((images - background).abs().amax(dim=1, keepdim=True) > 0.05).float()
+
+
+def _latent_shape_weight(scenes: Sequence[Scene], size: tuple[int, int], extra: float) -> torch.Tensor:
+    """1 + `extra` × the fraction of each latent pixel (grown by one pixel) that the scenes' shapes cover (N x 1 x h x w).
+
+    The mask comes from the plain render, so a styled scene weighs its shapes, not its texture."""
+    plain = [replace(scene, style=None) for scene in scenes]
+    cover = F.adaptive_avg_pool2d(_shape_mask(_render(plain), plain), size)
+    return 1.0 + extra * F.max_pool2d(cover, 3, stride=1, padding=1)
 
 
 def _to_images(batch: torch.Tensor) -> list[Image.Image]:
@@ -593,7 +606,13 @@ def train_unet(
         pred = unet(noisy.to(device), t.to(device), text).sample
         snr = compute_snr(scheduler, t)
         weight = (torch.clamp(snr, max=cfg.min_snr_gamma) / snr).to(device)  # Min-SNR-gamma for epsilon
-        loss = (weight * (pred - noise.to(device)).pow(2).mean(dim=(1, 2, 3))).mean()
+        error = (pred - noise.to(device)).pow(2)
+        if cfg.unet_shape_weight:
+            pixel_weight = _latent_shape_weight([cache.scenes[i] for i in idx.tolist()], x0.shape[-2:], cfg.unet_shape_weight).to(device)
+            per_sample = (pixel_weight * error).mean(dim=(1, 2, 3)) / pixel_weight.mean(dim=(1, 2, 3))
+        else:
+            per_sample = error.mean(dim=(1, 2, 3))
+        loss = (weight * per_sample).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)

@@ -51,9 +51,11 @@ def build_app(state: AppState) -> gr.Blocks:
     return demo
 
 
-def _settings_of(path: str):
+def _form_values(path: str) -> tuple:
+    """The values of a `SettingsForm` (in `inputs` order) stored in a PNG made by this app, with that image's seed."""
     request, index, _ = read_png_request(path)
-    return request, request.seed + index
+    return (request.prompt, request.negative_prompt, request.seed + index, request.steps, request.guidance, request.width,
+            request.height, request.scheduler)
 
 
 def _wire_send_buttons(generate, control, skip, tabs: gr.Tabs) -> None:
@@ -61,26 +63,22 @@ def _wire_send_buttons(generate, control, skip, tabs: gr.Tabs) -> None:
     def to_control(gallery: list | None, selected: int | None) -> tuple:
         """The selected image as the Control picture, with its prompt, seed and settings."""
         path = generate_tab.selected_image(gallery, selected)
-        request, seed = _settings_of(path)
         with Image.open(path) as image:
             picture = image.convert("RGB")
-        return (picture, request.prompt, request.negative_prompt, seed, request.steps, request.guidance, request.width,
-                request.height, request.scheduler, gr.Tabs(selected="control"))
+        return (picture, *_form_values(path), gr.Tabs(selected="control"))
 
     @user_errors
     def to_skip_tuning(gallery: list | None, selected: int | None) -> tuple:
-        """The selected image's prompt, seed and settings in the Skip-Tuning tab."""
-        request, seed = _settings_of(generate_tab.selected_image(gallery, selected))
-        return (request.prompt, request.negative_prompt, seed, request.guidance, request.width, request.height, request.scheduler,
-                gr.Tabs(selected="skip-tuning"))
+        """The selected image's prompt, seed and settings in the Skip-Tuning tab (which keeps its own few steps)."""
+        prompt, negative, seed, _, *rest = _form_values(generate_tab.selected_image(gallery, selected))
+        return (prompt, negative, seed, *rest, gr.Tabs(selected="skip-tuning"))
 
+    skip_fields = [c for c in skip.settings.inputs if c is not skip.settings.steps]
     generate.send_to_control.click(
-        to_control, [generate.gallery, generate.selected],
-        [control.picture, control.prompt, control.negative, control.seed, control.steps, control.guidance, control.width,
-         control.height, control.scheduler, tabs], api_name="send_to_control", api_visibility="private")
+        to_control, [generate.gallery, generate.selected], [control.picture, *control.settings.inputs, tabs],
+        api_name="send_to_control", api_visibility="private")
     generate.send_to_skip_tuning.click(
-        to_skip_tuning, [generate.gallery, generate.selected],
-        [skip.prompt, skip.negative, skip.seed, skip.guidance, skip.width, skip.height, skip.scheduler, tabs],
+        to_skip_tuning, [generate.gallery, generate.selected], [*skip_fields, tabs],
         api_name="send_to_skip_tuning", api_visibility="private")
 
 
@@ -136,7 +134,8 @@ def _wire_tuner_use(state: AppState, tuners, generate, control, tabs: gr.Tabs) -
 
 def _wire_model_change(state: AppState, model, generate, control, skip, train, library_version: gr.State) -> None:
     """After another base model is loaded: its native size, its skips and its FreeU preset everywhere."""
-    sizes = [generate.width, generate.height, control.width, control.height, skip.width, skip.height, train.resolution]
+    sizes = [generate.width, generate.height, control.settings.width, control.settings.height, skip.settings.width, skip.settings.height,
+             train.resolution]
 
     def follow(version: int) -> list:
         info = state.manager.info()

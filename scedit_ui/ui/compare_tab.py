@@ -10,8 +10,8 @@ import gradio as gr
 from scedit_ui import conditions, use_cases
 from scedit_ui.conditions import CONDITION_KINDS
 from scedit_ui.model_manager import GenerationCancelled
-from scedit_ui.request import MAX_SEED, SCHEDULERS, SkipTuningSettings, TunerUse
-from scedit_ui.ui.generate_tab import request_from_form
+from scedit_ui.request import SkipTuningSettings, TunerUse
+from scedit_ui.ui.generate_tab import request_from_form, settings_form
 from scedit_ui.ui.handlers import GPU_QUEUE, on_gpu, user_errors
 from scedit_ui.ui.state import AppState
 from scedit_ui.use_cases import GRID_AXES, ConditionRow
@@ -64,16 +64,8 @@ def build(state: AppState) -> CompareTab:
     cancel = threading.Event()
     with gr.Row():
         with gr.Column(scale=2):
-            prompt = gr.Textbox(label="Prompt", lines=2, elem_id="compare-prompt")
-            negative = gr.Textbox(label="Negative prompt")
-            with gr.Row():
-                seed = gr.Number(label="Seed (-1 = random)", value=-1, precision=0, minimum=-1, maximum=MAX_SEED)
-                steps = gr.Slider(1, 150, value=20, step=1, label="Steps", elem_id="compare-steps")
-                guidance = gr.Slider(0, 30, value=5.0, step=0.5, label="Guidance")
-            with gr.Row():
-                width = gr.Slider(64, 2048, value=native, step=8, label="Width")
-                height = gr.Slider(64, 2048, value=native, step=8, label="Height")
-                scheduler = gr.Dropdown(list(SCHEDULERS), value="DDIM", label="Scheduler")
+            form = settings_form("compare", native)
+            prompt, negative, seed, steps, guidance, width, height, scheduler = form.inputs
             with gr.Row():
                 sc_tuner = gr.Dropdown(state.tuner_names("sc"), value=None, label="SC tuner (for the SC scale axis)", allow_custom_value=True)
                 sc_scale = gr.Slider(-2, 2, value=1.0, step=0.05, label="SC scale")

@@ -12,9 +12,9 @@ from PIL import Image
 
 from scedit_ui import conditions, use_cases
 from scedit_ui.conditions import CONDITION_KINDS, FIT_MODES, ParamSpec
-from scedit_ui.request import MAX_SEED, SCHEDULERS, GenerationRequest
+from scedit_ui.request import GenerationRequest
 from scedit_ui.shapes.world import COLORS, SHAPES, caption, sample_scene
-from scedit_ui.ui.generate_tab import describe_result, request_from_form
+from scedit_ui.ui.generate_tab import SettingsForm, describe_result, request_from_form, settings_form
 from scedit_ui.ui.handlers import GPU_QUEUE, on_gpu, optional_keywords, readable_upload, user_errors, whole_number
 from scedit_ui.ui.state import AppState
 from scedit_ui.use_cases import ConditionRow
@@ -31,14 +31,7 @@ class ControlTab:
 
     picture: gr.Image
     kinds: gr.CheckboxGroup
-    prompt: gr.Textbox
-    negative: gr.Textbox
-    seed: gr.Number
-    steps: gr.Slider
-    guidance: gr.Slider
-    width: gr.Slider
-    height: gr.Slider
-    scheduler: gr.Dropdown
+    settings: SettingsForm
     tuners: dict[str, gr.Dropdown]  # the CSC tuner of each condition row
 
 
@@ -160,16 +153,8 @@ def build(state: AppState) -> ControlTab:
             fit = gr.Radio(list(FIT_MODES), value="crop", label="Fit the picture to the size")
             extract_button = gr.Button("Extract conditions", elem_id="extract-button")
         with gr.Column(scale=3):
-            prompt = gr.Textbox(label="Prompt", lines=2, elem_id="control-prompt")
-            negative = gr.Textbox(label="Negative prompt")
-            with gr.Row():
-                seed = gr.Number(label="Seed (-1 = random)", value=-1, precision=0, minimum=-1, maximum=MAX_SEED)
-                steps = gr.Slider(1, 150, value=20, step=1, label="Steps", elem_id="control-steps")
-                guidance = gr.Slider(0, 30, value=5.0, step=0.5, label="Guidance")
-            with gr.Row():
-                width = gr.Slider(64, 2048, value=native, step=8, label="Width")
-                height = gr.Slider(64, 2048, value=native, step=8, label="Height")
-                scheduler = gr.Dropdown(list(SCHEDULERS), value="DDIM", label="Scheduler")
+            form = settings_form("control", native)
+            prompt, negative, seed, steps, guidance, width, height, scheduler = form.inputs
             normalise = gr.Checkbox(False, label="Normalise α (Σα = 1, as in the paper)")
             generate_button = gr.Button("Generate with conditions", variant="primary", elem_id="control-generate-button")
             gallery = gr.Gallery(label="Results", format="png", columns=2, height=300, object_fit="contain", interactive=False, elem_id="control-gallery")
@@ -308,5 +293,4 @@ def build(state: AppState) -> ControlTab:
     picture.change(lambda p: [to_mask_editor(p)] * (1 + len(region_editors)), picture, [mask_editor, *region_editors],
                    api_name="picture_to_mask_editor", api_visibility="private")
     picture.upload(lambda p: builtin_model_notice(state, p), picture, info, api_name="builtin_model_notice", api_visibility="private", queue=False)
-    return ControlTab(picture, kinds, prompt, negative, seed, steps, guidance, width, height, scheduler,
-                      {kind: settings[f"{kind}_tuner"] for kind in KINDS})
+    return ControlTab(picture, kinds, form, {kind: settings[f"{kind}_tuner"] for kind in KINDS})

@@ -53,6 +53,39 @@ def request_from_form(
     )
 
 
+@dataclass
+class SettingsForm:
+    """The settings every generating tab shows; `inputs` is in `request_from_form`'s order."""
+
+    prompt: gr.Textbox
+    negative: gr.Textbox
+    seed: gr.Number
+    steps: gr.Slider
+    guidance: gr.Slider
+    width: gr.Slider
+    height: gr.Slider
+    scheduler: gr.Dropdown
+
+    @property
+    def inputs(self) -> list[gr.components.Component]:
+        return [self.prompt, self.negative, self.seed, self.steps, self.guidance, self.width, self.height, self.scheduler]
+
+
+def settings_form(tab: str, native_size: int, seed: int = -1, steps: int = 20, steps_label: str = "Steps") -> SettingsForm:
+    """Prompt, negative prompt, seed, steps, guidance, size and scheduler, laid out in three rows (elem ids `TAB-prompt`, `TAB-steps`)."""
+    prompt = gr.Textbox(label="Prompt", lines=2, elem_id=f"{tab}-prompt")
+    negative = gr.Textbox(label="Negative prompt")
+    with gr.Row():
+        seed_box = gr.Number(label="Seed (-1 = random)", value=seed, precision=0, minimum=-1, maximum=MAX_SEED)
+        steps_slider = gr.Slider(1, 150, value=steps, step=1, label=steps_label, elem_id=f"{tab}-steps")
+        guidance = gr.Slider(0, 30, value=5.0, step=0.5, label="Guidance")
+    with gr.Row():
+        width = gr.Slider(64, MAX_SIZE, value=native_size, step=8, label="Width")
+        height = gr.Slider(64, MAX_SIZE, value=native_size, step=8, label="Height")
+        scheduler = gr.Dropdown(list(SCHEDULERS), value="DDIM", label="Scheduler")
+    return SettingsForm(prompt, negative, seed_box, steps_slider, guidance, width, height, scheduler)
+
+
 def tuner_uses(state: AppState, names: list[str | None], scales: list[float], conditional_only: bool) -> tuple[TunerUse, ...]:
     """The chosen SC tuners (library names) with their scales; empty slots are skipped."""
     return tuple(

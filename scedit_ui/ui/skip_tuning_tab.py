@@ -5,8 +5,8 @@ from dataclasses import dataclass, replace
 
 import gradio as gr
 
-from scedit_ui.request import FREEU_PRESETS, MAX_SEED, SCHEDULERS, GenerationRequest, SkipTuningSettings
-from scedit_ui.ui.generate_tab import describe_result, example_prompts, request_from_form
+from scedit_ui.request import FREEU_PRESETS, GenerationRequest, SkipTuningSettings
+from scedit_ui.ui.generate_tab import SettingsForm, describe_result, example_prompts, request_from_form, settings_form
 from scedit_ui.ui.handlers import GPU_QUEUE, on_gpu, user_errors
 from scedit_ui.ui.state import AppState
 from tuners import SkipLayout, rho_schedule
@@ -26,13 +26,7 @@ FREEU_FACTORS = ("s1", "s2", "b1", "b2")
 class SkipTuningTab:
     """What other tabs wire to."""
 
-    prompt: gr.Textbox
-    negative: gr.Textbox
-    seed: gr.Number
-    guidance: gr.Slider
-    width: gr.Slider
-    height: gr.Slider
-    scheduler: gr.Dropdown
+    settings: SettingsForm
     rhos: list[gr.Slider]
     freeu_preset: gr.Dropdown
     freeu_factors: list[gr.Slider]
@@ -103,16 +97,8 @@ def build(state: AppState) -> SkipTuningTab:
     layout = state.manager.editor.layout
     with gr.Row():
         with gr.Column(scale=2):
-            prompt = gr.Textbox(label="Prompt", lines=2, elem_id="skip-prompt")
-            negative = gr.Textbox(label="Negative prompt")
-            with gr.Row():
-                seed = gr.Number(label="Seed (-1 = random)", value=0, precision=0, minimum=-1, maximum=MAX_SEED)
-                steps = gr.Slider(1, 150, value=8, step=1, label="Steps (few: where Skip-Tuning helps)", elem_id="skip-steps")
-                guidance = gr.Slider(0, 30, value=5.0, step=0.5, label="Guidance")
-            with gr.Row():
-                width = gr.Slider(64, 2048, value=info.native_size, step=8, label="Width")
-                height = gr.Slider(64, 2048, value=info.native_size, step=8, label="Height")
-                scheduler = gr.Dropdown(list(SCHEDULERS), value="DDIM", label="Scheduler")
+            form = settings_form("skip", info.native_size, seed=0, steps=8, steps_label="Steps (few: where Skip-Tuning helps)")
+            prompt, negative, seed, steps, guidance, width, height, scheduler = form.inputs
         with gr.Column(scale=3):
             with gr.Row():
                 plain = gr.Image(label="ρ = 1 (plain)", format="png", interactive=False, height=300)
@@ -170,4 +156,4 @@ def build(state: AppState) -> SkipTuningTab:
     gr.on([rho_outer.release, rho_inner.release], apply_schedule, [rho_outer, rho_inner], rhos, api_name="rho_schedule", queue=False)
     freeu_preset.change(user_errors(lambda name: list(freeu_for_preset(state, name))), freeu_preset, factors,
                         api_name="freeu_preset", api_visibility="private", queue=False)
-    return SkipTuningTab(prompt, negative, seed, guidance, width, height, scheduler, rhos, freeu_preset, factors)
+    return SkipTuningTab(form, rhos, freeu_preset, factors)

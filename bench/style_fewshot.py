@@ -168,9 +168,9 @@ def plot(results: list[dict], path: Path) -> None:
     figure, axes = plt.subplots(1, len(modes), figsize=(6 * len(modes) + 2.5, 3.8), dpi=110, squeeze=False)
     for axis, mode in zip(axes[0], modes):
         for result, colour in zip([r for r in results if bool(r.get("conditional_only")) == mode], ("tab:red", "tab:blue", "tab:green")):
-            scales = [r["scale"] for r in result["sweep"]]
-            axis.plot(scales, [r["style_ratio"] for r in result["sweep"]], "-o", color=colour, label=f"{result['set']}: style ÷ training pictures'")
-            axis.plot(scales, [r["colour_accuracy"] for r in result["sweep"]], "--s", color=colour, label=f"{result['set']}: colour accuracy")
+            scales, name = [r["scale"] for r in result["sweep"]], result["set"]
+            axis.plot(scales, [r["style_ratio"] for r in result["sweep"]], "-o", color=colour, label=f"{name}: style ÷ training pictures'")
+            axis.plot(scales, [r["colour_accuracy"] for r in result["sweep"]], "--s", color=colour, label=f"{name}: colour accuracy")
             if "reference" in result:  # drawn at the right edge: the style itself, through the VAE
                 edge = max(scales) + 0.25
                 axis.plot([edge], [result["reference"]["style_ratio"]], "o", color=colour, markerfacecolor="none")

@@ -294,7 +294,8 @@ def test_the_shape_weight_covers_the_shapes_and_ignores_the_style():
 def test_the_unet_stage_uses_the_shape_weight(tmp_path):
     outputs = {}
     for extra in (0.0, 4.0):
-        tiny_model.train(tmp_path / f"w{extra}", tmp_path / f"out{extra}", _tiny_run(init=str(MODEL_DIR), unet_shape_weight=extra), threads=1)
+        config = _tiny_run(init=str(MODEL_DIR), unet_shape_weight=extra)
+        tiny_model.train(tmp_path / f"w{extra}", tmp_path / f"out{extra}", config, threads=1)
         outputs[extra] = UNet2DConditionModel.from_pretrained(tmp_path / f"out{extra}" / "unet").state_dict()
     assert any(not torch.equal(v, outputs[4.0][k]) for k, v in outputs[0.0].items())
 

@@ -589,6 +589,12 @@ def train_unet(
         start = state["step"]
         logger.info("unet: resuming at step %d/%d", start, cfg.unet_steps)
     empty_ids = tokenize(tokenizer, [""])[0]
+    shape_weight = None
+    if cfg.unet_shape_weight:  # once per run, not per step: rendering the batch's scenes cost ~10 % of a step
+        shape_weight = torch.cat([
+            _latent_shape_weight(cache.scenes[i : i + 500], cache.latents.shape[-2:], cfg.unet_shape_weight)
+            for i in range(0, len(cache.scenes), 500)
+        ])
     unet.train()
     text_encoder.train()
     t0, running = time.time(), 0.0
@@ -607,8 +613,8 @@ def train_unet(
         snr = compute_snr(scheduler, t)
         weight = (torch.clamp(snr, max=cfg.min_snr_gamma) / snr).to(device)  # Min-SNR-gamma for epsilon
         error = (pred - noise.to(device)).pow(2)
-        if cfg.unet_shape_weight:
-            pixel_weight = _latent_shape_weight([cache.scenes[i] for i in idx.tolist()], x0.shape[-2:], cfg.unet_shape_weight).to(device)
+        if shape_weight is not None:
+            pixel_weight = shape_weight[idx].to(device)
             per_sample = (pixel_weight * error).mean(dim=(1, 2, 3)) / pixel_weight.mean(dim=(1, 2, 3))
         else:
             per_sample = error.mean(dim=(1, 2, 3))

@@ -52,10 +52,9 @@ def build_app(state: AppState) -> gr.Blocks:
 
 
 def _form_values(path: str) -> tuple:
-    """The values of a `SettingsForm` (in `inputs` order) stored in a PNG made by this app, with that image's seed."""
+    """The `SettingsForm` values stored in a PNG made by this app, with that image's seed."""
     request, index, _ = read_png_request(path)
-    return (request.prompt, request.negative_prompt, request.seed + index, request.steps, request.guidance, request.width,
-            request.height, request.scheduler)
+    return generate_tab.SettingsForm.values(request, index)
 
 
 def _wire_send_buttons(generate, control, skip, tabs: gr.Tabs) -> None:

@@ -70,6 +70,12 @@ class SettingsForm:
     def inputs(self) -> list[gr.components.Component]:
         return [self.prompt, self.negative, self.seed, self.steps, self.guidance, self.width, self.height, self.scheduler]
 
+    @staticmethod
+    def values(request: GenerationRequest, image_index: int = 0) -> tuple:
+        """The values (in `inputs` order) that re-create image `image_index` of `request`."""
+        return (request.prompt, request.negative_prompt, request.seed + image_index, request.steps, request.guidance,
+                request.width, request.height, request.scheduler)
+
 
 def settings_form(tab: str, native_size: int, seed: int = -1, steps: int = 20, steps_label: str = "Steps") -> SettingsForm:
     """Prompt, negative prompt, seed, steps, guidance, size and scheduler, laid out in three rows (elem ids `TAB-prompt`, `TAB-steps`)."""
@@ -118,10 +124,7 @@ def settings_from_png(state: AppState, path: str | None) -> tuple:
         use = request.sc_tuners[i] if i < len(request.sc_tuners) else None
         name = Path(use.tuner).stem if use else None
         slots += [name if name in known else None, use.scale if use else 1.0]
-    return (
-        request.prompt, request.negative_prompt, request.seed + index, request.steps, request.guidance,
-        request.width, request.height, request.scheduler, *slots, any(use.conditional_only for use in request.sc_tuners),
-    )
+    return (*SettingsForm.values(request, index), *slots, any(use.conditional_only for use in request.sc_tuners))
 
 
 def selected_image(gallery: list | None, index: int | None) -> str:
@@ -199,8 +202,9 @@ def build(state: AppState) -> GenerateTab:
         paths, summary = generate_images(state, request, progress)
         return paths, summary, request.seed
 
+    form = SettingsForm(prompt, negative, seed, steps, guidance, width, height, scheduler)  # laid out here with the seed buttons
     slot_inputs = [component for pair in zip(tuners, scales) for component in pair]
-    inputs = [prompt, negative, seed, steps, guidance, width, height, scheduler, batch, *slot_inputs, conditional_only]
+    inputs = [*form.inputs, batch, *slot_inputs, conditional_only]
     gr.on([button.click, prompt.submit], on_gpu(generate), inputs, [gallery, info, last_seed], api_name="generate", concurrency_id=GPU_QUEUE)
 
     def remember_selection(event: gr.SelectData) -> int:
@@ -216,8 +220,5 @@ def build(state: AppState) -> GenerateTab:
         """Settings (prompt, seed, steps, size, scheduler, tuners) stored in a PNG made by this app."""
         return settings_from_png(state, png)
 
-    png.upload(
-        read_png, png, [prompt, negative, seed, steps, guidance, width, height, scheduler, *slot_inputs, conditional_only],
-        api_name="read_png_settings",
-    )
+    png.upload(read_png, png, [*form.inputs, *slot_inputs, conditional_only], api_name="read_png_settings")
     return GenerateTab(width, height, tuners, gallery, selected, send_to_control, send_to_skip_tuning)

@@ -14,6 +14,9 @@ The control image of a prompt is made from the render of its own scene.
   generated image and of the colour condition (cells of 16 px, i.e. ratio 16); with and without control.
 - reference: the same metrics for the render passed through the base model's VAE (encode, decode): the best a
   generation can reach, since every generated image is decoded by that VAE.
+- inpaint: a LaMa-style random mask per prompt (`random_inpaint_mask`, seed i) over the render; mean RGB distance
+  (0-255 units, Euclidean) per pixel between the render and the generated image on the pixels the mask keeps;
+  with the inpaint tuner at α = 1 and without control.
 - composition: canny and colour tuners (trained separately) together, each at α = `--alpha`; both metrics.
 - style (each style-*.safetensors): the checker's style score of images made with the tuner from the new,
   style-free prompts, relative to the score of the tuner's own training images (target ≥ 0.8), and the
@@ -73,6 +76,13 @@ def cell_colours(image: Image.Image, cell: int = CELL) -> np.ndarray:
 def colour_error(condition: Image.Image, generated: Image.Image) -> float:
     """Mean over 16×16 cells of the RGB distance between the cells' mean colours."""
     return float(np.linalg.norm(cell_colours(condition) - cell_colours(generated), axis=-1).mean())
+
+
+def kept_pixel_error(render: Image.Image, generated: Image.Image, mask: Image.Image) -> float:
+    """Mean RGB distance between `render` and `generated` on the pixels `mask` keeps (0 = keep, 255 = generate)."""
+    keep = np.asarray(mask) == 0
+    distance = np.linalg.norm(np.asarray(render, np.float64) - np.asarray(generated.convert("RGB"), np.float64), axis=-1)
+    return float(distance[keep].mean())
 
 
 def line_drawing(seed: int, size: int) -> Image.Image:
@@ -176,6 +186,18 @@ class Bench:
                 rows.setdefault("composed_colour_error", []).append(colour_error(colours, image))
         return {key: float(np.mean(values)) for key, values in rows.items()}
 
+    def inpaint(self, tuner: Path) -> dict:
+        """How well the pixels an inpaint mask keeps are kept: without control, with the tuner, through the VAE."""
+        rows: dict[str, list[float]] = {}
+        for prompt in self.prompts:
+            mask = conditions.random_inpaint_mask(prompt.render.size, np.random.default_rng(prompt.seed))
+            masked = conditions.inpaint_condition(prompt.render, mask)
+            image = self.generate(prompt, controls=(ConditionUse(str(tuner), masked, 1.0),))
+            rows.setdefault("kept_error_without", []).append(kept_pixel_error(prompt.render, self.plain(prompt), mask))
+            rows.setdefault("kept_error_with", []).append(kept_pixel_error(prompt.render, image, mask))
+            rows.setdefault("kept_error_vae_round_trip", []).append(kept_pixel_error(prompt.render, self.round_trip(prompt.render), mask))
+        return {key: float(np.mean(values)) for key, values in rows.items()}
+
     def edge_following(self, canny: Path, edge_maps: list[Image.Image]) -> dict:
         """Edge F1 without control and with the canny tuner on edge maps of any origin; map i goes with prompt i."""
         without, with_tuner = [], []
@@ -219,7 +241,7 @@ class Bench:
         }
 
 
-PARTS = ("canny", "colour", "styles")
+PARTS = ("canny", "colour", "inpaint", "styles")
 
 
 def measure(model: str, tuners: Path, n: int, steps: int, guidance: float, alpha: float, parts: Sequence[str] = PARTS) -> dict:
@@ -234,6 +256,9 @@ def measure(model: str, tuners: Path, n: int, steps: int, guidance: float, alpha
         "model": info.name, "prompts": n, "steps": steps, "guidance": guidance, "composition_alpha": alpha,
         "control": bench.control(canny, colour, alpha), "styles": [bench.style(path) for path in styles],
     }
+    inpaint = tuners / "inpaint.safetensors"
+    if inpaint.is_file() and "inpaint" in parts:
+        result["inpaint"] = bench.inpaint(inpaint)
     if canny is not None:
         size = manager.native_size
         drawings = [line_drawing(seed, size) for seed in range(n)]
@@ -256,6 +281,10 @@ def print_table(result: dict) -> None:
         a = result["composition_alpha"]
         print(f"{f'canny + colour (α {a} each): edge F1':<44}{control['canny_f1_with']:>10.3f}{control['composed_canny_f1']:>10.3f}  close (single → composed)")
         print(f"{f'canny + colour (α {a} each): colour error':<44}{control['colour_error_with']:>10.1f}{control['composed_colour_error']:>10.1f}  close (single → composed)")
+    if "inpaint" in result:
+        row = result["inpaint"]
+        print(f"{'inpaint: RGB error on the kept pixels':<44}{row['kept_error_without']:>10.1f}{row['kept_error_with']:>10.1f}  "
+              f"lower ({row['kept_error_vae_round_trip']:.1f})")
     for name, row in result.get("edges", {}).items():
         label = f"canny on {name.replace('_', ' ')} ({row['maps']}): edge F1"
         print(f"{label:<44}{row['f1_without']:>10.3f}{row['f1_with']:>10.3f}  gain")

@@ -2,7 +2,7 @@
 
     python bench/style_fewshot.py [--sets stripes,polka-dots,hatched] [--n 16] [--scales 0,0.5,0.75,1,1.25]
                                   [--work runs/bench/style] [--tuners DIR] [--plot docs/style-tradeoff.png] [--json PATH]
-                                  [--reuse] [--conditional-only]
+                                  [--reuse] [--conditional-only | --defaults]
 
 Each set is trained with the default settings of `python -m scedit_ui train --kind sc` (nothing but the data,
 the trigger word and the output is given):
@@ -19,7 +19,8 @@ Then, at each tuner scale, images for held-out Shapes prompts with the trigger w
 - colour: the checker's colour accuracy of those images against their prompts (target ≥ 0.80).
 Scale 0 is the base model alone. Training seconds are wall time here (one torch thread). `--reuse` sweeps tuner
 files already there instead of training them; `--conditional-only` applies the tuner to the conditional half of
-classifier-free guidance only (`TunerUse.conditional_only`).
+classifier-free guidance only (`TunerUse.conditional_only`); `--defaults` uses, instead of `--scales`, the scale
+and guidance half each file asks for (`default_scale`, `default_conditional_only`): what a user who changes nothing gets.
 The reference ("best reachable") is the style itself put on the renders of the same held-out scenes and passed
 through the base model's VAE, as every generated image is: its colour accuracy is the most a tuner that fully
 shows the style can keep. `--replot A.json B.json ... --plot FILE` redraws the plot from earlier runs.
@@ -48,6 +49,7 @@ from scedit_ui.request import GenerationRequest, TunerUse  # noqa: E402
 from scedit_ui.shapes.checker import score_adherence, style_score  # noqa: E402
 from scedit_ui.shapes.world import COLORS, apply_style, caption, render_scene, sample_scene  # noqa: E402
 from scedit_ui.training import TrainingConfig, load_training_data  # noqa: E402
+from tuners import read_metadata  # noqa: E402
 
 TRIGGER = "<sce>"
 SETS = {"stripes": "stripes", "polka-dots": "polka dots", "hatched": "stripes"}  # set -> the checker's style
@@ -199,7 +201,9 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", metavar="PATH", help="write the results as JSON")
     parser.add_argument("--reuse", action="store_true", help="sweep the tuner files already there; train only missing ones")
-    parser.add_argument("--conditional-only", action="store_true", help="apply the tuner to the conditional CFG half only")
+    halves = parser.add_mutually_exclusive_group()
+    halves.add_argument("--conditional-only", action="store_true", help="apply the tuner to the conditional CFG half only")
+    halves.add_argument("--defaults", action="store_true", help="each file's own default scale and CFG half, not --scales")
     parser.add_argument("--replot", nargs="+", type=Path, metavar="JSON", help="only redraw --plot from these results")
     args = parser.parse_args()
     if args.replot:
@@ -216,13 +220,18 @@ def main() -> int:
         train_score = float(np.mean([style_score(p, SETS[name]) for p in training_pictures(arguments)]))
         trained = f"trained in {seconds:.0f} s" if seconds is not None else f"reusing {tuner}"
         print(f"{name}: {trained}; training pictures' style score {train_score:.3f}", flush=True)
-        rows = sweep(manager, tuner, SETS[name], scales, args.n, args.conditional_only)
+        conditional_only = args.conditional_only
+        if args.defaults:
+            metadata = read_metadata(tuner)
+            scales, conditional_only = [metadata.default_scale], metadata.default_conditional_only
+            print(f"  the file's defaults: scale {scales[0]:g}, {'style guidance' if conditional_only else 'both halves'}", flush=True)
+        rows = sweep(manager, tuner, SETS[name], scales, args.n, conditional_only)
         best = reference(manager, name, args.n)
         for row in (*rows, best):
             row["style_ratio"] = row["style"] / train_score
         print(f"  the style through the VAE: style {best['style']:.3f}, colour accuracy {best['colour_accuracy']:.3f}", flush=True)
         results.append({"set": name, "command": arguments, "training_seconds": seconds, "train_style": train_score,
-                        "conditional_only": args.conditional_only, "sweep": rows, "reference": best})
+                        "conditional_only": conditional_only, "defaults": args.defaults, "sweep": rows, "reference": best})
     if args.plot:
         plot(results, args.plot)
     if args.json:

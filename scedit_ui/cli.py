@@ -9,6 +9,7 @@ import argparse
 import logging
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from tuners.validation import UserInputError
 
@@ -111,7 +112,7 @@ def _add_condition_command(subparsers: argparse._SubParsersAction) -> None:
     command.set_defaults(handler=run)
 
 
-def _split_suffix_number(spec: str, default: float = 1.0) -> tuple[str, float]:
+def _split_suffix_number(spec: str, default: float | None = 1.0) -> tuple[str, float | None]:
     """'NAME:1.5' -> ('NAME', 1.5); 'NAME' -> ('NAME', default)."""
     head, _, tail = spec.rpartition(":")
     try:
@@ -138,10 +139,18 @@ def _add_generation_options(command: argparse.ArgumentParser) -> None:
     command.add_argument("--guidance", type=float, default=5.0)
     command.add_argument("--size", metavar="WxH", help="default: the model's native size")
     command.add_argument("--scheduler", default="DDIM", help=f"one of: {', '.join(SCHEDULERS)}")
-    command.add_argument("--tuner", action="append", default=[], metavar="FILE[:SCALE]", help="SC tuner (file or library name), repeatable")
     command.add_argument(
-        "--conditional-only", action="store_true",
+        "--tuner", action="append", default=[], metavar="FILE[:SCALE]",
+        help="SC tuner (file or library name), repeatable; without SCALE, the file's default scale (1 unless it says otherwise)",
+    )
+    halves = command.add_mutually_exclusive_group()
+    halves.add_argument(
+        "--conditional-only", action="store_const", const=True, dest="conditional_only",
         help="apply the SC tuners to the prompt's half of classifier-free guidance only, so guidance amplifies their style",
+    )
+    halves.add_argument(
+        "--both-halves", action="store_const", const=False, dest="conditional_only",
+        help="apply the SC tuners to both halves of guidance (default: as each file says; the paper's way unless it says otherwise)",
     )
     command.add_argument("--control", action="append", default=[], metavar="TUNER:IMAGE[:ALPHA]", help="CSC tuner and the picture to extract its condition from, repeatable")
     command.add_argument("--raw-control", action="store_true", help="the --control images are condition images already (no extraction)")
@@ -182,7 +191,8 @@ def _request_from_args(args: argparse.Namespace, batch_size: int = 1, check: Cal
         prompt=args.prompt, negative_prompt=args.negative, seed=args.seed, steps=args.steps, guidance=args.guidance,
         width=width, height=height, scheduler=args.scheduler, batch_size=batch_size,
         sc_tuners=tuple(
-            TunerUse(str(library.resolve(name)), scale, args.conditional_only) for name, scale in map(_split_suffix_number, args.tuner)
+            TunerUse.of_file(library.resolve(name), scale, args.conditional_only)
+            for name, scale in (_split_suffix_number(spec, None) for spec in args.tuner)
         ),
         normalise_alpha=args.normalise_alpha,
         skip_tuning=SkipTuningSettings(args.rho_outer, args.rho_inner) if args.rho_inner is not None else None,
@@ -238,8 +248,6 @@ def _add_generate_command(subparsers: argparse._SubParsersAction) -> None:
     _add_generation_options(command)
 
     def run(args: argparse.Namespace) -> int:
-        from pathlib import Path
-
         from scedit_ui.request import save_png
 
         request, manager = _request_from_args(args, batch_size=args.batch)
@@ -277,8 +285,6 @@ def _add_grid_command(subparsers: argparse._SubParsersAction) -> None:
     _add_generation_options(command)
 
     def run(args: argparse.Namespace) -> int:
-        from pathlib import Path
-
         from scedit_ui.use_cases import grid_requests, parse_axis, run_grid, save_grid
 
         axes = []
@@ -408,6 +414,8 @@ def _add_train_command(subparsers: argparse._SubParsersAction) -> None:
     command.add_argument("--trigger", metavar="WORD", help="prefixed to every caption, e.g. '<sce>'")
     command.add_argument("--remove-word", action="append", default=[], metavar="PHRASE", help="phrase removed from captions (repeatable)")
     command.add_argument("--resume", action="store_true", help="continue from the checkpoint in the work dir")
+    command.add_argument("--init", metavar="FILE.safetensors",
+                         help="start from this tuner's weights (same kind, condition and layout): continue or fine-tune it")
     command.add_argument("--work-dir", metavar="DIR", help="checkpoints and previews (default: runs/tuners/<out name>)")
     command.add_argument("--batch", type=int)
     command.add_argument("--lr", type=float, help="AdamW learning rate (paper: 5e-5)")
@@ -438,7 +446,6 @@ def _add_train_command(subparsers: argparse._SubParsersAction) -> None:
     def run(args: argparse.Namespace) -> int:
         import signal
         import threading
-        from pathlib import Path
 
         from scedit_ui import conditions
         from scedit_ui.training import TrainingConfig, TrainingProgress, TunerTrainer, duration
@@ -453,6 +460,7 @@ def _add_train_command(subparsers: argparse._SubParsersAction) -> None:
             gradient_checkpointing=args.gradient_checkpointing, optimizer=args.optimizer, down_ratio=args.down_ratio,
             kernel_size=args.kernel,
             base_model=args.model, work_dir=Path(args.work_dir) if args.work_dir else None, resume=args.resume,
+            init_from=Path(args.init) if args.init else None,
             shapes_images=args.images, save_dtype="float16" if args.fp16 else "float32", device=args.device,
             **_given(steps=args.steps, batch_size=args.batch, learning_rate=args.lr, caption_dropout=args.caption_dropout,
                      preserve_base_above=args.preserve_base_above, checkpoint_every=args.checkpoint_every,

@@ -40,6 +40,20 @@ class TunerUse:
     scale: float = 1.0
     conditional_only: bool = False
 
+    @classmethod
+    def of_file(cls, path: str | Path, scale: float | None = None, conditional_only: bool | None = None) -> TunerUse:
+        """The tuner file at `path`, with what is not given (None) taken from the file's own defaults."""
+        from tuners import TunerFileError, read_metadata
+
+        try:
+            metadata = read_metadata(path)
+        except TunerFileError as error:
+            raise UserInputError(str(error)) from None
+        return cls(
+            str(path), metadata.default_scale if scale is None else scale,
+            metadata.default_conditional_only if conditional_only is None else conditional_only,
+        )
+
 
 @dataclass(frozen=True)
 class ConditionUse:

@@ -17,7 +17,7 @@ from diffusers import UNet2DConditionModel
 from PIL import Image
 
 from scedit_ui.shapes.world import render_scene, sample_scene
-from tuners import CSCTuner, SkipLayout, TunerMetadata, save_tuner
+from tuners import CSCTuner, SCTuner, SkipLayout, TunerMetadata, save_tuner
 
 CHROMIUM_NAMES = ("chromium", "chromium-browser")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--no-first-run"]
@@ -30,6 +30,9 @@ def app_url(random_sd_folder, tmp_path_factory):
     layout = SkipLayout.from_config(UNet2DConditionModel.load_config(random_sd_folder / "unet"))
     edges = CSCTuner(layout, 1, "canny")
     save_tuner(edges, root / "library" / "edges.safetensors", TunerMetadata.describe(edges, "test"))
+    hatched = SCTuner(layout)  # as trained on pictures without captions
+    save_tuner(hatched, root / "library" / "hatched.safetensors",
+               TunerMetadata.describe(hatched, "test", default_scale=0.5, default_conditional_only=True))
     with served_app(random_sd_folder, root) as server:
         yield server.url
 
@@ -100,6 +103,32 @@ def test_generate_tab_makes_an_image(page, shots):
     page.locator("#generate-gallery img").first.wait_for()
     wait_for_text(page, "#generate-info", "2 steps")
     page.screenshot(path=shots / "1-generate.png", full_page=True)
+
+
+def test_a_style_tuner_put_into_use_brings_the_scale_and_guidance_its_file_asks_for(page):
+    scale_is = "value => document.querySelector('#generate-scale-1 input[type=number]').value === value"
+    style_guidance = page.locator("#generate-style-guidance input")
+    open_tab(page, "Tuners")  # by the Tuners tab's Load button
+    selector = page.locator("#tuner-selector input")
+    selector.click()
+    selector.fill("hatched")
+    selector.press("Enter")
+    page.click("#tuner-load")
+    wait_for_text(page, "#tuner-status", "loaded hatched into the Generate tab")
+    open_tab(page, "Generate")
+    page.wait_for_function(scale_is, arg="0.5")
+    assert style_guidance.is_checked()
+
+    open_tab(page, "Tuners")
+    page.click("#tuner-unload")
+    wait_for_text(page, "#tuner-status", "unloaded hatched")
+    open_tab(page, "Generate")
+    style_guidance.uncheck()
+    set_number(page, "generate-scale-1", 1)
+    page.locator("#generate-tuner-1 input").click()  # by picking it in a slot
+    page.get_by_role("option", name="hatched").click()
+    page.wait_for_function(scale_is, arg="0.5")
+    assert style_guidance.is_checked()
 
 
 def test_send_to_control_carries_the_image_and_its_prompt(page):

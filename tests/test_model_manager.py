@@ -32,12 +32,12 @@ def pixels(image: Image.Image) -> np.ndarray:
     return np.asarray(image.convert("RGB"))
 
 
-def randomised_tuner_file(tuner, path, seed=0):
+def randomised_tuner_file(tuner, path, seed=0, **metadata):
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in tuner.parameters():
             p.copy_(torch.randn(p.shape, generator=generator) * 0.2)
-    save_tuner(tuner, path, TunerMetadata.describe(tuner, "test"))
+    save_tuner(tuner, path, TunerMetadata.describe(tuner, "test", **metadata))
     return str(path)
 
 
@@ -191,6 +191,24 @@ def test_cli_generate_writes_a_png_with_metadata(manager, random_sd_folder, tmp_
     bad = subprocess.run([*command, "--scheduler", "nope"], capture_output=True, text=True)
     assert bad.returncode == 2
     assert bad.stderr.strip().splitlines() == [f"error: unknown scheduler 'nope'; choose one of: {', '.join(SCHEDULERS)}"]
+
+
+def test_cli_takes_what_the_tuner_file_asks_for_unless_told_otherwise(manager, random_sd_folder, tmp_path):
+    sc_file = randomised_tuner_file(SCTuner(manager.editor.layout, 0.5), tmp_path / "style.safetensors",
+                                    default_scale=0.5, default_conditional_only=True)
+    out = tmp_path / "out.png"
+    command = [sys.executable, "-m", "scedit_ui", "generate", "--prompt", "a red circle", "--steps", "1",
+               "--model", str(random_sd_folder), "--out", str(out)]
+    for options, expected in (
+        (["--tuner", sc_file], TunerUse(sc_file, 0.5, conditional_only=True)),
+        (["--tuner", f"{sc_file}:1.25", "--both-halves"], TunerUse(sc_file, 1.25, conditional_only=False)),
+    ):
+        subprocess.run([*command, *options], check=True, capture_output=True)
+        assert request_from_png(Image.open(out))[0].sc_tuners == (expected,)
+
+    (tmp_path / "broken.safetensors").write_bytes(b"not a tuner")
+    bad = subprocess.run([*command, "--tuner", str(tmp_path / "broken.safetensors")], capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.startswith("error: broken.safetensors is not a readable safetensors file") and bad.stderr.count("\n") == 1
 
 
 def test_out_of_memory_is_reported_and_the_manager_keeps_serving(manager, monkeypatch):

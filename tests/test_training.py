@@ -165,6 +165,7 @@ def test_sc_output_loads_and_carries_its_metadata(image_folder, tmp_path, random
     assert metadata.kind == "sc" and metadata.down_ratio == 0.5 and metadata.trigger_word == "<sce>"
     assert metadata.training["steps"] == 3 and metadata.training["dataset_size"] == 3
     assert metadata.training["base_model"] == str(random_sd_folder) and metadata.training["training_seconds"] >= 0
+    assert (metadata.default_scale, metadata.default_conditional_only) == (1.0, False)  # captioned: the paper's way
     assert tuner.adapters[0].ln1.out_features == 4  # int(8 * 0.5)
     assert all(t.dtype == torch.float16 for t in load_file(str(result.output)).values())
 
@@ -174,6 +175,34 @@ def test_csc_output_names_its_condition_type(tmp_path, random_sd_folder):
     _, metadata = load_tuner(result.output)
     assert metadata.kind == "csc" and metadata.condition_type == "canny" and metadata.kernel_size == 1
     assert metadata.training["dataset"] == "Shapes world, endless stream"
+
+
+def test_init_starts_from_a_tuner_files_weights_and_records_its_training(tmp_path, random_sd_folder):
+    first = train_tuner(config_for(tmp_path, random_sd_folder, kind="csc", condition="canny", data="shapes", steps=2))
+    continued = TunerTrainer(config_for(
+        tmp_path, random_sd_folder, kind="csc", condition="canny", data="shapes", steps=1, seed=1,
+        init_from=first.output, out=tmp_path / "continued.safetensors", work_dir=tmp_path / "work-2",
+    ))
+    assert all(torch.equal(t, tensors(first.output)[k]) for k, t in continued.tuner.state_dict().items())
+    _, metadata = load_tuner(continued.run().output)
+    assert metadata.training["steps"] == 1
+    assert metadata.training["init"]["file"] == "tuner.safetensors" and metadata.training["init"]["steps"] == 2
+
+
+@pytest.mark.parametrize(
+    "init, message",
+    [("missing.safetensors", "no tuner file at"), ("sc-tuner", "but this run trains"), ("not-a-tuner", "--init: ")],
+)
+def test_init_refuses_a_missing_or_different_tuner_before_any_step(init, message, tmp_path, random_sd_folder):
+    if init == "sc-tuner":
+        init = train_tuner(config_for(tmp_path, random_sd_folder, steps=1)).output
+    elif init == "not-a-tuner":
+        init = tmp_path / "garbage.safetensors"
+        init.write_bytes(b"not safetensors")
+    config = config_for(tmp_path, random_sd_folder, kind="csc", condition="canny", data="shapes", init_from=tmp_path / init,
+                        out=tmp_path / "continued.safetensors", work_dir=tmp_path / "work-2")
+    with pytest.raises(UserInputError, match=message):
+        train_tuner(config, progress=never_called)
 
 
 def test_above_the_preservation_threshold_the_target_is_the_base_models_own_prediction(tmp_path, random_sd_folder):
@@ -192,7 +221,10 @@ def test_an_uncaptioned_folder_trains_and_previews_its_trigger_word_once(image_f
     events = []
     config = config_for(tmp_path, random_sd_folder, data=str(image_folder), trigger="<sce>", steps=1, preview_every=1, preview_steps=2)
     result = train_tuner(config, events.append)
-    assert len(events[0].previews) == 1 and load_tuner(result.output)[1].training["dataset_size"] == 3
+    _, metadata = load_tuner(result.output)
+    assert len(events[0].previews) == 1 and metadata.training["dataset_size"] == 3
+    # its style lives on the caption-free side of guidance, so by default it is applied as style guidance
+    assert (metadata.default_scale, metadata.default_conditional_only) == (trainer.UNCAPTIONED_STYLE_SCALE, True)
 
 
 def test_a_stream_outgrowing_the_prompt_cache_keeps_training(tmp_path, random_sd_folder, monkeypatch):

@@ -24,6 +24,7 @@ from tuners import (
     TunerMetadata,
     interpolate_features,
     load_tuner,
+    read_metadata,
     rho_schedule,
     save_tuner,
     tuner_from_config,
@@ -428,6 +429,31 @@ def test_metadata_out_of_range_is_refused_by_the_tuner_config(tiny_unet, tmp_pat
     save_file(tuner.state_dict(), tmp_path / "bad.safetensors", metadata={"scedit": json.dumps(header)})
     with pytest.raises(TunerFileError, match="hint_dim_ratio must be a number"):
         load_tuner(tmp_path / "bad.safetensors")
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [("default_scale", "strong", "default_scale must be a number"), ("default_scale", True, "default_scale must be a number"),
+     ("default_conditional_only", "yes", "default_conditional_only must be true or false")],
+)
+def test_bad_default_use_in_metadata_is_refused(field, value, message, tiny_unet, tmp_path):
+    tuner = SCTuner(SkipLayout.from_unet(tiny_unet))
+    header = {**json.loads(json.dumps(TunerMetadata.describe(tuner, "tiny").__dict__)), field: value}
+    save_file(tuner.state_dict(), tmp_path / "bad.safetensors", metadata={"scedit": json.dumps(header)})
+    with pytest.raises(TunerFileError, match=message):
+        load_tuner(tmp_path / "bad.safetensors")
+
+
+def test_a_files_default_use_survives_the_round_trip_and_older_files_get_the_papers(tiny_unet, tmp_path):
+    tuner = SCTuner(SkipLayout.from_unet(tiny_unet))
+    save_tuner(tuner, tmp_path / "new.safetensors", TunerMetadata.describe(tuner, "tiny", default_scale=0.5, default_conditional_only=True))
+    new = read_metadata(tmp_path / "new.safetensors")
+    assert (new.default_scale, new.default_conditional_only) == (0.5, True)
+    header = json.loads(read_metadata_json(tmp_path / "new.safetensors"))
+    old = {k: v for k, v in header.items() if not k.startswith("default_")}
+    save_file(tuner.state_dict(), tmp_path / "old.safetensors", metadata={"scedit": json.dumps({**old, "version": 2})})
+    metadata = read_metadata(tmp_path / "old.safetensors")
+    assert (metadata.default_scale, metadata.default_conditional_only) == (1.0, False)
 
 
 def read_metadata_json(path) -> str:

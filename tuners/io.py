@@ -6,6 +6,7 @@ config (`SCTunerConfig` / `CSCTunerConfig`), and `tuner_from_config` builds the 
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from dataclasses import asdict, dataclass, field, fields
@@ -21,7 +22,9 @@ from tuners.layout import SkipShape
 from tuners.sc_tuner import SCTuner, SCTunerConfig
 
 FORMAT = "scedit-tuner"
-VERSION = 2  # 2: CSC hint widths, down ratio and scale (files of version 1 get the reference defaults)
+# 2: CSC hint widths, down ratio and scale (files of version 1 get the reference defaults);
+# 3: how an SC tuner is applied when the user does not say (default_scale, default_conditional_only).
+VERSION = 3
 METADATA_KEY = "scedit"
 
 Tuner = SCTuner | CSCTuner
@@ -57,6 +60,10 @@ class TunerMetadata:
     hint_dim_ratio: float | None = None
     scale: float | None = None
     trigger_word: str | None = None
+    # SC: the scale and guidance half a generation uses when the user names only the file (docs/training.md:
+    # a style learned from uncaptioned pictures shows only as style guidance).
+    default_scale: float = 1.0
+    default_conditional_only: bool = False
     training: dict[str, Any] = field(default_factory=dict)
     format: str = FORMAT
     version: int = VERSION
@@ -111,6 +118,11 @@ class TunerMetadata:
         for name in ("base_architecture", "condition_type", "trigger_word"):
             if not isinstance(data.get(name, ""), (str, type(None))):
                 raise TunerFileError(f"{name} must be text, got {data[name]!r}")
+        scale = data.get("default_scale", 1.0)
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+            raise TunerFileError(f"default_scale must be a number, got {scale!r}")
+        if not isinstance(data.get("default_conditional_only", False), bool):
+            raise TunerFileError(f"default_conditional_only must be true or false, got {data['default_conditional_only']!r}")
         if not isinstance(data.get("training", {}), dict):
             raise TunerFileError(f"training must be an object, got {data['training']!r}")
         data["skip_channels"] = tuple(channels)

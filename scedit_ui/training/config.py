@@ -26,7 +26,7 @@ OPTIMIZERS = ("adamw", "adamw-fused", "adamw-8bit")
 _RESUME_KEYS = (
     "kind", "condition", "condition_params", "data", "trigger", "remove_words", "batch_size", "learning_rate",
     "weight_decay", "resolution", "seed", "down_ratio", "kernel_size", "base_model", "shapes_images", "caption_dropout",
-    "preserve_base_above",
+    "preserve_base_above", "init_from",
     "optimizer",  # 8-bit AdamW's state does not load into torch's AdamW
 )
 
@@ -68,6 +68,7 @@ class TrainingConfig:
     base_model: str = ""  # "" = the built-in tiny model
     work_dir: Path | None = None  # checkpoints and previews; default runs/tuners/<out name>
     resume: bool = False
+    init_from: Path | None = None  # start from this tuner file's weights (same kind and layout) instead of fresh ones
     shapes_images: int | None = None  # Shapes world: distinct scenes (None: 30 for SC, an endless stream for CSC)
     save_dtype: str = "float32"  # "float16" halves the file
     device: str = "auto"  # "auto" | "cuda" | "cpu"
@@ -121,7 +122,10 @@ class TrainingConfig:
         remove_words = tuple(w.strip() for w in self.remove_words if w.strip())
         for seed in self.preview_seeds:
             check_number("preview seed", seed, 0, 2**32 - 1, integer=True)
-        return replace(self, out=Path(self.out), trigger=trigger, remove_words=remove_words,
+        init_from = Path(self.init_from) if self.init_from else None
+        if init_from is not None and init_from.suffix != ".safetensors":
+            raise UserInputError(f"--init takes a tuner .safetensors file, got {init_from}")
+        return replace(self, out=Path(self.out), init_from=init_from, trigger=trigger, remove_words=remove_words,
                        condition_params=tuple(sorted(dict(self.condition_params).items())))
 
     def identity(self) -> dict[str, Any]:

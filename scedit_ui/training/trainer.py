@@ -33,7 +33,9 @@ from PIL import Image
 from scedit_ui.model_manager import images_to_tensor, load_pipeline, resolve_source
 from scedit_ui.training.config import ProgressCallback, TrainingConfig, TrainingProgress, TrainingResult
 from scedit_ui.training.data import load_training_data, make_condition
-from tuners import ControlCondition, CSCTuner, SCTuner, SkipEditor, TunerMetadata, save_tuner
+from tuners import (
+    ControlCondition, CSCTuner, LayoutMismatchError, SCTuner, SkipEditor, TunerFileError, TunerMetadata, load_tuner, save_tuner,
+)
 from tuners.io import Tuner, atomic_write
 from tuners.reference_configs import guess_architecture
 from tuners.validation import UserInputError
@@ -44,6 +46,10 @@ CALIBRATION_IMAGES = 16  # condition images that set the scale of a fresh CSC tu
 TEXT_CACHE_SIZE = 4096  # prompt embeddings kept for a stream of Shapes-world captions
 CHECKPOINT_NAME = "checkpoint.pt"
 PREVIEW_DIR = "previews"
+# A style learned from pictures without captions lives on the caption-free side of guidance, which guidance subtracts:
+# applied to both halves it hardly shows (0.03x of its pictures' style), as style guidance at 0.5 it does (0.52x,
+# colours kept). So such a file asks for that by default (docs/training.md, "Defaults for a folder without captions").
+UNCAPTIONED_STYLE_SCALE = 0.5
 
 
 
@@ -137,6 +143,7 @@ class TunerTrainer:
             placeholder = torch.zeros(1, 3, self.resolution, self.resolution, device=self.device)
             self.condition = ControlCondition(self.tuner, placeholder)
             self.editor.set_conditions([self.condition])
+        self.init_training = self._load_init(config.init_from) if config.init_from else None
         if config.gradient_checkpointing:
             pipeline.unet.enable_gradient_checkpointing()  # only the decoder records a graph, so only it is checkpointed
         self.parameters = self.editor.train_mode(True)
@@ -144,6 +151,24 @@ class TunerTrainer:
         self.model, self.optimizer = self.accelerator.prepare(TunedDenoiser(pipeline.unet, self.editor, self.tuner, self.condition), optimizer)
         self._latents: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._text: dict[str, torch.Tensor] = {}
+
+    def _load_init(self, path: Path) -> dict:
+        """Copy the weights of tuner file `path` into the fresh tuner (a checkpoint, when resuming, overrides them
+        later); returns the file's training summary for the new file's metadata."""
+        if not path.is_file():
+            raise UserInputError(f"--init: no tuner file at {path}")
+        try:
+            initial, metadata = load_tuner(path, self.editor.layout)
+        except (TunerFileError, LayoutMismatchError) as error:
+            raise UserInputError(f"--init: {error}") from None
+        if initial.config != self.tuner.config:
+            raise UserInputError(
+                f"--init: {path.name} is a {metadata.kind} tuner {initial.config}, but this run trains {self.tuner.config}; "
+                "use the same kind, condition, kernel and down ratio"
+            )
+        self.tuner.load_state_dict(initial.state_dict())
+        logger.info("starting from the weights of %s", path)
+        return {"file": path.name, **metadata.training}
 
     # -- checkpoints ---------------------------------------------------------------------------------------------
     @property
@@ -385,9 +410,14 @@ class TunerTrainer:
             summary["condition_params"] = dict(config.condition_params)
         if config.remove_words:
             summary["removed_words"] = list(config.remove_words)
+        if self.init_training is not None:
+            summary["init"] = self.init_training  # the training behind the starting weights
+        defaults = {}
         if config.kind == "sc":
             summary["preserve_base_above"] = config.preserve_base_above
-        return TunerMetadata.describe(self.tuner, self.base_architecture, trigger_word=config.trigger, training=summary)
+            if not self.data.captioned:
+                defaults = dict(default_scale=UNCAPTIONED_STYLE_SCALE, default_conditional_only=True)
+        return TunerMetadata.describe(self.tuner, self.base_architecture, trigger_word=config.trigger, training=summary, **defaults)
 
 
 def _copy_as(tuner: Tuner, dtype: torch.dtype) -> Tuner:

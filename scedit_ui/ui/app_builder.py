@@ -5,7 +5,7 @@ import gradio as gr
 from PIL import Image
 
 from scedit_ui.conditions import CONDITION_KINDS
-from scedit_ui.request import read_png_request
+from scedit_ui.request import TunerUse, read_png_request
 from scedit_ui.ui import compare_tab, control_tab, generate_tab, model_tab, skip_tuning_tab, train_tab, tuners_tab
 from scedit_ui.ui.handlers import clear_value_errors, user_errors
 from scedit_ui.ui.state import AppState
@@ -103,7 +103,7 @@ def _wire_tuner_choices(state: AppState, demo: gr.Blocks, library_version: gr.St
 def _wire_tuner_use(state: AppState, tuners, generate, control, tabs: gr.Tabs) -> None:
     kinds = list(CONDITION_KINDS)
     control_dropdowns = [control.tuners[kind] for kind in kinds]
-    outputs = [*generate.tuners, control.kinds, *control_dropdowns, tuners.status]
+    outputs = [*generate.tuners, *generate.scales, generate.conditional_only, control.kinds, *control_dropdowns, tuners.status]
 
     @user_errors
     def load(name: str | None, tuner_1: str | None, tuner_2: str | None, tuner_3: str | None, condition_types: list[str], *rows: str | None) -> list:
@@ -114,7 +114,11 @@ def _wire_tuner_use(state: AppState, tuners, generate, control, tabs: gr.Tabs) -
         slots, chosen, condition = tuners_tab.with_tuner(entry, [tuner_1, tuner_2, tuner_3], list(condition_types or []))
         rows = [name if kind == condition else value for kind, value in zip(kinds, rows)]
         place = "the Generate tab" if entry.kind == "sc" else f"the {condition} row of the Control tab"
-        return [*slots, chosen, *rows, f"loaded {name} into {place}"]
+        # An SC tuner put into a slot brings the scale and style-guidance setting its file asks for.
+        added = entry.kind == "sc" and name not in (tuner_1, tuner_2, tuner_3)
+        use = TunerUse.of_file(entry.path) if added else None
+        scales = [use.scale if use and slot == name else gr.update() for slot in slots]
+        return [*slots, *scales, use.conditional_only if use else gr.update(), chosen, *rows, f"loaded {name} into {place}"]
 
     @user_errors
     def unload(name: str | None, tuner_1: str | None, tuner_2: str | None, tuner_3: str | None, condition_types: list[str], *rows: str | None) -> list:
@@ -124,7 +128,8 @@ def _wire_tuner_use(state: AppState, tuners, generate, control, tabs: gr.Tabs) -
         slots = [None if value == name else value for value in (tuner_1, tuner_2, tuner_3)]
         freed = {kind for kind, value in zip(kinds, rows) if value == name}
         chosen = [kind for kind in condition_types or [] if kind not in freed]
-        return [*slots, chosen, *(None if value == name else value for value in rows), f"unloaded {name}"]
+        keep = [gr.update()] * (len(generate.scales) + 1)  # scales and the style-guidance box stay as they are
+        return [*slots, *keep, chosen, *(None if value == name else value for value in rows), f"unloaded {name}"]
 
     inputs = [tuners.selector, *generate.tuners, control.kinds, *control_dropdowns]
     tuners.load_button.click(load, inputs, outputs, api_name="load_tuner", api_visibility="private", queue=False)

@@ -25,6 +25,8 @@ class GenerateTab:
     width: gr.Slider
     height: gr.Slider
     tuners: list[gr.Dropdown]
+    scales: list[gr.Slider]
+    conditional_only: gr.Checkbox
     gallery: gr.Gallery
     selected: gr.State  # index of the clicked gallery image
     send_to_control: gr.Button
@@ -168,11 +170,14 @@ def build(state: AppState) -> GenerateTab:
                 tuners, scales = [], []
                 for i in range(TUNER_SLOTS):
                     with gr.Row():
-                        tuners.append(gr.Dropdown(state.tuner_names("sc"), value=None, label=f"Tuner {i + 1}", allow_custom_value=True, scale=2))
-                        scales.append(gr.Slider(-2, 2, value=1.0, step=0.05, label="Scale", scale=1))
+                        tuners.append(gr.Dropdown(state.tuner_names("sc"), value=None, label=f"Tuner {i + 1}", allow_custom_value=True,
+                                                  scale=2, elem_id=f"generate-tuner-{i + 1}"))
+                        scales.append(gr.Slider(-2, 2, value=1.0, step=0.05, label="Scale", scale=1, elem_id=f"generate-scale-{i + 1}"))
                 conditional_only = gr.Checkbox(
                     False, label="Style guidance: tuners act on the prompt's side of guidance only",
-                    info="Guidance then amplifies the style as it does the prompt; use a lower scale (about 0.25–0.5).",
+                    info="Guidance then amplifies the style as it does the prompt; use a lower scale (about 0.25–0.5). "
+                    "Picking a tuner sets its own defaults (a style learned without captions: style guidance at 0.5).",
+                    elem_id="generate-style-guidance",
                 )
             button = gr.Button("Generate", variant="primary", elem_id="generate-button")
         with gr.Column(scale=3):
@@ -220,5 +225,17 @@ def build(state: AppState) -> GenerateTab:
         """Settings (prompt, seed, steps, size, scheduler, tuners) stored in a PNG made by this app."""
         return settings_from_png(state, png)
 
+    @user_errors
+    def take_tuner_defaults(name: str | None) -> tuple:
+        """Picking a tuner sets its scale and the style-guidance box to what its file asks for."""
+        if not name:
+            return gr.update(), gr.update()
+        use = TunerUse.of_file(state.library.find(name))
+        return use.scale, use.conditional_only
+
+    for i, (tuner, scale) in enumerate(zip(tuners, scales)):  # `input`: the user's own picks, not a PNG's settings read back
+        tuner.input(take_tuner_defaults, tuner, [scale, conditional_only], api_name=f"tuner_defaults_{i + 1}",
+                    api_visibility="private", queue=False)
+
     png.upload(read_png, png, [*form.inputs, *slot_inputs, conditional_only], api_name="read_png_settings")
-    return GenerateTab(width, height, tuners, gallery, selected, send_to_control, send_to_skip_tuning)
+    return GenerateTab(width, height, tuners, scales, conditional_only, gallery, selected, send_to_control, send_to_skip_tuning)

@@ -120,7 +120,7 @@ def build(state: AppState, library_version: gr.State) -> TunersTab:
             selector = gr.Dropdown(state.library.names(), value=None, label="Tuner", allow_custom_value=True, elem_id="tuner-selector")
             with gr.Row():
                 load_button = gr.Button("Load into Generate / Control", variant="primary", size="sm", elem_id="tuner-load")
-                unload_button = gr.Button("Unload", size="sm")
+                unload_button = gr.Button("Unload", size="sm", elem_id="tuner-unload")
                 export_button = gr.Button("Export", size="sm")
                 export_official_button = gr.Button("Export for SCEPTER", size="sm")
             with gr.Row():

@@ -337,3 +337,18 @@ def test_until_vae_trains_and_scores_only_the_autoencoder(tmp_path):
     assert json.loads((work / "vae_round_trip.json").read_text())["scenes"] == 2
     assert not (work / "cache").exists() and not (work / "unet.pt").exists()
     assert not (out / "model_index.json").exists()  # nothing exported: no UNet was trained
+
+
+def test_a_x4_latent_gives_32x32_latents_the_unet_and_pipeline_size_take():
+    vae, unet = tiny_model.build_vae(4, latent_downsample=4), tiny_model.build_unet(4, latent_downsample=4)
+    with torch.no_grad():
+        latents = vae.encode(torch.zeros(1, 3, 128, 128)).latent_dist.mean
+    assert latents.shape == (1, 4, 32, 32) and unet.config.sample_size == 32
+    tokenizer = CLIPTokenizer.from_pretrained(MODEL_DIR / "tokenizer")
+    pipe = tiny_model.assemble_pipeline(vae, tiny_model.build_text_encoder(), tokenizer, unet)
+    assert pipe.vae_scale_factor * unet.config.sample_size == 128  # the pipeline's default size stays 128 px
+
+
+def test_a_latent_downsample_other_than_4_or_8_is_refused(tmp_path, capsys):
+    code = tiny_model.main(["train", "--work", str(tmp_path / "work"), "--out", str(tmp_path), "--set", "latent_downsample=2"])
+    assert code == 2 and "latent_downsample must be 4 or 8, got 2" in capsys.readouterr().err

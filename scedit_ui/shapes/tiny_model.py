@@ -61,7 +61,6 @@ logger = logging.getLogger(__name__)
 DEFAULT_OUT = Path("assets/tiny-sd")
 DEFAULT_WORK = Path("runs/tiny")
 IMAGE_SIZE = 128
-LATENT_SIZE = 16
 MAX_TOKENS = 77
 CLIP_VOCAB_SIZE = 49408
 BOS_TOKEN, EOS_TOKEN = "<|startoftext|>", "<|endoftext|>"
@@ -73,10 +72,10 @@ BOS_TOKEN, EOS_TOKEN = "<|startoftext|>", "<|endoftext|>"
 TEXT_HIDDEN = 64
 
 
-def unet_config(latent_channels: int = 4) -> dict:
+def unet_config(latent_channels: int = 4, latent_downsample: int = 8) -> dict:
     """SD 1.5's block layout (3 cross-attention down blocks + 1 plain, mirrored up) at small width."""
     return dict(
-        sample_size=LATENT_SIZE,
+        sample_size=IMAGE_SIZE // latent_downsample,
         in_channels=latent_channels,
         out_channels=latent_channels,
         down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
@@ -90,14 +89,15 @@ def unet_config(latent_channels: int = 4) -> dict:
     )
 
 
-def vae_config(latent_channels: int = 4) -> dict:
-    """Four encoder blocks (three x2 down-samplings) -> x8; narrow, because shapes are simple."""
+def vae_config(latent_channels: int = 4, latent_downsample: int = 8) -> dict:
+    """Four encoder blocks (three x2 down-samplings) -> x8, or three -> x4; narrow, because shapes are simple."""
+    widths = {8: (16, 32, 64, 64), 4: (16, 32, 64)}[latent_downsample]
     return dict(
         in_channels=3,
         out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(16, 32, 64, 64),
+        down_block_types=("DownEncoderBlock2D",) * len(widths),
+        up_block_types=("UpDecoderBlock2D",) * len(widths),
+        block_out_channels=widths,
         layers_per_block=1,
         latent_channels=latent_channels,
         # Four channels per group at full resolution, like SD's VAE: with one channel per group,
@@ -140,12 +140,12 @@ def scheduler_config() -> dict:
     )
 
 
-def build_unet(latent_channels: int = 4) -> UNet2DConditionModel:
-    return UNet2DConditionModel(**unet_config(latent_channels))
+def build_unet(latent_channels: int = 4, latent_downsample: int = 8) -> UNet2DConditionModel:
+    return UNet2DConditionModel(**unet_config(latent_channels, latent_downsample))
 
 
-def build_vae(latent_channels: int = 4) -> AutoencoderKL:
-    return AutoencoderKL(**vae_config(latent_channels))
+def build_vae(latent_channels: int = 4, latent_downsample: int = 8) -> AutoencoderKL:
+    return AutoencoderKL(**vae_config(latent_channels, latent_downsample))
 
 
 def build_text_encoder() -> CLIPTextModel:
@@ -281,6 +281,7 @@ class TinyModelConfig:
     init: str | None = None
     # stage 1: VAE, on plain scenes and every style (so it encodes the base styles and decodes the tuner ones)
     latent_channels: int = 8
+    latent_downsample: int = 8  # 8: 16 x 16 latents; 4: 32 x 32 (the UNet costs about 4x per step)
     vae_crop_steps: int = 4_000  # random crops of vae_crop_size px, batch vae_crop_batch
     vae_full_steps: int = 700  # full 128 px images, batch vae_full_batch
     vae_crop_size: int = 32
@@ -442,7 +443,7 @@ def train_vae(work: Path, cfg: TinyModelConfig, device: torch.device) -> Autoenc
         return AutoencoderKL.from_pretrained(final)
     work.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
-    vae = build_vae(cfg.latent_channels)
+    vae = build_vae(cfg.latent_channels, cfg.latent_downsample)
     # Start with a nearly deterministic posterior: at the default std of 1 the sampling noise
     # drowns the detail of young latents, and the tiny KL weight takes thousands of steps to lower it.
     with torch.no_grad():
@@ -722,11 +723,14 @@ def train(
 
     ``until="vae"`` trains and scores only the autoencoder: the way to compare latent sizes before paying for a UNet.
     """
+    if cfg.latent_downsample not in (4, 8):
+        raise UserInputError(f"latent_downsample must be 4 or 8, got {cfg.latent_downsample}")
     init = _load_init(Path(cfg.init)) if cfg.init else None
     if init is not None:
         tokenizer = init.tokenizer
-        # The VAE (and so the latent channels) of the init folder is kept: its UNet was trained on its latents.
-        cfg = replace(cfg, latent_channels=init.vae.config.latent_channels)
+        # The VAE (and so the latent size) of the init folder is kept: its UNet was trained on its latents.
+        cfg = replace(cfg, latent_channels=init.vae.config.latent_channels,
+                      latent_downsample=2 ** (len(init.vae.config.block_out_channels) - 1))
     else:
         tokenizer_dir = Path(out) / "tokenizer"
         if not (tokenizer_dir / "vocab.json").exists():
@@ -744,7 +748,7 @@ def train(
     else:
         vae = train_vae(work, cfg, device)
         torch.manual_seed(cfg.seed + 1)
-        unet, text_encoder = build_unet(cfg.latent_channels), build_text_encoder()
+        unet, text_encoder = build_unet(cfg.latent_channels, cfg.latent_downsample), build_text_encoder()
     if until == "vae":  # with --init the VAE is the init folder's: nothing more to do
         return
     t1 = time.time()

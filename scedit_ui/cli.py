@@ -439,6 +439,10 @@ def _add_train_command(subparsers: argparse._SubParsersAction) -> None:
     command.add_argument("--down-ratio", type=float, default=1.0, help="sc: adapter mid width / channels")
     command.add_argument("--kernel", type=int, default=1, choices=(1, 3), help="csc: cascade conv kernel")
     command.add_argument("--fp16", action="store_true", help="save fp16 weights (half the file)")
+    command.add_argument(
+        "--no-calibrate", dest="calibrate", action="store_false",
+        help="sc: skip measuring the default scale and guidance half after training (16 images); the file then says scale 1, both halves",
+    )
     command.add_argument("--threads", type=int, help="CPU threads for torch")
     command.add_argument("--model", default="", metavar="PATH_OR_ID", help="base model (default: built-in tiny model)")
     command.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
@@ -449,6 +453,7 @@ def _add_train_command(subparsers: argparse._SubParsersAction) -> None:
 
         from scedit_ui import conditions
         from scedit_ui.training import TrainingConfig, TrainingProgress, TunerTrainer, duration
+        from scedit_ui.training.calibration import describe_default
 
         params = conditions.parse_params(args.condition, args.param) if args.condition and args.param else {}
         if args.param and not args.condition:
@@ -461,7 +466,7 @@ def _add_train_command(subparsers: argparse._SubParsersAction) -> None:
             kernel_size=args.kernel,
             base_model=args.model, work_dir=Path(args.work_dir) if args.work_dir else None, resume=args.resume,
             init_from=Path(args.init) if args.init else None,
-            shapes_images=args.images, save_dtype="float16" if args.fp16 else "float32", device=args.device,
+            shapes_images=args.images, save_dtype="float16" if args.fp16 else "float32", device=args.device, calibrate=args.calibrate,
             **_given(steps=args.steps, batch_size=args.batch, learning_rate=args.lr, caption_dropout=args.caption_dropout,
                      preserve_base_above=args.preserve_base_above, checkpoint_every=args.checkpoint_every,
                      preview_every=args.preview_every),
@@ -498,6 +503,8 @@ def _add_train_command(subparsers: argparse._SubParsersAction) -> None:
                 print(f"cancelled after step {result.steps}; checkpoint {result.checkpoint}; continue with --resume", file=sys.stderr)
             return 130
         if result.main_process:
+            if note := describe_default(result.metadata):
+                print(note, file=sys.stderr)
             print(result.output)
         return 0
 

@@ -329,6 +329,7 @@ def test_training_runs_in_the_background_and_the_tuner_lands_in_the_library(serv
     (path,), _ = generate(served.client)  # the app keeps serving while training runs
     progress, status, plot, previews, *_ = wait_for_training(served.client)
     assert status.startswith("Finished trained_style: 2 steps") and "step 2 / 2" in progress
+    assert "; default use, measured on new prompts: scale " in status  # the Train tab calibrates as the CLI does
     assert [row[0] for row in plot["data"]] == [1, 2] and len(previews) == 2
     table, _ = served.client.predict(api_name="/list_tuners")
     trained = next(row for row in table["data"] if row[0] == "trained_style")

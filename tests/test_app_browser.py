@@ -96,6 +96,16 @@ def wait_for_text(page, selector: str, text: str) -> None:
     page.wait_for_function("([selector, text]) => document.querySelector(selector)?.innerText.includes(text)", arg=[selector, text])
 
 
+def load_from_tuners_tab(page, name: str, status: str) -> None:
+    open_tab(page, "Tuners")
+    selector = page.locator("#tuner-selector input")
+    selector.click()
+    selector.fill(name)
+    selector.press("Enter")
+    page.click("#tuner-load")
+    wait_for_text(page, "#tuner-status", status)
+
+
 def test_generate_tab_makes_an_image(page, shots):
     open_tab(page, "Generate")
     set_number(page, "generate-steps", 2)
@@ -108,13 +118,7 @@ def test_generate_tab_makes_an_image(page, shots):
 def test_a_style_tuner_put_into_use_brings_the_scale_and_guidance_its_file_asks_for(page):
     scale_is = "value => document.querySelector('#generate-scale-1 input[type=number]').value === value"
     style_guidance = page.locator("#generate-style-guidance input")
-    open_tab(page, "Tuners")  # by the Tuners tab's Load button
-    selector = page.locator("#tuner-selector input")
-    selector.click()
-    selector.fill("hatched")
-    selector.press("Enter")
-    page.click("#tuner-load")
-    wait_for_text(page, "#tuner-status", "loaded hatched into the Generate tab")
+    load_from_tuners_tab(page, "hatched", "loaded hatched into the Generate tab")
     open_tab(page, "Generate")
     page.wait_for_function(scale_is, arg="0.5")
     assert style_guidance.is_checked()
@@ -157,13 +161,7 @@ def test_control_tab_refuses_a_bad_upload_then_extracts_a_condition(page, shots,
 
 
 def test_a_loaded_csc_tuner_lands_in_its_control_row_and_generates(page, shots):
-    open_tab(page, "Tuners")
-    selector = page.locator("#tuner-selector input")
-    selector.click()
-    selector.fill("edges")
-    selector.press("Enter")
-    page.click("#tuner-load")
-    wait_for_text(page, "#tuner-status", "loaded edges into the canny row")
+    load_from_tuners_tab(page, "edges", "loaded edges into the canny row")
     open_tab(page, "Control")
     set_number(page, "control-steps", 2)
     page.click("#control-generate-button")

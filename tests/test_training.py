@@ -10,12 +10,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 from scedit_ui.cli import main
 from scedit_ui.shapes.world import caption, render_scene, sample_scene
 from scedit_ui.training import (
     TrainingConfig,
+    calibration,
     TunerTrainer,
     load_training_data,
     prepare_caption,
@@ -41,7 +43,7 @@ def image_folder(tmp_path) -> Path:
 def config_for(tmp_path: Path, model: Path, **overrides) -> TrainingConfig:
     settings = dict(
         kind="sc", data="shapes:stripes", out=tmp_path / "tuner.safetensors", steps=3, batch_size=2,
-        checkpoint_every=2, preview_every=0, base_model=str(model), work_dir=tmp_path / "work",
+        checkpoint_every=2, preview_every=0, base_model=str(model), work_dir=tmp_path / "work", calibrate=False,
     )
     return TrainingConfig(**{**settings, **overrides})
 
@@ -165,7 +167,7 @@ def test_sc_output_loads_and_carries_its_metadata(image_folder, tmp_path, random
     assert metadata.kind == "sc" and metadata.down_ratio == 0.5 and metadata.trigger_word == "<sce>"
     assert metadata.training["steps"] == 3 and metadata.training["dataset_size"] == 3
     assert metadata.training["base_model"] == str(random_sd_folder) and metadata.training["training_seconds"] >= 0
-    assert (metadata.default_scale, metadata.default_conditional_only) == (1.0, False)  # captioned: the paper's way
+    assert (metadata.default_scale, metadata.default_conditional_only) == (1.0, False)  # not calibrated: the paper's way
     assert tuner.adapters[0].ln1.out_features == 4  # int(8 * 0.5)
     assert all(t.dtype == torch.float16 for t in load_file(str(result.output)).values())
 
@@ -205,6 +207,40 @@ def test_init_refuses_a_missing_or_different_tuner_before_any_step(init, message
         train_tuner(config, progress=never_called)
 
 
+def test_texture_distance_and_colour_drift_tell_a_style_from_its_absence():
+    plain = [render_scene(sample_scene(i), 128) for i in range(4)]
+    striped = [render_scene(sample_scene(i, style="stripes"), 128) for i in range(4, 8)]
+    reference = np.mean([calibration.texture_spectrum(p) for p in striped], axis=0)
+    new_striped = calibration.texture_spectrum(render_scene(sample_scene(9, style="stripes"), 128))
+    new_plain = calibration.texture_spectrum(render_scene(sample_scene(9), 128))
+    assert calibration.texture_distance(new_striped, reference) < calibration.texture_distance(new_plain, reference) - 0.2
+    assert calibration.colour_drift(plain[0], plain[0]) == 0.0
+    assert calibration.colour_drift(Image.new("RGB", (64, 64), "black"), Image.new("RGB", (64, 64), "white")) == 1.0
+
+
+def test_calibration_images_apply_a_conditional_only_tuner_to_the_prompts_half_only(tmp_path, random_sd_folder):
+    trainer = TunerTrainer(config_for(tmp_path, random_sd_folder, preview_steps=2))
+    with torch.no_grad():
+        for p in trainer.tuner.parameters():
+            p.normal_(0, 0.2)
+    pictures = {}
+    with trainer._sampling() as sample:
+        for conditional_only in (False, True):
+            trainer.editor.add_sc_tuner("training", trainer.tuner, 1.0, conditional_only)
+            pictures[conditional_only] = np.asarray(sample("a red circle", 0), np.float32)
+    assert np.abs(pictures[True] - pictures[False]).mean() > 1.0  # the unconditional half kept the base's prediction
+    assert not trainer.editor.guidance_halves  # training batches have no halves
+
+
+def test_the_default_is_the_largest_texture_gain_within_the_colour_drift_limit():
+    limit = calibration.MAX_COLOUR_DRIFT
+    scores = [calibration.CandidateScore(1.0, False, 0.10, limit / 2), calibration.CandidateScore(0.25, True, 0.20, limit),
+              calibration.CandidateScore(0.5, True, 0.90, limit + 0.01)]
+    assert calibration.choose_default(scores) == scores[1]
+    over = [calibration.CandidateScore(s.scale, s.conditional_only, s.texture_gain, limit + 0.1) for s in scores]
+    assert calibration.choose_default(over) == over[0]  # nothing keeps the colours: the paper's way
+
+
 def test_above_the_preservation_threshold_the_target_is_the_base_models_own_prediction(tmp_path, random_sd_folder):
     # A fresh SC tuner is the identity, so where the target is the base's prediction the first loss is exactly 0.
     losses = {}
@@ -221,10 +257,7 @@ def test_an_uncaptioned_folder_trains_and_previews_its_trigger_word_once(image_f
     events = []
     config = config_for(tmp_path, random_sd_folder, data=str(image_folder), trigger="<sce>", steps=1, preview_every=1, preview_steps=2)
     result = train_tuner(config, events.append)
-    _, metadata = load_tuner(result.output)
-    assert len(events[0].previews) == 1 and metadata.training["dataset_size"] == 3
-    # its style lives on the caption-free side of guidance, so by default it is applied as style guidance
-    assert (metadata.default_scale, metadata.default_conditional_only) == (trainer.UNCAPTIONED_STYLE_SCALE, True)
+    assert len(events[0].previews) == 1 and load_tuner(result.output)[1].training["dataset_size"] == 3
 
 
 def test_a_stream_outgrowing_the_prompt_cache_keeps_training(tmp_path, random_sd_folder, monkeypatch):
@@ -331,7 +364,15 @@ def test_cli_prints_step_loss_time_left_and_previews_then_the_output_path(tmp_pa
     assert re.fullmatch(r"step 1/2 loss \d+\.\d{4} eta \d+:\d\d elapsed \d+:\d\d", lines[1])
     previews = [Path(p) for line in lines if line.startswith("  previews: ") for p in line.split()[1:]]
     assert [p.name for p in previews] == ["step-000001-0.png", "step-000002-0.png"] and all(p.is_file() for p in previews)
-    assert load_tuner(out)[1].trigger_word == "<sce>"
+    metadata = load_tuner(out)[1]
+    assert metadata.trigger_word == "<sce>"
+    # after training, the default use is measured (calibration) and printed
+    assert lines[-1] == f"default use, measured on new prompts: scale {metadata.default_scale:g} " + (
+        "as style guidance (the prompt's half of guidance)" if metadata.default_conditional_only else "on both halves of guidance")
+    measured = [calibration.CandidateScore(**c) for c in metadata.training["default_use_measured"]["candidates"]]
+    chosen = calibration.choose_default(measured)
+    assert len(measured) == len(calibration.CANDIDATES)
+    assert (chosen.scale, chosen.conditional_only) == (metadata.default_scale, metadata.default_conditional_only)
 
 
 @pytest.mark.parametrize(

@@ -36,17 +36,12 @@ def prepare_caption(text: str, trigger: str | None = None, remove_words: Sequenc
 class TrainingData:
     """Examples (caption, image at the training resolution) by key: a finite set or an endless stream.
 
-    `size` is None for a stream (Shapes world), whose keys are scene seeds instead of indices. `captioned` is False
-    for a folder whose pictures have no captions (each is trained on the trigger word alone).
+    `size` is None for a stream (Shapes world), whose keys are scene seeds instead of indices.
     """
 
-    def __init__(
-        self, description: str, size: int | None, caption: Callable[[int], str], image: Callable[[int, int], Image.Image],
-        captioned: bool = True,
-    ) -> None:
+    def __init__(self, description: str, size: int | None, caption: Callable[[int], str], image: Callable[[int, int], Image.Image]) -> None:
         self.description = description
         self.size = size
-        self.captioned = captioned
         self.caption = caption
         self.image = image
 
@@ -166,7 +161,7 @@ def _folder_data(config: TrainingConfig, folder: Path) -> TrainingData:
         fitted, _ = conditions.fit_image(conditions.load_image(files[index]), (resolution, resolution), "crop")  # Resize + CenterCrop
         return fitted
 
-    return TrainingData(f"{folder} ({len(files)} images)", len(files), captions.__getitem__, image, captioned=not missing)
+    return TrainingData(f"{folder} ({len(files)} images)", len(files), captions.__getitem__, image)
 
 
 def _read_metadata_jsonl(path: Path) -> dict[str, str]:

@@ -20,7 +20,9 @@ import math
 import pickle
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -31,8 +33,10 @@ from diffusers.image_processor import VaeImageProcessor
 from PIL import Image
 
 from scedit_ui.model_manager import images_to_tensor, load_pipeline, resolve_source
+from scedit_ui.shapes.world import caption, sample_scene
+from scedit_ui.training.calibration import GENERIC_PROMPTS, MAX_COLOUR_DRIFT, CandidateScore, choose_default, score_candidates
 from scedit_ui.training.config import ProgressCallback, TrainingConfig, TrainingProgress, TrainingResult
-from scedit_ui.training.data import load_training_data, make_condition
+from scedit_ui.training.data import load_training_data, make_condition, prepare_caption
 from tuners import (
     ControlCondition, CSCTuner, LayoutMismatchError, SCTuner, SkipEditor, TunerFileError, TunerMetadata, load_tuner, save_tuner,
 )
@@ -46,10 +50,10 @@ CALIBRATION_IMAGES = 16  # condition images that set the scale of a fresh CSC tu
 TEXT_CACHE_SIZE = 4096  # prompt embeddings kept for a stream of Shapes-world captions
 CHECKPOINT_NAME = "checkpoint.pt"
 PREVIEW_DIR = "previews"
-# A style learned from pictures without captions lives on the caption-free side of guidance, which guidance subtracts:
-# applied to both halves it hardly shows (0.03x of its pictures' style), as style guidance at 0.5 it does (0.52x,
-# colours kept). So such a file asks for that by default (docs/training.md, "Defaults for a folder without captions").
-UNCAPTIONED_STYLE_SCALE = 0.5
+SAMPLING_GUIDANCE = 5.0  # previews and calibration images: the app's default guidance
+CALIBRATION_PROMPTS = 4  # new prompts (seeds 0..3) on which each candidate default of an SC tuner is measured
+CALIBRATION_PICTURES = 16  # training pictures whose texture is the reference
+CALIBRATION_SEED = 1000  # held-out Shapes scenes not among bench/style_fewshot.py's prompts (seeds 0..31)
 
 
 
@@ -309,8 +313,32 @@ class TunerTrainer:
         finally:
             self.editor.add_sc_tuner("training", self.tuner)
 
-    # -- previews ------------------------------------------------------------------------------------------------
-    @torch.no_grad()
+    # -- sampling: previews and the calibrated default -------------------------------------------------------------
+    @contextmanager
+    def _sampling(self) -> Iterator[Callable[[str, int], Image.Image]]:
+        """The training pipeline in inference mode; yields `sample(prompt, seed)`, one image."""
+        self.editor.train_mode(False)
+        self.pipeline.scheduler = self.preview_scheduler
+        # Sampling batches stack [unconditional; conditional], as the app's do (ModelManager), so a conditional-only
+        # tuner edits the second half; training batches have no halves.
+        self.editor.guidance_halves = self.pipeline.unet.config.time_cond_proj_dim is None
+
+        def sample(prompt: str, seed: int) -> Image.Image:
+            return self.pipeline(
+                prompt=prompt, num_inference_steps=self.config.preview_steps, guidance_scale=SAMPLING_GUIDANCE,
+                height=self.resolution, width=self.resolution, generator=torch.Generator("cpu").manual_seed(seed),
+            ).images[0]
+
+        try:
+            with torch.no_grad():
+                yield sample
+        finally:
+            self.editor.guidance_halves = False
+            self.editor.cache.clear()
+            if self.condition is not None:
+                self.editor.set_conditions([self.condition])
+            self.editor.train_mode(True)
+
     def previews(self) -> list[Image.Image]:
         """Images from the fixed preview prompts and seeds, made by the training pipeline with the current tuner."""
         config = self.config
@@ -318,26 +346,40 @@ class TunerTrainer:
         prompts = list(config.preview_prompts) or [self.data.caption(k) for k in keys]
         if config.kind == "sc":  # an uncaptioned folder gives the trigger word twice: the same image
             prompts = list(dict.fromkeys(prompts))
-        self.editor.train_mode(False)
-        self.pipeline.scheduler = self.preview_scheduler
         images = []
-        try:
+        with self._sampling() as sample:
             for n, prompt in enumerate(prompts):
                 if config.kind == "csc":
                     picture = self.data.image(keys[n % len(keys)], self.resolution)
                     hint = make_condition(picture, config.condition, dict(config.condition_params), np.random.default_rng(n))
                     self.editor.set_conditions([ControlCondition(self.tuner, images_to_tensor([hint]).to(self.device))])
-                for seed in config.preview_seeds:
-                    images += self.pipeline(
-                        prompt=prompt, num_inference_steps=config.preview_steps, guidance_scale=5.0,
-                        height=self.resolution, width=self.resolution, generator=torch.Generator("cpu").manual_seed(seed),
-                    ).images
-        finally:
-            self.editor.cache.clear()
-            if self.condition is not None:
-                self.editor.set_conditions([self.condition])
-            self.editor.train_mode(True)
+                images += [sample(prompt, seed) for seed in config.preview_seeds]
         return images
+
+    def calibrate_default(self) -> list[CandidateScore]:
+        """How each candidate default (scale, guidance half) of this SC tuner does on new prompts (see `calibration`)."""
+        if self.base_architecture == "tiny":  # the built-in model knows only Shapes scenes
+            prompts = [caption(sample_scene(CALIBRATION_SEED + i, split="heldout")) for i in range(CALIBRATION_PROMPTS)]
+        else:
+            prompts = list(GENERIC_PROMPTS[:CALIBRATION_PROMPTS])
+        prompts = [prepare_caption(p, self.config.trigger) for p in prompts]
+        pictures = [self.data.image(k, self.resolution) for k in self.data.preview_keys(CALIBRATION_PICTURES)]
+        with self._sampling() as sample:
+            self.editor.remove_sc_tuner("training")
+            try:
+                base = [sample(prompt, seed) for seed, prompt in enumerate(prompts)]
+
+                def generate(scale: float, conditional_only: bool) -> list[Image.Image]:
+                    self.editor.add_sc_tuner("training", self.tuner, scale, conditional_only)
+                    return [sample(prompt, seed) for seed, prompt in enumerate(prompts)]
+
+                scores = score_candidates(pictures, base, generate)
+            finally:
+                self.editor.add_sc_tuner("training", self.tuner)
+        logger.info("default use measured on %d new prompts: %s", len(prompts), ", ".join(
+            f"scale {s.scale:g}{' (style guidance)' if s.conditional_only else ''}: texture gain {s.texture_gain:.3f}, "
+            f"colour drift {s.colour_drift:.3f}" for s in scores))
+        return scores
 
     # -- the loop ------------------------------------------------------------------------------------------------
     def run(self, progress: ProgressCallback | None = None, cancel: threading.Event | None = None) -> TrainingResult:
@@ -371,7 +413,8 @@ class TunerTrainer:
                 preview_paths += event.preview_paths
             if progress is not None and accelerator.is_main_process:
                 progress(event)
-        metadata = self._metadata(step, seconds(), _mean_tail(losses))
+        calibration = self.calibrate_default() if config.kind == "sc" and config.calibrate and accelerator.is_main_process else None
+        metadata = self._metadata(step, seconds(), _mean_tail(losses), calibration)
         if accelerator.is_main_process:
             tuner = self.tuner if config.save_dtype == "float32" else _copy_as(self.tuner, torch.float16)
             save_tuner(tuner, config.out, metadata)
@@ -390,7 +433,7 @@ class TunerTrainer:
             paths.append(path)
         return paths
 
-    def _metadata(self, steps: int, seconds: float, loss: float) -> TunerMetadata:
+    def _metadata(self, steps: int, seconds: float, loss: float, calibration: list[CandidateScore] | None = None) -> TunerMetadata:
         config = self.config
         summary = {
             "base_model": self.base_name,
@@ -415,8 +458,12 @@ class TunerTrainer:
         defaults = {}
         if config.kind == "sc":
             summary["preserve_base_above"] = config.preserve_base_above
-            if not self.data.captioned:
-                defaults = dict(default_scale=UNCAPTIONED_STYLE_SCALE, default_conditional_only=True)
+        if calibration is not None:
+            chosen = choose_default(calibration)
+            defaults = dict(default_scale=chosen.scale, default_conditional_only=chosen.conditional_only)
+            summary["default_use_measured"] = {
+                "prompts": CALIBRATION_PROMPTS, "max_colour_drift": MAX_COLOUR_DRIFT, "candidates": [asdict(s) for s in calibration],
+            }
         return TunerMetadata.describe(self.tuner, self.base_architecture, trigger_word=config.trigger, training=summary, **defaults)
 
 

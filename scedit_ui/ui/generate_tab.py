@@ -176,7 +176,7 @@ def build(state: AppState) -> GenerateTab:
                 conditional_only = gr.Checkbox(
                     False, label="Style guidance: tuners act on the prompt's side of guidance only",
                     info="Guidance then amplifies the style as it does the prompt; use a lower scale (about 0.25–0.5). "
-                    "Picking a tuner sets its own defaults (a style learned without captions: style guidance at 0.5).",
+                    "Picking a tuner sets the scale and this box to what its file asks for (measured when it was trained).",
                     elem_id="generate-style-guidance",
                 )
             button = gr.Button("Generate", variant="primary", elem_id="generate-button")

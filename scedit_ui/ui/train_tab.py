@@ -24,6 +24,7 @@ from scedit_ui.training import (
     load_training_data,
     train_tuner,
 )
+from scedit_ui.training.calibration import describe_default
 from scedit_ui.ui.handlers import user_errors, whole_number
 from scedit_ui.ui.state import AppState
 from tuners.validation import UserInputError
@@ -92,7 +93,9 @@ class TrainingJob:
         if self.result is not None and self.result.cancelled:
             return f"Cancelled after {self.result.steps} steps; nothing was added to the library yet — Resume continues from the checkpoint"
         if self.result is not None:
-            return f"Finished {self.name}: {self.result.steps} steps in {self.result.seconds:.0f} s, loss {self.result.loss:.4f} — now in the library"
+            note = describe_default(self.result.metadata) if self.result.metadata else ""
+            return (f"Finished {self.name}: {self.result.steps} steps in {self.result.seconds:.0f} s, loss {self.result.loss:.4f} — now in the library"
+                    + (f"; {note}" if note else ""))
         if self.cancel.is_set():
             return "Stopping after this step …"
         if self.eta_seconds is None:  # no step of this session yet

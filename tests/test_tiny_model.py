@@ -352,3 +352,19 @@ def test_a_x4_latent_gives_32x32_latents_the_unet_and_pipeline_size_take():
 def test_a_latent_downsample_other_than_4_or_8_is_refused(tmp_path, capsys):
     code = tiny_model.main(["train", "--work", str(tmp_path / "work"), "--out", str(tmp_path), "--set", "latent_downsample=2"])
     assert code == 2 and "latent_downsample must be 4 or 8, got 2" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------- the x4 candidate (docs/tiny-model.md)
+
+CANDIDATE_DIR = MODEL_DIR.parent / "tiny-sd-x4"
+
+
+def test_the_x4_candidate_is_a_standard_sd_folder_with_32x32_latents_in_fp16_within_60_mb():
+    pipe = StableDiffusionPipeline.from_pretrained(CANDIDATE_DIR, dtype=torch.float32)
+    with torch.no_grad():
+        latents = pipe.vae.encode(torch.zeros(1, 3, 128, 128)).latent_dist.mean
+    assert latents.shape == (1, 4, 32, 32) and pipe.unet.config.in_channels == 4 and pipe.unet.config.sample_size == 32
+    assert _skip_counts(pipe.unet) == [3, 3, 3, 3]
+    weights = sorted(CANDIDATE_DIR.rglob("*.safetensors"))
+    assert {p.parent.name for p in weights} == {"vae", "text_encoder", "unet"}
+    assert sum(p.stat().st_size for p in weights) <= 60_000_000

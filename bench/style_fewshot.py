@@ -111,7 +111,8 @@ def train(arguments: list[str], out: Path, work: Path) -> float:
     shutil.rmtree(work, ignore_errors=True)
     out.unlink(missing_ok=True)
     started = time.perf_counter()
-    code = cli(["train", "--kind", "sc", *arguments, "--trigger", TRIGGER, "--out", str(out), "--work-dir", str(work)])
+    # --fp16 as the documented commands: with --tuners assets/tuners this writes the shipped files.
+    code = cli(["train", "--kind", "sc", *arguments, "--trigger", TRIGGER, "--out", str(out), "--work-dir", str(work), "--fp16"])
     if code != 0:
         raise SystemExit(f"training {' '.join(arguments)} failed with exit code {code}")
     return time.perf_counter() - started

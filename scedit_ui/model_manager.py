@@ -172,7 +172,7 @@ class ModelManager:
             self.pipeline, self.source = pipeline.to(self.device), source
             self.family = "tiny" if source.kind == "builtin" else "sdxl" if isinstance(pipeline, StableDiffusionXLPipeline) else guess_architecture(pipeline.unet.config)
             self._scheduler_config = dict(pipeline.scheduler.config)
-            self.editor = SkipEditor(pipeline.unet).attach()
+            self.editor = SkipEditor(pipeline.unet, pipeline.vae_scale_factor).attach()
             self._tuners.clear()
             logger.info("loaded %s (%s) in %.1f s", source.display_name, self.family, time.perf_counter() - started)
             return self.info()

@@ -2,6 +2,7 @@
 
 import gzip
 import json
+import logging
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -347,6 +348,26 @@ def test_a_x4_latent_gives_32x32_latents_the_unet_and_pipeline_size_take():
     tokenizer = CLIPTokenizer.from_pretrained(MODEL_DIR / "tokenizer")
     pipe = tiny_model.assemble_pipeline(vae, tiny_model.build_text_encoder(), tokenizer, unet)
     assert pipe.vae_scale_factor * unet.config.sample_size == 128  # the pipeline's default size stays 128 px
+
+
+def test_attention_stops_above_16x16_so_the_x4_unet_has_sdxls_top_level():
+    x4, x8 = tiny_model.unet_config(4, 4), tiny_model.unet_config(8, 8)
+    assert x4["down_block_types"] == ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D")
+    assert x4["up_block_types"] == ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D")
+    assert x8["down_block_types"] == ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",)
+    assert _skip_counts(tiny_model.build_unet(4, 4)) == [3, 3, 3, 3]
+
+
+def test_init_from_another_layout_keeps_every_weight_the_two_share(caplog):
+    source = UNet2DConditionModel(**{**tiny_model.unet_config(4, 4), "down_block_types": ("CrossAttnDownBlock2D",) * 3
+                                     + ("DownBlock2D",), "up_block_types": ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3})
+    target = tiny_model.build_unet(4, 4)
+    with caplog.at_level(logging.INFO):
+        tiny_model._load_matching_weights(target, source)
+    source_weights = source.state_dict()
+    for name, value in target.state_dict().items():
+        assert torch.equal(value, source_weights[name]), name
+    assert "have no place in this layout" in caplog.text and "down_blocks.0.attentions" in caplog.text
 
 
 def test_a_latent_downsample_other_than_4_or_8_is_refused(tmp_path, capsys):

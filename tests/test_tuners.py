@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 import subprocess
 import sys
 
@@ -359,8 +361,21 @@ def test_wrong_condition_size_is_reported(tiny_unet, unet_inputs):
     tuner = randomise(CSCTuner(SkipLayout.from_unet(tiny_unet)))
     with SkipEditor(tiny_unet) as editor:
         editor.set_conditions([ControlCondition(tuner, torch.rand(1, 3, 32, 32))])
-        with pytest.raises(ValueError, match="8× the latent size"):
+        with pytest.raises(ValueError, match="condition image is 32×32 px but the picture is"):
             run(tiny_unet, unet_inputs)
+
+
+def test_a_x4_vae_takes_conditions_at_the_pictures_size_scaled_to_the_hint_encoders_x8(tiny_unet, unet_inputs):
+    tuner = randomise(CSCTuner(SkipLayout.from_unet(tiny_unet)))
+    picture = torch.rand(1, 3, 32, 32)  # latents are 8×8: the picture of a x4 VAE
+    with SkipEditor(tiny_unet, pixels_per_latent=4) as editor:
+        editor.set_conditions([ControlCondition(tuner, picture)])
+        x4 = run(tiny_unet, unet_inputs)
+    upscaled = torch.nn.functional.interpolate(picture, size=(64, 64), mode="bilinear", antialias=True)
+    with SkipEditor(tiny_unet) as editor:
+        editor.set_conditions([ControlCondition(tuner, upscaled)])
+        torch.testing.assert_close(x4, run(tiny_unet, unet_inputs))
+    assert not torch.allclose(x4, run(tiny_unet, unet_inputs))  # detached: the condition did change the output
 
 
 # -- files ---------------------------------------------------------------------------------------
@@ -379,6 +394,16 @@ def test_save_load_round_trip_is_exact(tiny_unet, unet_inputs, tmp_path):
             assert torch.equal(a, b), name
     assert loaded_metadata.kind == "csc" and loaded_metadata.kernel_size == 3 and loaded_metadata.condition_type == "depth"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["CSCTuner.safetensors", "SCTuner.safetensors"]
+
+
+def test_a_saved_tuner_has_the_mode_of_any_new_file_not_a_private_one(tiny_unet, tmp_path):
+    old_umask = os.umask(0o022)
+    try:
+        tuner = SCTuner(SkipLayout.from_unet(tiny_unet))
+        save_tuner(tuner, tmp_path / "style.safetensors", TunerMetadata.describe(tuner, "tiny"))
+    finally:
+        os.umask(old_umask)
+    assert stat.S_IMODE((tmp_path / "style.safetensors").stat().st_mode) == 0o644
 
 
 def test_layout_mismatch_names_both_layouts(tiny_unet, tmp_path):

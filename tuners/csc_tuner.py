@@ -1,6 +1,7 @@
 """CSC-Tuner: condition features injected into every skip connection (SCEdit, Eq. 7, Fig. 4b/c)."""
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -19,6 +20,7 @@ def hint_widths(out_channels: int = 256, dim_ratio: float = 1.0) -> tuple[int, .
 
 # Which of the hint encoder's convs halve the resolution: pixels -> latent resolution (÷8).
 _HINT_STRIDES = (1, 1, 2, 1, 2, 1, 2)
+HINT_DOWNSAMPLE = math.prod(_HINT_STRIDES)
 
 
 def hint_encoder(in_channels: int = 3, out_channels: int = 256, dim_ratio: float = 1.0) -> nn.Sequential:

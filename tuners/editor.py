@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tuners.csc_tuner import ConditionFeatures, CSCTuner, interpolate_features
+from tuners.csc_tuner import HINT_DOWNSAMPLE, ConditionFeatures, CSCTuner, interpolate_features
 from tuners.layout import SkipLayout
 from tuners.sc_tuner import SCTuner
 from tuners.skip_scaling import SkipScaling
@@ -159,8 +159,10 @@ class SkipEditor:
     Attach before `torch.compile`: hooks registered after compiling are ignored.
     """
 
-    def __init__(self, unet: nn.Module) -> None:
+    def __init__(self, unet: nn.Module, pixels_per_latent: int = HINT_DOWNSAMPLE) -> None:
+        """`pixels_per_latent` is the VAE's scale factor: condition images come at the picture's size."""
         self.unet = unet
+        self.pixels_per_latent = pixels_per_latent
         self.layout = SkipLayout.from_unet(unet)
         self.cache = FeatureCache()
         self.sc_tuners: dict[str, _SCUse] = {}
@@ -290,20 +292,34 @@ class SkipEditor:
         for condition in self.conditions:
             if not self._in_range(condition.step_range) or condition.alpha == 0:
                 continue
-            features = self._features(condition.tuner, condition.image, sample.device)
+            features = self._features(condition.tuner, condition.image, sample)
             if condition.blend_image is not None and condition.blend > 0:
-                other = self._features(condition.tuner, condition.blend_image, sample.device)
+                other = self._features(condition.tuner, condition.blend_image, sample)
                 features = interpolate_features(features, other, condition.blend)
             active.append(_ActiveCondition(condition, condition.alpha / total_alpha, features, {}))
         return active
 
-    def _features(self, tuner: CSCTuner, image: torch.Tensor, device: torch.device) -> ConditionFeatures:
+    def _features(self, tuner: CSCTuner, image: torch.Tensor, sample: torch.Tensor) -> ConditionFeatures:
+        hint = self._hint_input(image, tuple(sample.shape[-2:]))
         if torch.is_grad_enabled():  # training the condition branch: fresh features with a graph
-            return tuner.condition_features(image.to(device))
+            return tuner.condition_features(hint.to(sample.device))
         digest = self._digests.get(id(image))
         if digest is None:
             digest = self._digests[id(image)] = tensor_digest(image)
-        return self.cache.features(tuner, image, digest, device)
+        return self.cache.features(tuner, hint, f"{digest}@{hint.shape[-2]}x{hint.shape[-1]}", sample.device)
+
+    def _hint_input(self, image: torch.Tensor, latent_size: tuple[int, int]) -> torch.Tensor:
+        picture = (self.pixels_per_latent * latent_size[0], self.pixels_per_latent * latent_size[1])
+        if tuple(image.shape[-2:]) != picture:
+            raise ValueError(
+                f"condition image is {image.shape[-2]}×{image.shape[-1]} px but the picture is {picture[0]}×{picture[1]}: "
+                "give the condition at the picture's size"
+            )
+        if self.pixels_per_latent == HINT_DOWNSAMPLE:
+            return image
+        # A VAE that is not x8 (the built-in x4 one): scale the condition so the hint encoder's fixed x8 meets the latents.
+        hint_size = (HINT_DOWNSAMPLE * latent_size[0], HINT_DOWNSAMPLE * latent_size[1])
+        return F.interpolate(image, size=hint_size, mode="bilinear", align_corners=False, antialias=True)
 
     def _up_block_hook(self, b: int):
         def hook(block: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
@@ -330,13 +346,7 @@ class SkipEditor:
             weight = active.weight * active.condition.skip_weight(g)
             if weight == 0:
                 continue
-            c = active.features[g]
-            if c.shape[-2:] != x.shape[-2:]:
-                raise ValueError(
-                    f"condition image gives {tuple(c.shape[-2:])} features at skip {g} but the UNet has "
-                    f"{tuple(x.shape[-2:])}: the condition image must be 8× the latent size"
-                )
-            edit = active.condition.tuner(g, x, _broadcast(c, x.shape[0]))
+            edit = active.condition.tuner(g, x, _broadcast(active.features[g], x.shape[0]))
             mask = active.mask_at(tuple(x.shape[-2:]), x)
             out = out + weight * (edit if mask is None else edit * mask)
         scaling = self.skip_scaling

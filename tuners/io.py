@@ -146,6 +146,10 @@ def atomic_write(path: Path, write: Any) -> None:
     os.close(fd)
     try:
         write(temporary)
+        # mkstemp makes the file private (0600); a saved file gets the mode any new file would get.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temporary, 0o666 & ~umask)
         os.replace(temporary, path)
     finally:
         if os.path.exists(temporary):

@@ -129,7 +129,7 @@ class TunerTrainer:
 
         self.noise_scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
         self.preview_scheduler = DDIMScheduler.from_config(pipeline.scheduler.config)
-        self.editor = SkipEditor(pipeline.unet).attach()
+        self.editor = SkipEditor(pipeline.unet, pipeline.vae_scale_factor).attach()
         layout = self.editor.layout
         with torch.random.fork_rng(devices=[]):  # the initial weights depend on the seed only
             torch.manual_seed(config.seed)

@@ -302,6 +302,23 @@ def test_the_unet_stage_uses_the_shape_weight(tmp_path):
     assert any(not torch.equal(v, outputs[4.0][k]) for k, v in outputs[0.0].items())
 
 
+def test_the_text_encoder_learns_at_its_own_rate(tmp_path):
+    config = _tiny_run(init=str(MODEL_DIR), text_lr_scale=10.0)
+    tiny_model.train(tmp_path / "work", tmp_path / "out", config, threads=1)
+    unet_group, text_group = torch.load(tmp_path / "work" / "unet.pt", weights_only=True)["optimizer"]["param_groups"]
+    assert text_group["initial_lr"] == pytest.approx(10 * unet_group["initial_lr"])
+
+
+def test_shape_word_similarity_is_one_when_the_encoder_cannot_tell_shapes_apart():
+    tokenizer = CLIPTokenizer.from_pretrained(MODEL_DIR / "tokenizer")
+    encoder = tiny_model.build_text_encoder()
+    assert tiny_model.shape_word_similarity(encoder, tokenizer) < 0.99
+    rows = tokenizer.convert_tokens_to_ids([f"{shape}</w>" for shape in world.SHAPES])
+    with torch.no_grad():
+        encoder.get_input_embeddings().weight[rows] = encoder.get_input_embeddings().weight[rows[0]].clone()
+    assert tiny_model.shape_word_similarity(encoder, tokenizer) == pytest.approx(1.0)
+
+
 def test_a_work_folder_refuses_another_configuration(tmp_path):
     tiny_model._claim_work_folder(tmp_path, _tiny_run())
     with pytest.raises(UserInputError, match="different configuration"):

@@ -4,7 +4,7 @@ import gzip
 import json
 import logging
 import shutil
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -323,6 +323,15 @@ def test_a_work_folder_refuses_another_configuration(tmp_path):
     tiny_model._claim_work_folder(tmp_path, _tiny_run())
     with pytest.raises(UserInputError, match="different configuration"):
         tiny_model._claim_work_folder(tmp_path, _tiny_run(unet_lr=1e-3))
+
+
+def test_a_work_folder_stamped_before_a_field_existed_takes_that_fields_default(tmp_path):
+    stamped = asdict(_tiny_run())
+    del stamped["text_lr_scale"]
+    (tmp_path / "config.json").write_text(json.dumps(stamped))
+    tiny_model._claim_work_folder(tmp_path, _tiny_run())  # resumes
+    with pytest.raises(UserInputError, match="different configuration"):
+        tiny_model._claim_work_folder(tmp_path, _tiny_run(text_lr_scale=10.0))
 
 
 def test_set_overrides_convert_to_the_field_types():

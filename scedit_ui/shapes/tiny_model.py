@@ -733,7 +733,9 @@ def _claim_work_folder(work: Path, cfg: TinyModelConfig) -> Path:
     work = Path(work)
     work.mkdir(parents=True, exist_ok=True)
     config_path = work / "config.json"
-    if config_path.exists() and json.loads(config_path.read_text()) != asdict(cfg):
+    # A field added since the folder was stamped had its default value in that run.
+    defaults = {f.name: f.default for f in fields(TinyModelConfig)}
+    if config_path.exists() and {**defaults, **json.loads(config_path.read_text())} != asdict(cfg):
         raise UserInputError(f"{work} holds a run with a different configuration; use another --work folder.")
     config_path.write_text(json.dumps(asdict(cfg), indent=1))
     return work

@@ -1,0 +1,71 @@
+"""One training step of the tiny model's UNet (forward, backward, AdamW) at batch 32, per latent and layout.
+
+    python bench/unet_step.py [--threads 2] [--repeats 3] [--json [PATH]]
+
+Random latents, timesteps and text states, so only the architecture is measured: the ×8 latent (8×16×16),
+the ×4 latent (4×32×32) with SD 1.5's layout (attention at every level but the last) and the ×4 latent with
+the recipe's layout (`tiny_model.unet_config`: no attention at 32×32). The median of `--repeats` steps after
+one warm-up step.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+
+import _common
+
+_common.set_threads()
+
+import torch  # noqa: E402
+from diffusers import UNet2DConditionModel  # noqa: E402
+
+from scedit_ui.shapes.tiny_model import TEXT_HIDDEN, unet_config  # noqa: E402
+
+BATCH = 32
+SD15_LAYOUT = dict(
+    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+)
+VARIANTS = {
+    "x8, 8x16x16": (unet_config(8, 8), 8),
+    "x4, 4x32x32, attention at 32x32 (SD 1.5 layout)": ({**unet_config(4, 4), **SD15_LAYOUT}, 4),
+    "x4, 4x32x32, recipe layout": (unet_config(4, 4), 4),
+}
+
+
+def step_seconds(config: dict, channels: int, repeats: int) -> float:
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**config)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-4)
+    size = config["sample_size"]
+    latents, text = torch.randn(BATCH, channels, size, size), torch.randn(BATCH, 77, TEXT_HIDDEN)
+    timesteps = torch.randint(0, 1000, (BATCH,))
+    times = []
+    for _ in range(repeats + 1):
+        started = time.perf_counter()
+        loss = (unet(latents, timesteps, text).sample - latents).pow(2).mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - started)
+    return statistics.median(times[1:])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _common.add_common_arguments(parser)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    seconds = {name: round(step_seconds(config, channels, args.repeats), 3) for name, (config, channels) in VARIANTS.items()}
+    if args.json:
+        _common.write_json({"batch": BATCH, "step_seconds": seconds, "machine": _common.machine()}, args.json)
+    else:
+        for name, value in seconds.items():
+            print(f"{name:50s} {value:.2f} s per step (batch {BATCH})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -8,11 +8,15 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
+from PIL import ImageFilter
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
+from scedit_ui.model_manager import ModelManager
+from scedit_ui.request import ConditionUse, GenerationRequest
 from scedit_ui.shapes import tiny_model, world
 from scedit_ui.shapes.checker import parse_prompt
 from tuners.validation import UserInputError
@@ -415,3 +419,14 @@ def test_the_x4_candidate_is_a_standard_sd_folder_with_32x32_latents_in_fp16_wit
     weights = sorted(CANDIDATE_DIR.rglob("*.safetensors"))
     assert {p.parent.name for p in weights} == {"vae", "text_encoder", "unet"}
     assert sum(p.stat().st_size for p in weights) <= 60_000_000
+
+
+def test_a_canny_condition_at_the_pictures_size_steers_the_x4_candidate():
+    manager = ModelManager("cpu")
+    manager.load(str(CANDIDATE_DIR))
+    plain = GenerationRequest("a red circle on a white background", seed=0, steps=2, guidance=5.0)
+    edges = world.render_scene(world.sample_scene(3)).filter(ImageFilter.FIND_EDGES)  # 128 px: the picture's size
+    controlled = replace(plain, conditions=(ConditionUse(str(MODEL_DIR.parent / "tuners" / "canny.safetensors"), edges, 1.0),))
+    before, after = (np.asarray(manager.generate(r).images[0], dtype=float) for r in (plain, controlled))
+    assert after.shape == before.shape == (128, 128, 3) and np.abs(after - before).mean() > 1.0
+

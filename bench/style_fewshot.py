@@ -2,7 +2,7 @@
 
     python bench/style_fewshot.py [--sets stripes,polka-dots,hatched] [--n 16] [--scales 0,0.5,0.75,1,1.25]
                                   [--work runs/bench/style] [--tuners DIR] [--plot docs/style-tradeoff.png] [--json PATH]
-                                  [--reuse] [--conditional-only | --defaults]
+                                  [--reuse] [--conditional-only | --defaults] [--model PATH]
 
 Each set is trained with the default settings of `python -m scedit_ui train --kind sc` (nothing but the data,
 the trigger word and the output is given):
@@ -106,13 +106,15 @@ def data_arguments(name: str, work: Path, images: int) -> list[str]:
     return ["--data", f"shapes:{SETS[name]}", "--remove-word", f"in {SETS[name]} style"]
 
 
-def train(arguments: list[str], out: Path, work: Path) -> float:
+def train(arguments: list[str], out: Path, work: Path, model: str) -> float:
     """Wall seconds of the training command with `arguments` and otherwise default settings."""
     shutil.rmtree(work, ignore_errors=True)
     out.unlink(missing_ok=True)
     started = time.perf_counter()
     # --fp16 as the documented commands: with --tuners assets/tuners this writes the shipped files.
-    code = cli(["train", "--kind", "sc", *arguments, "--trigger", TRIGGER, "--out", str(out), "--work-dir", str(work), "--fp16"])
+    model_arguments = ["--model", model] if model else []
+    code = cli(["train", "--kind", "sc", *arguments, *model_arguments, "--trigger", TRIGGER, "--out", str(out),
+                "--work-dir", str(work), "--fp16"])
     if code != 0:
         raise SystemExit(f"training {' '.join(arguments)} failed with exit code {code}")
     return time.perf_counter() - started
@@ -193,6 +195,7 @@ def plot(results: list[dict], path: Path) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sets", default=",".join(SETS), help=f"comma-separated, from {', '.join(SETS)}")
+    parser.add_argument("--model", default="", help="base model (default: the built-in tiny model)")
     parser.add_argument("--images", type=int, default=20, help="hatched: pictures in the folder")
     parser.add_argument("--n", type=int, default=16, help="held-out prompts per scale")
     parser.add_argument("--scales", default="0,0.5,0.75,1,1.25")
@@ -212,12 +215,12 @@ def main() -> int:
         return 0
     scales = [float(s) for s in args.scales.split(",")]
     manager = ModelManager("auto")
-    manager.load("")
+    manager.load(args.model)
     results = []
     for name in args.sets.split(","):
         arguments = data_arguments(name, args.work / name, args.images)
         tuner = (args.tuners if args.tuners and name != "hatched" else args.work / name) / f"style-{name}.safetensors"
-        seconds = None if args.reuse and tuner.exists() else train(arguments, tuner, args.work / name / "run")
+        seconds = None if args.reuse and tuner.exists() else train(arguments, tuner, args.work / name / "run", args.model)
         train_score = float(np.mean([style_score(p, SETS[name]) for p in training_pictures(arguments)]))
         trained = f"trained in {seconds:.0f} s" if seconds is not None else f"reusing {tuner}"
         print(f"{name}: {trained}; training pictures' style score {train_score:.3f}", flush=True)

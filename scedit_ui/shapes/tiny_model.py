@@ -2,9 +2,9 @@
 
 The model is a regular diffusers Stable Diffusion folder (``assets/tiny-sd``): an x8
 ``AutoencoderKL`` (128 px images <-> C x 16 x 16 latents), a small CLIP text encoder with the real
-CLIP BPE tokenizer, a ``UNet2DConditionModel`` with SD 1.5's block types (12 skip connections)
-and a DDIM scheduler with SD's noise schedule. ``StableDiffusionPipeline.from_pretrained`` loads
-it exactly like real SD weights.
+CLIP BPE tokenizer, a ``UNet2DConditionModel`` with SD 1.5's block types (12 skip connections; on the
+x4 latent without attention at its 32 x 32 top level, as SDXL) and a DDIM scheduler with SD's noise
+schedule. ``StableDiffusionPipeline.from_pretrained`` loads it exactly like real SD weights.
 
 It is trained from scratch on the Shapes world (:mod:`scedit_ui.shapes.world`) in three
 resumable stages, each checkpointed atomically under a work directory::

@@ -73,7 +73,7 @@ TEXT_HIDDEN = 64
 
 
 # Attention only on grids this small or smaller. At 32 x 32 (the x4 latent) self-attention over 1,024 tokens is
-# half the cost of a training step (2.2 s -> 1.0 s at batch 32, docs/tiny-model.md); SDXL leaves its top level
+# half the cost of a training step (2.17 s -> 1.07 s at batch 32, bench/unet_step.py); SDXL leaves its top level
 # without attention for the same reason.
 ATTENTION_MAX_GRID = 16
 

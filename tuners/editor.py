@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -104,12 +104,13 @@ class FeatureCache:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def features(self, tuner: CSCTuner, image: torch.Tensor, digest: str, device: torch.device) -> ConditionFeatures:
+    def features(self, tuner: CSCTuner, digest: str, compute: Callable[[], ConditionFeatures]) -> ConditionFeatures:
+        """`tuner`'s features of the condition image named by `digest`; `compute()` makes them on a miss."""
         key = (id(tuner), _parameter_version(tuner), digest)
         entry = self._entries.get(key)
         if entry is None:
             # The entry keeps the tuner alive, so its id cannot be reused by another object.
-            entry = (tuner, tuner.condition_features(image.to(device)))
+            entry = (tuner, compute())
             self._entries[key] = entry
             while len(self._entries) > self.maxsize:
                 self._entries.popitem(last=False)
@@ -300,13 +301,18 @@ class SkipEditor:
         return active
 
     def _features(self, tuner: CSCTuner, image: torch.Tensor, sample: torch.Tensor) -> ConditionFeatures:
-        hint = self._hint_input(image, tuple(sample.shape[-2:]))
+        latent_size = (sample.shape[-2], sample.shape[-1])
+
+        def compute() -> ConditionFeatures:
+            return tuner.condition_features(self._hint_input(image, latent_size).to(sample.device))
+
         if torch.is_grad_enabled():  # training the condition branch: fresh features with a graph
-            return tuner.condition_features(hint.to(sample.device))
+            return compute()
         digest = self._digests.get(id(image))
         if digest is None:
             digest = self._digests[id(image)] = tensor_digest(image)
-        return self.cache.features(tuner, hint, f"{digest}@{hint.shape[-2]}x{hint.shape[-1]}", sample.device)
+        # Checked and resized only on a miss: a hit was made from this image at this latent size.
+        return self.cache.features(tuner, f"{digest}@{latent_size[0]}x{latent_size[1]}", compute)
 
     def _hint_input(self, image: torch.Tensor, latent_size: tuple[int, int]) -> torch.Tensor:
         picture = (self.pixels_per_latent * latent_size[0], self.pixels_per_latent * latent_size[1])

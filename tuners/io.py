@@ -138,6 +138,13 @@ class TunerMetadata:
         return metadata
 
 
+def new_file_mode() -> int:
+    """The mode a newly created file gets under the process's umask (0644 under the usual 022)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def atomic_write(path: Path, write: Any) -> None:
     """Call `write(temporary_path)`, then rename over `path`: a crash never leaves a half-written file."""
     path = Path(path)
@@ -146,10 +153,7 @@ def atomic_write(path: Path, write: Any) -> None:
     os.close(fd)
     try:
         write(temporary)
-        # mkstemp makes the file private (0600); a saved file gets the mode any new file would get.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(temporary, 0o666 & ~umask)
+        os.chmod(temporary, new_file_mode())  # mkstemp makes the file private (0600)
         os.replace(temporary, path)
     finally:
         if os.path.exists(temporary):

@@ -1,10 +1,10 @@
 """The built-in tiny Stable-Diffusion-architecture base model and the script that trains it.
 
-The model is a regular diffusers Stable Diffusion folder (``assets/tiny-sd``): an x8
-``AutoencoderKL`` (128 px images <-> C x 16 x 16 latents), a small CLIP text encoder with the real
-CLIP BPE tokenizer, a ``UNet2DConditionModel`` with SD 1.5's block types (12 skip connections; on the
-x4 latent without attention at its 32 x 32 top level, as SDXL) and a DDIM scheduler with SD's noise
-schedule. ``StableDiffusionPipeline.from_pretrained`` loads it exactly like real SD weights.
+The model is a regular diffusers Stable Diffusion folder (``assets/tiny-sd``): an x4
+``AutoencoderKL`` (128 px images <-> 4 x 32 x 32 latents; x8 with 16 x 16 latents is the other choice), a
+small CLIP text encoder with the real CLIP BPE tokenizer, a ``UNet2DConditionModel`` with SD 1.5's block
+types (12 skip connections; on the x4 latent without attention at its 32 x 32 top level, as SDXL) and a DDIM
+scheduler with SD's noise schedule. ``StableDiffusionPipeline.from_pretrained`` loads it exactly like real SD weights.
 
 It is trained from scratch on the Shapes world (:mod:`scedit_ui.shapes.world`) in three
 resumable stages, each checkpointed atomically under a work directory::
@@ -54,6 +54,7 @@ from scedit_ui.shapes import world
 from scedit_ui.shapes.checker import score_adherence, style_score
 from scedit_ui.shapes.evaluation import PROMPT_SETS, evaluate_adherence
 from scedit_ui.shapes.world import Scene
+from tuners.io import new_file_mode
 from tuners.validation import UserInputError
 
 logger = logging.getLogger(__name__)
@@ -196,6 +197,8 @@ def save_pipeline_fp16(pipe: StableDiffusionPipeline, out: Path) -> None:
     StableDiffusionPipeline(**{**pipe.components, **half}, requires_safety_checker=False).save_pretrained(
         tmp, safe_serialization=True
     )
+    for weights in tmp.rglob("*.safetensors"):  # diffusers writes them private (0600), unlike the configs
+        weights.chmod(new_file_mode())
     # Keep the classic vocab.json / merges.txt of SD folders next to tokenizer.json (save_pretrained drops them).
     sources = (out / "tokenizer", Path(pipe.tokenizer.name_or_path))
     for name in ("vocab.json", "merges.txt"):
@@ -291,8 +294,9 @@ class TinyModelConfig:
     # Start the UNet and text encoder from this model folder and keep its VAE (skips stage 1).
     init: str | None = None
     # stage 1: VAE, on plain scenes and every style (so it encodes the base styles and decodes the tuner ones)
-    latent_channels: int = 8
-    latent_downsample: int = 8  # 8: 16 x 16 latents; 4: 32 x 32 (the UNet costs about 4x per step)
+    # 4 x 32 x 32 met both round-trip targets; 8 x 16 x 16 kept shapes 0.77 of the time (docs/tiny-model.md)
+    latent_channels: int = 4
+    latent_downsample: int = 4  # 4: 32 x 32 latents; 8: 16 x 16 (a UNet step about half the cost)
     vae_crop_steps: int = 4_000  # random crops of vae_crop_size px, batch vae_crop_batch
     vae_full_steps: int = 700  # full 128 px images, batch vae_full_batch
     vae_crop_size: int = 32
@@ -310,7 +314,7 @@ class TinyModelConfig:
     cache_chunk: int = 1_000
     base_styled_fraction: float = 0.2
     # stage 3: UNet + text encoder
-    unet_steps: int = 3_000
+    unet_steps: int = 5_000  # ~1.15 s each at batch 32 on two CPU threads: the whole recipe about 130 min
     unet_batch: int = 32
     unet_lr: float = 6e-4
     # The text encoder's learning rate as a multiple of unet_lr (docs/tiny-model.md: at 1x the shape words stayed

@@ -241,7 +241,8 @@ def test_vae_stage_sees_every_style_and_the_cache_only_the_base_styles(tmp_path,
     cache = tiny_model.cache_latents(tmp_path, vae, cfg, cpu)
     styles = {s.style for s in cache.scenes}
     assert set(world.BASE_STYLES) <= styles and not styles & set(world.TUNER_STYLES)
-    assert cache.latents.shape == (40, cfg.latent_channels, 16, 16)
+    grid = 128 // cfg.latent_downsample
+    assert cache.latents.shape == (40, cfg.latent_channels, grid, grid)
     assert abs(cache.latents.std().item() - 1.0) < 1e-3  # a fresh VAE gets 1 / std as its scaling factor
     again = tiny_model.cache_latents(tmp_path, vae, cfg, cpu)  # read back from the chunks
     assert again.scenes == cache.scenes and torch.equal(again.latents, cache.latents)

@@ -314,7 +314,7 @@ class TinyModelConfig:
     cache_chunk: int = 1_000
     base_styled_fraction: float = 0.2
     # stage 3: UNet + text encoder
-    unet_steps: int = 5_000  # ~1.15 s each at batch 32 on two CPU threads: the whole recipe about 130 min
+    unet_steps: int = 5_000  # ~1.15 s each at batch 32 on two CPU threads: the recipe ~130 min (projected, not run)
     unet_batch: int = 32
     unet_lr: float = 6e-4
     # The text encoder's learning rate as a multiple of unet_lr (docs/tiny-model.md: at 1x the shape words stayed

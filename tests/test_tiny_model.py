@@ -237,6 +237,7 @@ def test_vae_stage_sees_every_style_and_the_cache_only_the_base_styles(tmp_path,
     cpu = torch.device("cpu")
     vae = tiny_model.train_vae(tmp_path, cfg, cpu)
     assert set(world.STYLES) <= {s for batch in seen for s in batch}
+    assert {p.stat().st_mode & 0o777 for p in (tmp_path / "vae").glob("*.safetensors")} == {new_file_mode()}
     seen.clear()
     cache = tiny_model.cache_latents(tmp_path, vae, cfg, cpu)
     styles = {s.style for s in cache.scenes}

@@ -197,8 +197,7 @@ def save_pipeline_fp16(pipe: StableDiffusionPipeline, out: Path) -> None:
     StableDiffusionPipeline(**{**pipe.components, **half}, requires_safety_checker=False).save_pretrained(
         tmp, safe_serialization=True
     )
-    for weights in tmp.rglob("*.safetensors"):  # diffusers writes them private (0600), unlike the configs
-        weights.chmod(new_file_mode())
+    _give_weights_the_umask_mode(tmp)
     # Keep the classic vocab.json / merges.txt of SD folders next to tokenizer.json (save_pretrained drops them).
     sources = (out / "tokenizer", Path(pipe.tokenizer.name_or_path))
     for name in ("vocab.json", "merges.txt"):
@@ -211,6 +210,13 @@ def save_pipeline_fp16(pipe: StableDiffusionPipeline, out: Path) -> None:
     os.replace(tmp, out)
     if old.exists():
         shutil.rmtree(old)
+
+
+def _give_weights_the_umask_mode(folder: Path) -> None:
+    """diffusers' ``save_pretrained`` writes safetensors weights private (0600), unlike the configs beside them."""
+    mode = new_file_mode()
+    for weights in Path(folder).rglob("*.safetensors"):
+        weights.chmod(mode)
 
 
 def _weighted_components(pipe: StableDiffusionPipeline) -> dict[str, torch.nn.Module]:
@@ -514,6 +520,7 @@ def train_vae(work: Path, cfg: TinyModelConfig, device: torch.device) -> Autoenc
     (work / "vae_round_trip.json").write_text(json.dumps({"scenes": cfg.round_trip_scenes, **round_trip}, indent=1) + "\n")
     tmp = final.with_name("vae.tmp")
     vae.save_pretrained(tmp)
+    _give_weights_the_umask_mode(tmp)
     os.replace(tmp, final)
     logger.info("vae: done in %.1f min", (time.time() - t0) / 60)
     return vae

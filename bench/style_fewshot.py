@@ -2,7 +2,7 @@
 
     python bench/style_fewshot.py [--sets stripes,polka-dots,hatched] [--n 16] [--scales 0,0.5,0.75,1,1.25]
                                   [--work runs/bench/style] [--tuners DIR] [--plot docs/style-tradeoff.png] [--json PATH]
-                                  [--reuse] [--conditional-only | --defaults] [--model PATH]
+                                  [--reuse] [--conditional-only | --texture | --defaults] [--model PATH]
 
 Each set is trained with the default settings of `python -m scedit_ui train --kind sc` (nothing but the data,
 the trigger word and the output is given):
@@ -19,8 +19,9 @@ Then, at each tuner scale, images for held-out Shapes prompts with the trigger w
 - colour: the checker's colour accuracy of those images against their prompts (target ≥ 0.80).
 Scale 0 is the base model alone. Training seconds are wall time here (one torch thread). `--reuse` sweeps tuner
 files already there instead of training them; `--conditional-only` applies the tuner to the conditional half of
-classifier-free guidance only (`TunerUse.conditional_only`); `--defaults` uses, instead of `--scales`, the scale
-and guidance half each file asks for (`default_scale`, `default_conditional_only`): what a user who changes nothing gets.
+classifier-free guidance only (`TunerUse.conditional_only`); `--texture` as texture guidance (`TunerUse.texture`: the
+tuner's fine texture at the scale, the base's colours); `--defaults` uses, instead of `--scales`, the scale and way
+each file asks for (`default_scale`, `default_conditional_only`, `default_texture`): what a user who changes nothing gets.
 The reference ("best reachable") is the style itself put on the renders of the same held-out scenes and passed
 through the base model's VAE, as every generated image is: its colour accuracy is the most a tuner that fully
 shows the style can keep. `--replot A.json B.json ... --plot FILE` redraws the plot from earlier runs.
@@ -49,7 +50,6 @@ from scedit_ui.request import GenerationRequest, TunerUse  # noqa: E402
 from scedit_ui.shapes.checker import score_adherence, style_score  # noqa: E402
 from scedit_ui.shapes.world import COLORS, apply_style, caption, render_scene, sample_scene  # noqa: E402
 from scedit_ui.training import TrainingConfig, load_training_data  # noqa: E402
-from tuners import read_metadata  # noqa: E402
 
 TRIGGER = "<sce>"
 SETS = {"stripes": "stripes", "polka-dots": "polka dots", "hatched": "stripes"}  # set -> the checker's style
@@ -147,13 +147,13 @@ def reference(manager: ModelManager, name: str, n: int) -> dict:
     return {"style": float(np.mean(styles)), "colour_accuracy": float(np.mean(colours))}
 
 
-def sweep(manager: ModelManager, tuner: Path, style: str, scales: list[float], n: int, conditional_only: bool) -> list[dict]:
+def sweep(manager: ModelManager, tuner: Path, style: str, scales: list[float], n: int, conditional_only: bool, texture: bool = False) -> list[dict]:
     rows = []
     for scale in scales:
         styles, colours = [], []
         for i in range(n):
             scene = sample_scene(i, split="heldout")
-            uses = (TunerUse(str(tuner), scale, conditional_only),) if scale else ()
+            uses = (TunerUse(str(tuner), scale, conditional_only, texture),) if scale else ()
             image = manager.generate(GenerationRequest(f"{TRIGGER} {caption(scene)}", seed=i, sc_tuners=uses)).images[0]
             styles.append(style_score(image, style))
             colours.append(score_adherence(image, scene).color_correct)
@@ -169,10 +169,15 @@ def plot(results: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    modes = sorted({bool(r.get("conditional_only")) for r in results})
+    def how(result: dict) -> str:
+        return "texture" if result.get("texture") else "style" if result.get("conditional_only") else "both"
+
+    titles = {"both": "both halves of guidance (the paper)", "style": "the conditional half of guidance only (style guidance)",
+              "texture": "texture guidance (its fine texture, the base's colours)"}
+    modes = [mode for mode in titles if any(how(r) == mode for r in results)]
     figure, axes = plt.subplots(1, len(modes), figsize=(6 * len(modes) + 2.5, 3.8), dpi=110, squeeze=False)
     for axis, mode in zip(axes[0], modes):
-        for result, colour in zip([r for r in results if bool(r.get("conditional_only")) == mode], ("tab:red", "tab:blue", "tab:green")):
+        for result, colour in zip([r for r in results if how(r) == mode], ("tab:red", "tab:blue", "tab:green")):
             scales, name = [r["scale"] for r in result["sweep"]], result["set"]
             axis.plot(scales, [r["style_ratio"] for r in result["sweep"]], "-o", color=colour, label=f"{name}: style ÷ training pictures'")
             axis.plot(scales, [r["colour_accuracy"] for r in result["sweep"]], "--s", color=colour, label=f"{name}: colour accuracy")
@@ -184,8 +189,7 @@ def plot(results: list[dict], path: Path) -> None:
         axis.set_xlabel("tuner scale (0: the base alone); open marks: the style itself through the VAE", fontsize=8)
         axis.set_ylabel("measured")
         axis.set_ylim(0, 1.1)
-        where = "the conditional half of guidance only (style guidance)" if mode else "both halves of guidance (the paper)"
-        axis.set_title(f"Tuner on {where}; targets 0.8, dotted", fontsize=9)
+        axis.set_title(f"Tuner as {titles[mode]}; targets 0.8, dotted", fontsize=9)
     axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -207,7 +211,8 @@ def main() -> int:
     parser.add_argument("--reuse", action="store_true", help="sweep the tuner files already there; train only missing ones")
     halves = parser.add_mutually_exclusive_group()
     halves.add_argument("--conditional-only", action="store_true", help="apply the tuner to the conditional CFG half only")
-    halves.add_argument("--defaults", action="store_true", help="each file's own default scale and CFG half, not --scales")
+    halves.add_argument("--texture", action="store_true", help="apply the tuner as texture guidance")
+    halves.add_argument("--defaults", action="store_true", help="each file's own default scale and way of applying it, not --scales")
     parser.add_argument("--replot", nargs="+", type=Path, metavar="JSON", help="only redraw --plot from these results")
     args = parser.parse_args()
     if args.replot:
@@ -224,18 +229,18 @@ def main() -> int:
         train_score = float(np.mean([style_score(p, SETS[name]) for p in training_pictures(arguments)]))
         trained = f"trained in {seconds:.0f} s" if seconds is not None else f"reusing {tuner}"
         print(f"{name}: {trained}; training pictures' style score {train_score:.3f}", flush=True)
-        conditional_only = args.conditional_only
+        conditional_only, texture = args.conditional_only, args.texture
         if args.defaults:
-            metadata = read_metadata(tuner)
-            scales, conditional_only = [metadata.default_scale], metadata.default_conditional_only
-            print(f"  the file's defaults: scale {scales[0]:g}, {'style guidance' if conditional_only else 'both halves'}", flush=True)
-        rows = sweep(manager, tuner, SETS[name], scales, args.n, conditional_only)
+            default = TunerUse.of_file(tuner)
+            scales, conditional_only, texture = [default.scale], default.conditional_only, default.texture
+            print(f"  the file's defaults: scale {scales[0]:g}, {default.how}", flush=True)
+        rows = sweep(manager, tuner, SETS[name], scales, args.n, conditional_only, texture)
         best = reference(manager, name, args.n)
         for row in (*rows, best):
             row["style_ratio"] = row["style"] / train_score
         print(f"  the style through the VAE: style {best['style']:.3f}, colour accuracy {best['colour_accuracy']:.3f}", flush=True)
         results.append({"set": name, "command": arguments, "training_seconds": seconds, "train_style": train_score,
-                        "conditional_only": conditional_only, "defaults": args.defaults, "sweep": rows, "reference": best})
+                        "conditional_only": conditional_only, "texture": texture, "defaults": args.defaults, "sweep": rows, "reference": best})
     if args.plot:
         plot(results, args.plot)
     if args.json:

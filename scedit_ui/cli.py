@@ -152,6 +152,10 @@ def _add_generation_options(command: argparse.ArgumentParser) -> None:
         "--both-halves", action="store_const", const=False, dest="conditional_only",
         help="apply the SC tuners to both halves of guidance (default: as each file says; the paper's way unless it says otherwise)",
     )
+    halves.add_argument(
+        "--texture-guidance", action="store_true", default=None, dest="texture",
+        help="add each SC tuner's fine texture at its scale and keep the base model's colours and layout (one larger UNet batch)",
+    )
     command.add_argument("--control", action="append", default=[], metavar="TUNER:IMAGE[:ALPHA]", help="CSC tuner and the picture to extract its condition from, repeatable")
     command.add_argument("--raw-control", action="store_true", help="the --control images are condition images already (no extraction)")
     command.add_argument(
@@ -191,7 +195,7 @@ def _request_from_args(args: argparse.Namespace, batch_size: int = 1, check: Cal
         prompt=args.prompt, negative_prompt=args.negative, seed=args.seed, steps=args.steps, guidance=args.guidance,
         width=width, height=height, scheduler=args.scheduler, batch_size=batch_size,
         sc_tuners=tuple(
-            TunerUse.of_file(library.resolve(name), scale, args.conditional_only)
+            TunerUse.of_file(library.resolve(name), scale, args.conditional_only, args.texture)
             for name, scale in (_split_suffix_number(spec, None) for spec in args.tuner)
         ),
         normalise_alpha=args.normalise_alpha,
@@ -437,7 +441,7 @@ def _add_train_command(subparsers: argparse._SubParsersAction) -> None:
         help="adamw (default); adamw-fused: one kernel per step; adamw-8bit: bitsandbytes on a CUDA GPU, a quarter of the state",
     )
     command.add_argument("--down-ratio", type=float, default=1.0, help="sc: adapter mid width / channels")
-    command.add_argument("--kernel", type=int, default=1, choices=(1, 3), help="csc: cascade conv kernel")
+    command.add_argument("--kernel", type=int, choices=(1, 3), help="sc: adapter kernel (default 3: learns textures; 1: the paper's, per pixel); csc: cascade conv kernel (default 1)")
     command.add_argument("--fp16", action="store_true", help="save fp16 weights (half the file)")
     command.add_argument(
         "--no-calibrate", dest="calibrate", action="store_false",

@@ -262,7 +262,7 @@ class ModelManager:
     def _apply_edits(self, request: GenerationRequest) -> None:
         editor = self.editor
         for use in request.sc_tuners:
-            editor.add_sc_tuner(use.tuner, self.tuner(use.tuner), use.scale, use.conditional_only)
+            editor.add_sc_tuner(use.tuner, self.tuner(use.tuner), use.scale, use.conditional_only, use.texture)
         size = (request.width, request.height)
         conditions = [
             ControlCondition(
@@ -301,6 +301,7 @@ class ModelManager:
         self.editor.set_step(0, request.steps)  # the schedulers offered make exactly `steps` timesteps
         # diffusers' do_classifier_free_guidance for SD and SDXL: the UNet then sees [unconditional; conditional].
         self.editor.guidance_halves = request.guidance > 1 and pipeline.unet.config.time_cond_proj_dim is None
+        self.editor.guidance_scale = request.guidance
 
         # One CPU generator per image: the same seed gives the same noise on every device.
         generators = [torch.Generator("cpu").manual_seed(request.seed + i) for i in range(request.batch_size)]

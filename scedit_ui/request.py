@@ -34,25 +34,34 @@ class TunerUse:
 
     With `conditional_only` it edits only the prompt's half of classifier-free guidance, so guidance amplifies
     the tuner's effect as it amplifies the prompt (without guidance there is one half and nothing changes).
+    With `texture` (texture guidance) it adds `scale` times the fine texture of its change and leaves the colours
+    and layout to the base model (`tuners.editor`). At most one of the two.
     """
 
     tuner: str
     scale: float = 1.0
     conditional_only: bool = False
+    texture: bool = False
 
     @classmethod
-    def of_file(cls, path: str | Path, scale: float | None = None, conditional_only: bool | None = None) -> TunerUse:
-        """The tuner file at `path`, with what is not given (None) taken from the file's own defaults."""
+    def of_file(cls, path: str | Path, scale: float | None = None, conditional_only: bool | None = None,
+                texture: bool | None = None) -> TunerUse:
+        """The tuner file at `path`, with what is not given (None) taken from the file's own defaults; naming
+        either way of applying it (`conditional_only` or `texture`) decides both."""
         from tuners import TunerFileError, read_metadata
 
         try:
             metadata = read_metadata(path)
         except TunerFileError as error:
             raise UserInputError(str(error)) from None
-        return cls(
-            str(path), metadata.default_scale if scale is None else scale,
-            metadata.default_conditional_only if conditional_only is None else conditional_only,
-        )
+        if conditional_only is None and texture is None:
+            conditional_only, texture = metadata.default_conditional_only, metadata.default_texture
+        return cls(str(path), metadata.default_scale if scale is None else scale, bool(conditional_only) and not texture, bool(texture))
+
+    @property
+    def how(self) -> str:
+        """How it is applied, in words (metadata text, messages)."""
+        return "texture guidance" if self.texture else "style guidance" if self.conditional_only else "both halves"
 
 
 @dataclass(frozen=True)
@@ -135,8 +144,11 @@ class GenerationRequest:
                 raise UserInputError(f"{name} must be a multiple of 8 (the VAE downsamples by 8), got {value}")
         for use in self.sc_tuners:
             check_number(f"scale of {Path(use.tuner).name}", use.scale, *SCALE_RANGE)
-            if not isinstance(use.conditional_only, bool):
-                raise UserInputError(f"conditional_only of {Path(use.tuner).name} must be true or false, got {use.conditional_only!r}")
+            for name in ("conditional_only", "texture"):
+                if not isinstance(getattr(use, name), bool):
+                    raise UserInputError(f"{name} of {Path(use.tuner).name} must be true or false, got {getattr(use, name)!r}")
+            if use.conditional_only and use.texture:
+                raise UserInputError(f"{Path(use.tuner).name}: choose style guidance or texture guidance, not both")
         for use in self.conditions:
             check_number(f"alpha of {Path(use.tuner).name}", use.alpha, *WEIGHT_RANGE)
             check_step_range(f"step range of {Path(use.tuner).name}", use.step_range)
@@ -201,7 +213,7 @@ class GenerationRequest:
             f"Steps: {self.steps}", f"Sampler: {self.scheduler}", f"CFG scale: {self.guidance}", f"Seed: {seed}",
             f"Size: {self.width}x{self.height}", f"Model: {model_name}",
         ]
-        settings += [f"SC tuner: {t.tuner} ({t.scale}{', conditional only' if t.conditional_only else ''})" for t in self.sc_tuners]
+        settings += [f"SC tuner: {t.tuner} ({t.scale}{'' if t.how == 'both halves' else ', ' + t.how})" for t in self.sc_tuners]
         settings += [
             f"Control: {c.tuner} (α {c.alpha}, steps {c.step_range[0]}-{c.step_range[1]}"
             + (", masked" if c.mask is not None else "")

@@ -134,7 +134,10 @@ def test_read_png_settings_restores_the_settings_of_that_image(served):
     settings = served.client.predict(handle_file(paths[1]), api_name="/read_png_settings")
     prompt, negative, seed, steps, guidance, width, height, scheduler, tuner_1, scale_1 = settings[:10]
     assert (prompt, seed, steps, width, height, scheduler, tuner_1, scale_1) == (PROMPT, 21, 2, 64, 64, "DDIM", "style", 0.5)
-    assert settings[-1] is True  # style guidance (the tuners on the conditional half only)
+    assert settings[-2:] == (True, False)  # style guidance (the tuners on the conditional half only), not texture guidance
+    paths, _ = generate(served.client, seed=20, tuner_1="style", scale_1=2.0, texture=True)
+    settings = served.client.predict(handle_file(paths[0]), api_name="/read_png_settings")
+    assert (settings[9], *settings[-2:]) == (2.0, False, True)  # slot 1's scale, texture guidance
 
 
 def test_read_png_settings_of_a_foreign_png_explains_why(served):

@@ -118,21 +118,23 @@ def test_generate_tab_makes_an_image(page, shots):
 def test_a_style_tuner_put_into_use_brings_the_scale_and_guidance_its_file_asks_for(page):
     scale_is = "value => document.querySelector('#generate-scale-1 input[type=number]').value === value"
     style_guidance = page.locator("#generate-style-guidance input")
+    texture_guidance = page.locator("#generate-texture-guidance input")
     load_from_tuners_tab(page, "hatched", "loaded hatched into the Generate tab")
     open_tab(page, "Generate")
     page.wait_for_function(scale_is, arg="0.5")
-    assert style_guidance.is_checked()
+    assert style_guidance.is_checked() and not texture_guidance.is_checked()
 
     open_tab(page, "Tuners")
     page.click("#tuner-unload")
     wait_for_text(page, "#tuner-status", "unloaded hatched")
     open_tab(page, "Generate")
     style_guidance.uncheck()
+    texture_guidance.check()
     set_number(page, "generate-scale-1", 1)
     page.locator("#generate-tuner-1 input").click()  # by picking it in a slot
     page.get_by_role("option", name="hatched").click()
     page.wait_for_function(scale_is, arg="0.5")
-    assert style_guidance.is_checked()
+    assert style_guidance.is_checked() and not texture_guidance.is_checked()
 
 
 def test_send_to_control_carries_the_image_and_its_prompt(page):

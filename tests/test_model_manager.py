@@ -131,9 +131,24 @@ def test_a_conditional_only_tuner_differs_only_under_guidance_and_is_kept_in_the
     save_png(image, tmp_path / "c.png")
     stored, _, _ = request_from_png(Image.open(tmp_path / "c.png"))
     assert stored.sc_tuners[0].conditional_only
-    assert "conditional only" in Image.open(tmp_path / "c.png").info["parameters"]
+    assert "style guidance" in Image.open(tmp_path / "c.png").info["parameters"]
     with pytest.raises(UserInputError, match="conditional_only of style.safetensors must be true or false"):
         manager.generate(replace(both, sc_tuners=(TunerUse(sc_file, 1.0, conditional_only="yes"),)))
+
+
+def test_texture_guidance_changes_the_image_is_kept_in_the_png_and_excludes_style_guidance(manager, tmp_path):
+    sc_file = randomised_tuner_file(SCTuner(manager.editor.layout, 0.5, kernel_size=3), tmp_path / "style.safetensors")
+    plain = manager.generate(GenerationRequest("a blue square", seed=5, **FAST)).images[0]
+    texture = GenerationRequest("a blue square", seed=5, sc_tuners=(TunerUse(sc_file, 2.0, texture=True),), **FAST)
+    image = manager.generate(texture).images[0]
+    assert not np.array_equal(pixels(image), pixels(plain))
+    off = manager.generate(replace(texture, sc_tuners=(TunerUse(sc_file, 0.0, texture=True),))).images[0]
+    assert np.array_equal(pixels(off), pixels(plain))  # strength 0: no extra rows, the base's image
+    save_png(image, tmp_path / "t.png")
+    assert request_from_png(Image.open(tmp_path / "t.png"))[0].sc_tuners == (TunerUse(sc_file, 2.0, texture=True),)
+    assert "texture guidance" in Image.open(tmp_path / "t.png").info["parameters"]
+    with pytest.raises(UserInputError, match="choose style guidance or texture guidance, not both"):
+        manager.generate(replace(texture, sc_tuners=(TunerUse(sc_file, 1.0, conditional_only=True, texture=True),)))
 
 
 def test_a_cancelled_generation_releases_the_lock(manager):
@@ -202,6 +217,7 @@ def test_cli_takes_what_the_tuner_file_asks_for_unless_told_otherwise(manager, r
     for options, expected in (
         (["--tuner", sc_file], TunerUse(sc_file, 0.5, conditional_only=True)),
         (["--tuner", f"{sc_file}:1.25", "--both-halves"], TunerUse(sc_file, 1.25, conditional_only=False)),
+        (["--tuner", sc_file, "--texture-guidance"], TunerUse(sc_file, 0.5, texture=True)),
     ):
         subprocess.run([*command, *options], check=True, capture_output=True)
         assert request_from_png(Image.open(out))[0].sc_tuners == (expected,)

@@ -168,7 +168,7 @@ def test_sc_output_loads_and_carries_its_metadata(image_folder, tmp_path, random
     assert metadata.training["steps"] == 3 and metadata.training["dataset_size"] == 3
     assert metadata.training["base_model"] == str(random_sd_folder) and metadata.training["training_seconds"] >= 0
     assert (metadata.default_scale, metadata.default_conditional_only) == (1.0, False)  # not calibrated: the paper's way
-    assert tuner.adapters[0].ln1.out_features == 4  # int(8 * 0.5)
+    assert tuner.adapters[0].ln1.weight.shape[:2] == (4, 8)  # int(8 · 0.5) from 8 channels
     assert all(t.dtype == torch.float16 for t in load_file(str(result.output)).values())
 
 
@@ -366,13 +366,14 @@ def test_cli_prints_step_loss_time_left_and_previews_then_the_output_path(tmp_pa
     assert [p.name for p in previews] == ["step-000001-0.png", "step-000002-0.png"] and all(p.is_file() for p in previews)
     metadata = load_tuner(out)[1]
     assert metadata.trigger_word == "<sce>"
+    assert metadata.kernel_size == 3  # an SC tuner's default adapter sees its neighbours (textures)
     # after training, the default use is measured (calibration) and printed
-    assert lines[-1] == f"default use, measured on new prompts: scale {metadata.default_scale:g} " + (
-        "as style guidance (the prompt's half of guidance)" if metadata.default_conditional_only else "on both halves of guidance")
+    assert lines[-1] == calibration.describe_default(metadata) and lines[-1].startswith("default use, measured on new prompts: scale ")
     measured = [calibration.CandidateScore(**c) for c in metadata.training["default_use_measured"]["candidates"]]
     chosen = calibration.choose_default(measured)
     assert len(measured) == len(calibration.CANDIDATES)
-    assert (chosen.scale, chosen.conditional_only) == (metadata.default_scale, metadata.default_conditional_only)
+    assert (chosen.scale, chosen.conditional_only, chosen.texture) == (metadata.default_scale, metadata.default_conditional_only, metadata.default_texture)
+    assert sum(c.texture for c in measured) == 1  # texture guidance is one of the candidates
 
 
 @pytest.mark.parametrize(

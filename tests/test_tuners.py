@@ -32,6 +32,7 @@ from tuners import (
     tuner_from_config,
 )
 from tuners.__main__ import parameter_report
+from tuners.editor import TEXTURE_BLUR_SIGMA, high_pass
 from tuners.reference_configs import REFERENCE_UNET_CONFIGS
 
 
@@ -131,6 +132,59 @@ def test_a_conditional_only_tuner_edits_the_second_half_of_a_guided_batch(tiny_u
     assert torch.allclose(guided[0], plain[0], atol=1e-5)  # unconditional half: as if no tuner
     assert torch.allclose(guided[1], tuned[1], atol=1e-5)  # conditional half: the tuner
     assert not torch.allclose(tuned[0], plain[0], atol=1e-3)
+
+
+def test_texture_guidance_adds_the_high_passed_change_of_the_prompts_half_divided_by_the_guidance(tiny_unet, unet_inputs):
+    layout = SkipLayout.from_unet(tiny_unet)
+    tuner = randomise(SCTuner(layout, kernel_size=3))
+    half = {k: v[1:] for k, v in unet_inputs.items() if k != "timestep"} | {"timestep": unet_inputs["timestep"]}
+    plain = run(tiny_unet, unet_inputs)
+    with SkipEditor(tiny_unet) as editor:
+        editor.add_sc_tuner("style", tuner)
+        tuned_prompt = run(tiny_unet, half)  # the tuner on the prompt's half alone
+        editor.add_sc_tuner("style", tuner, scale=2.0, texture=True)
+        editor.guidance_halves, editor.guidance_scale = True, 4.0
+        guided = run(tiny_unet, unet_inputs)
+        editor.guidance_halves = False  # no guidance: every row is the prompt's, and nothing is divided
+        unguided = run(tiny_unet, unet_inputs)
+        assert run(tiny_unet, half).shape == half["sample"].shape  # the extra rows never leave the UNet
+    change = high_pass(tuned_prompt - plain[1:], TEXTURE_BLUR_SIGMA)
+    assert change.abs().max() > 1e-3
+    assert torch.allclose(guided[0], plain[0], atol=1e-5)  # the unconditional half: the base's
+    assert torch.allclose(guided[1:], plain[1:] + 2.0 / 4.0 * change, atol=1e-5)
+    both = {k: v for k, v in unet_inputs.items()}
+    with SkipEditor(tiny_unet) as editor:
+        editor.add_sc_tuner("style", tuner)
+        tuned_both = run(tiny_unet, both)
+    assert torch.allclose(unguided, plain + 2.0 * high_pass(tuned_both - plain, TEXTURE_BLUR_SIGMA), atol=1e-5)
+
+
+def test_the_high_pass_keeps_fine_detail_and_removes_flat_colour():
+    flat = torch.full((1, 4, 16, 16), 3.0)
+    assert high_pass(flat, 1.5).abs().max() < 1e-5  # a colour: nothing passes
+    stripes = torch.tensor([1.0, -1.0]).repeat(8).view(1, 1, 1, 16).expand(1, 4, 16, 16)
+    assert torch.allclose(high_pass(stripes, 1.5)[..., 4:-4], stripes[..., 4:-4], atol=0.05)  # period 2: all of it
+    assert high_pass(torch.randn(1, 4, 5, 3), 1.5).shape == (1, 4, 5, 3)  # any latent size
+
+
+def test_a_tuner_cannot_be_both_style_and_texture_guidance(tiny_unet):
+    with SkipEditor(tiny_unet) as editor, pytest.raises(ValueError, match="not both"):
+        editor.add_sc_tuner("style", SCTuner(SkipLayout.from_unet(tiny_unet)), conditional_only=True, texture=True)
+
+
+def test_a_3x3_sc_tuner_sees_neighbours_and_round_trips_its_kernel(tiny_unet, unet_inputs, tmp_path):
+    layout = SkipLayout.from_unet(tiny_unet)
+    tuner = randomise(SCTuner(layout, 0.5, kernel_size=3))
+    x = torch.zeros(1, layout.channels[0], 6, 6)
+    x[..., 3, 3] = 1.0
+    delta = tuner.delta(0, x) - tuner.delta(0, torch.zeros_like(x))
+    assert delta[..., 2, 2].abs().max() > 0 and delta[..., 0, 0].abs().max() == 0  # one pixel reaches its neighbours only
+    save_tuner(tuner, tmp_path / "k3.safetensors", TunerMetadata.describe(tuner, "tiny"))
+    loaded, metadata = load_tuner(tmp_path / "k3.safetensors")
+    assert (metadata.kernel_size, loaded.config.kernel_size) == (3, 3)
+    assert torch.equal(loaded.delta(0, x), tuner.delta(0, x))
+    with pytest.raises(ValueError, match="kernel_size must be 1 or 3"):
+        SCTuner(layout, kernel_size=5)
 
 
 def test_a_fresh_csc_tuner_passes_a_sparse_condition_to_every_skip_at_a_trainable_scale(tiny_unet, unet_inputs):
@@ -459,7 +513,8 @@ def test_metadata_out_of_range_is_refused_by_the_tuner_config(tiny_unet, tmp_pat
 @pytest.mark.parametrize(
     "field, value, message",
     [("default_scale", "strong", "default_scale must be a number"), ("default_scale", True, "default_scale must be a number"),
-     ("default_conditional_only", "yes", "default_conditional_only must be true or false")],
+     ("default_conditional_only", "yes", "default_conditional_only must be true or false"),
+     ("default_texture", 1, "default_texture must be true or false")],
 )
 def test_bad_default_use_in_metadata_is_refused(field, value, message, tiny_unet, tmp_path):
     tuner = SCTuner(SkipLayout.from_unet(tiny_unet))
@@ -469,16 +524,25 @@ def test_bad_default_use_in_metadata_is_refused(field, value, message, tiny_unet
         load_tuner(tmp_path / "bad.safetensors")
 
 
+def test_a_file_cannot_ask_for_style_and_texture_guidance_at_once(tiny_unet, tmp_path):
+    tuner = SCTuner(SkipLayout.from_unet(tiny_unet))
+    metadata = TunerMetadata.describe(tuner, "tiny", default_conditional_only=True, default_texture=True)
+    save_file(tuner.state_dict(), tmp_path / "both.safetensors", metadata={"scedit": json.dumps(metadata.__dict__)})
+    with pytest.raises(TunerFileError, match="cannot both be true"):
+        load_tuner(tmp_path / "both.safetensors")
+
+
 def test_a_files_default_use_survives_the_round_trip_and_older_files_get_the_papers(tiny_unet, tmp_path):
     tuner = SCTuner(SkipLayout.from_unet(tiny_unet))
     save_tuner(tuner, tmp_path / "new.safetensors", TunerMetadata.describe(tuner, "tiny", default_scale=0.5, default_conditional_only=True))
     new = read_metadata(tmp_path / "new.safetensors")
     assert (new.default_scale, new.default_conditional_only) == (0.5, True)
     header = json.loads(read_metadata_json(tmp_path / "new.safetensors"))
-    old = {k: v for k, v in header.items() if not k.startswith("default_")}
+    old = {k: v for k, v in header.items() if not k.startswith("default_") and k != "kernel_size"}
     save_file(tuner.state_dict(), tmp_path / "old.safetensors", metadata={"scedit": json.dumps({**old, "version": 2})})
     metadata = read_metadata(tmp_path / "old.safetensors")
-    assert (metadata.default_scale, metadata.default_conditional_only) == (1.0, False)
+    assert (metadata.default_scale, metadata.default_conditional_only, metadata.default_texture, metadata.kernel_size) == (1.0, False, False, None)
+    assert load_tuner(tmp_path / "old.safetensors")[0].config.kernel_size == 1  # a file before kernels: per pixel
 
 
 def read_metadata_json(path) -> str:

@@ -5,9 +5,18 @@ It registers forward pre-hooks on the up blocks and hands each a new `res_hidden
     x'_g = ρ_g · (x_g + Σ_i s_i · A_i(x_g) + Σ_m α_m · w_g^m · M_g^m · (c_g^m + T_g^m(x_g + c_g^m)))
 
 with SC-Tuner adapters A_i at scale s_i (optionally on the conditional half of a classifier-free-guidance
-batch only, so that guidance amplifies the tuner as it amplifies the prompt), CSC conditions m at weight α_m (Eq. 7), optional per-skip
+batch only, so that guidance amplifies the tuner as it amplifies the prompt; or as texture guidance, below), CSC conditions m at weight α_m (Eq. 7), optional per-skip
 weights w_g^m and spatial α maps M^m resized to skip g's resolution, and Skip-Tuning ρ.
 No copy of the UNet forward: detaching removes the hooks and the UNet is untouched.
+
+Texture guidance: a tuner used with `texture=True` edits an extra copy of the prompt's half of the batch (one
+UNet call, a larger batch), and the prompt's prediction becomes
+
+    ε_c ← ε_c + (s / g) · HP(ε_c^tuned − ε_c)        HP = identity − Gaussian blur (TEXTURE_BLUR_SIGMA latent px)
+
+so that guidance g (which multiplies ε_c − ε_u) adds exactly s · HP(change): the tuner's fine texture at strength s,
+while the colours and layout (the low frequencies) stay the base model's. Styles are texture; a style tuner trained
+on 30 pictures also drifts the colours towards its pictures', which this keeps out (docs/training.md).
 
 Step ranges are fractions of the sampling steps: the sampling loop tells the editor which step it is
 on (`set_step`), as diffusers' ControlNet pipelines use i / len(timesteps). Outside a sampling loop
@@ -35,11 +44,17 @@ from tuners.validation import WEIGHT_RANGE, check_number, check_per_skip, check_
 logger = logging.getLogger(__name__)
 
 
+# Latent pixels: 6 image px on the built-in ×4 model; blurs away a stripe period of 4 latent px to 6 % while a
+# shape's colour (5-9 latent px across) stays the base's. 1.5 and 2.5 measured the same (docs/training.md).
+TEXTURE_BLUR_SIGMA = 1.5
+
+
 @dataclass(frozen=True)
 class _SCUse:
     tuner: SCTuner
     scale: float
     conditional_only: bool
+    texture: bool
 
 
 @dataclass
@@ -147,6 +162,19 @@ class _ActiveCondition:
         return self.masks[size]
 
 
+def high_pass(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """`x` (B, C, H, W) less its separable Gaussian blur: the detail finer than about `sigma` pixels."""
+    radius = max(1, round(3 * sigma))
+    taps = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
+    kernel = torch.exp(-taps**2 / (2 * sigma**2))
+    kernel = kernel / kernel.sum()
+    channels = x.shape[1]
+    blurred = F.pad(x, (radius,) * 4, mode="replicate")  # replicate: any latent size, no dark border
+    blurred = F.conv2d(blurred, kernel.view(1, 1, 1, -1).expand(channels, 1, 1, -1), groups=channels)
+    blurred = F.conv2d(blurred, kernel.view(1, 1, -1, 1).expand(channels, 1, -1, 1), groups=channels)
+    return x - blurred
+
+
 def step_is_active(step_range: tuple[float, float], step: int, total: int) -> bool:
     """Whether step `step` of `total` lies in `step_range` (fractions of the steps), as diffusers'
     ControlNet pipelines decide it: active unless i/n < start or (i+1)/n > end."""
@@ -172,18 +200,23 @@ class SkipEditor:
         self.skip_scaling: SkipScaling | None = None
         self.training = False
         self.step: tuple[int, int] | None = None  # (index, number of sampling steps) while sampling
-        # Set by the sampling loop: the UNet batch is [unconditional; conditional] (diffusers' CFG order).
+        # Set by the sampling loop: the UNet batch is [unconditional; conditional] (diffusers' CFG order), and the
+        # guidance scale g that the pipeline applies to them (texture guidance divides by it).
         self.guidance_halves = False
+        self.guidance_scale = 1.0
         self._digests: dict[int, str] = {}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._call_state: dict[str, Any] = {}
 
     # -- what to apply --------------------------------------------------------------------------
-    def add_sc_tuner(self, name: str, tuner: SCTuner, scale: float = 1.0, conditional_only: bool = False) -> None:
+    def add_sc_tuner(self, name: str, tuner: SCTuner, scale: float = 1.0, conditional_only: bool = False, texture: bool = False) -> None:
         """Add `tuner` at `scale`; with `conditional_only` it edits only the conditional half of a guided batch
-        (`guidance_halves`), so guidance g turns its effect s into about g·s, the way it amplifies the prompt."""
+        (`guidance_halves`), so guidance g turns its effect s into about g·s, the way it amplifies the prompt;
+        with `texture` it adds only the fine texture of its change, s times (texture guidance, module docstring)."""
+        if conditional_only and texture:
+            raise ValueError(f"SC tuner '{name}': choose style guidance (conditional_only) or texture guidance, not both")
         self.layout.check_matches(tuner.shape, f"SC tuner '{name}'")
-        self.sc_tuners[name] = _SCUse(tuner.to(self._device()), scale, conditional_only)
+        self.sc_tuners[name] = _SCUse(tuner.to(self._device()), scale, conditional_only, texture)
 
     def remove_sc_tuner(self, name: str) -> None:
         self.sc_tuners.pop(name, None)
@@ -225,6 +258,7 @@ class SkipEditor:
         self.skip_scaling = None
         self.step = None
         self.guidance_halves = False
+        self.guidance_scale = 1.0
 
     # -- training --------------------------------------------------------------------------------
     def tuner_modules(self) -> list[nn.Module]:
@@ -274,18 +308,54 @@ class SkipEditor:
     def _in_range(self, step_range: tuple[float, float]) -> bool:
         return self.step is None or step_is_active(step_range, *self.step)
 
-    def _before_unet(self, unet: nn.Module, args: tuple, kwargs: dict) -> None:
+    def _before_unet(self, unet: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         sample = args[0] if args else kwargs["sample"]
-        self._call_state = {"active": self._active_conditions(sample)}
+        batch = sample.shape[0]
+        textures = sum(use.texture and use.scale != 0 for use in self.sc_tuners.values())
+        self._call_state = {"active": self._active_conditions(sample), "batch": batch, "textures": textures}
         if self.training and torch.is_grad_enabled():
             # Nothing before the decoder is trainable: record no autograd graph for it.
             torch.set_grad_enabled(False)
             self._call_state["restore_grad"] = True
+        if not textures:
+            return None
+        # Texture guidance: one more copy of the prompt's rows per texture tuner, in the same call.
+        prompt_rows = slice(self._prompt_start(batch), batch)
 
-    def _after_unet(self, unet: nn.Module, args: tuple, output: Any) -> None:
+        def grow(value: Any) -> Any:
+            if isinstance(value, dict):
+                return {key: grow(item) for key, item in value.items()}
+            if torch.is_tensor(value) and value.ndim and value.shape[0] == batch:
+                return torch.cat([value, *[value[prompt_rows]] * textures])
+            return value
+
+        return tuple(grow(a) for a in args), grow(kwargs)
+
+    def _after_unet(self, unet: nn.Module, args: tuple, output: Any) -> Any:
         if self._call_state.pop("restore_grad", False):
             torch.set_grad_enabled(True)
-        self._call_state.clear()
+        state, self._call_state = self._call_state, {}
+        if not state.get("textures") or output is None:
+            return None
+        prediction = output[0] if isinstance(output, tuple) else output.sample
+        batch = state["batch"]
+        start = self._prompt_start(batch)
+        prompt = prediction[start:batch]
+        change = torch.zeros_like(prompt, dtype=torch.float32)
+        extra = batch
+        for use in self.sc_tuners.values():
+            if use.texture and use.scale != 0:
+                tuned = prediction[extra: extra + len(prompt)]
+                change += use.scale * high_pass(tuned.float() - prompt.float(), TEXTURE_BLUR_SIGMA)
+                extra += len(prompt)
+        if self.guidance_halves:
+            change /= self.guidance_scale  # the pipeline multiplies ε_c − ε_u by g
+        edited = torch.cat([prediction[:start], prompt + change.to(prompt.dtype)])
+        return (edited, *output[1:]) if isinstance(output, tuple) else type(output)(sample=edited)
+
+    def _prompt_start(self, batch: int) -> int:
+        """The first row of the prompt's half of a UNet batch (diffusers' CFG order: [unconditional; conditional])."""
+        return batch // 2 if self.guidance_halves else 0
 
     def _active_conditions(self, sample: torch.Tensor) -> list[_ActiveCondition]:
         total_alpha = sum(c.alpha for c in self.conditions) if self.normalise_alpha else 1.0
@@ -342,10 +412,17 @@ class SkipEditor:
 
     def _edit(self, g: int, x: torch.Tensor) -> torch.Tensor:
         out = x
+        batch = self._call_state.get("batch", x.shape[0])
+        prompt_start = self._prompt_start(batch)
+        extra = batch  # texture guidance's copies of the prompt's rows follow the batch, one per texture tuner
         for use in self.sc_tuners.values():
-            if use.conditional_only and self.guidance_halves:
-                half = x.shape[0] // 2
-                out = torch.cat([out[:half], out[half:] + use.scale * use.tuner.delta(g, x[half:])])
+            if use.texture:
+                if use.scale != 0:
+                    rows = slice(extra, extra + batch - prompt_start)
+                    out = torch.cat([out[:rows.start], out[rows] + use.tuner.delta(g, x[rows]), out[rows.stop:]])
+                    extra = rows.stop
+            elif use.conditional_only and self.guidance_halves:
+                out = torch.cat([out[:prompt_start], out[prompt_start:] + use.scale * use.tuner.delta(g, x[prompt_start:])])
             else:
                 out = out + use.scale * use.tuner.delta(g, x)
         for active in self._call_state.get("active", ()):

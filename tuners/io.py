@@ -23,8 +23,9 @@ from tuners.sc_tuner import SCTuner, SCTunerConfig
 
 FORMAT = "scedit-tuner"
 # 2: CSC hint widths, down ratio and scale (files of version 1 get the reference defaults);
-# 3: how an SC tuner is applied when the user does not say (default_scale, default_conditional_only).
-VERSION = 3
+# 3: how an SC tuner is applied when the user does not say (default_scale, default_conditional_only);
+# 4: SC tuners with 3×3 adapters (kernel_size; absent or null: 1) and texture guidance as a default use.
+VERSION = 4
 METADATA_KEY = "scedit"
 
 Tuner = SCTuner | CSCTuner
@@ -64,6 +65,7 @@ class TunerMetadata:
     # a style learned from uncaptioned pictures shows only as style guidance).
     default_scale: float = 1.0
     default_conditional_only: bool = False
+    default_texture: bool = False  # texture guidance (tuners.editor); never together with default_conditional_only
     training: dict[str, Any] = field(default_factory=dict)
     format: str = FORMAT
     version: int = VERSION
@@ -75,7 +77,7 @@ class TunerMetadata:
     def tuner_config(self) -> TunerConfig:
         """The config this file's tuner is built from; `ValueError` when a value is out of range."""
         if self.kind == "sc":
-            return SCTunerConfig(self.shape, self.down_ratio)
+            return SCTunerConfig(self.shape, self.down_ratio, self.kernel_size or 1)
         if self.kind == "csc":
             given = {name: getattr(self, name) for name in _CSC_FIELDS if getattr(self, name) is not None}
             return CSCTunerConfig(self.shape, condition_type=self.condition_type or "unknown", down_ratio=self.down_ratio, **given)
@@ -90,7 +92,7 @@ class TunerMetadata:
             skip_downsample=config.shape.is_downsample, down_ratio=config.down_ratio,
         )
         if isinstance(config, SCTunerConfig):
-            return cls(kind="sc", **common, **extra)
+            return cls(kind="sc", kernel_size=config.kernel_size, **common, **extra)
         csc = {name: getattr(config, name) for name in _CSC_FIELDS}
         return cls(kind="csc", condition_type=config.condition_type, **csc, **common, **extra)
 
@@ -121,8 +123,11 @@ class TunerMetadata:
         scale = data.get("default_scale", 1.0)
         if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
             raise TunerFileError(f"default_scale must be a number, got {scale!r}")
-        if not isinstance(data.get("default_conditional_only", False), bool):
-            raise TunerFileError(f"default_conditional_only must be true or false, got {data['default_conditional_only']!r}")
+        for name in ("default_conditional_only", "default_texture"):
+            if not isinstance(data.get(name, False), bool):
+                raise TunerFileError(f"{name} must be true or false, got {data[name]!r}")
+        if data.get("default_conditional_only") and data.get("default_texture"):
+            raise TunerFileError("default_conditional_only and default_texture cannot both be true")
         if not isinstance(data.get("training", {}), dict):
             raise TunerFileError(f"training must be an object, got {data['training']!r}")
         data["skip_channels"] = tuple(channels)

@@ -21,8 +21,9 @@ from PIL import Image
 
 from tuners import TunerMetadata
 
-# (scale, conditional only): the paper's way first, so it wins ties.
-CANDIDATES: tuple[tuple[float, bool], ...] = ((1.0, False), (0.25, True), (0.5, True))
+# (scale, conditional only, texture guidance): the paper's way first, so it wins ties. Texture guidance at 2 is
+# where stripes showed most before the colours went (0.67x / 0.82 at 2, 0.76x / 0.42 at 2.5; docs/training.md).
+CANDIDATES: tuple[tuple[float, bool, bool], ...] = ((1.0, False, False), (0.25, True, False), (0.5, True, False), (2.0, False, True))
 # Measured on the shipped styles (docs/training.md): the paper's way drifts 0.14 for polka dots, where the checker
 # finds it best (style + colour accuracy), and 0.20 for stripes, where style guidance at 0.25 is better on both.
 MAX_COLOUR_DRIFT = 0.15
@@ -36,6 +37,11 @@ class CandidateScore:
     conditional_only: bool
     texture_gain: float  # 0: the base's texture, 1: the training pictures' texture
     colour_drift: float
+    texture: bool = False  # texture guidance
+
+    @property
+    def how(self) -> str:
+        return "texture guidance" if self.texture else "style guidance" if self.conditional_only else "both halves"
 
 
 def texture_spectrum(image: Image.Image) -> np.ndarray:
@@ -59,18 +65,19 @@ def colour_drift(image: Image.Image, base: Image.Image) -> float:
 
 def score_candidates(
     training_pictures: Sequence[Image.Image], base_images: Sequence[Image.Image],
-    generate: Callable[[float, bool], Sequence[Image.Image]],
+    generate: Callable[[float, bool, bool], Sequence[Image.Image]],
 ) -> list[CandidateScore]:
-    """Each candidate's texture gain and colour drift; `generate(scale, conditional_only)` makes the images of
-    the same prompts and seeds as `base_images`."""
+    """Each candidate's texture gain and colour drift; `generate(scale, conditional_only, texture)` makes the
+    images of the same prompts and seeds as `base_images`."""
     reference = np.mean([texture_spectrum(p) for p in training_pictures], axis=0)
     base_distance = np.mean([texture_distance(texture_spectrum(b), reference) for b in base_images])
     scores = []
-    for scale, conditional_only in CANDIDATES:
-        images = generate(scale, conditional_only)
+    for scale, conditional_only, texture in CANDIDATES:
+        images = generate(scale, conditional_only, texture)
         distance = np.mean([texture_distance(texture_spectrum(i), reference) for i in images])
         drift = np.mean([colour_drift(i, b) for i, b in zip(images, base_images)])
-        scores.append(CandidateScore(scale, conditional_only, float((base_distance - distance) / max(base_distance, 1e-6)), float(drift)))
+        gain = float((base_distance - distance) / max(base_distance, 1e-6))
+        scores.append(CandidateScore(scale, conditional_only, gain, float(drift), texture))
     return scores
 
 
@@ -78,7 +85,8 @@ def describe_default(metadata: TunerMetadata) -> str:
     """One line on the default use a training measured, as the CLI and the Train tab show it ("" when not measured)."""
     if "default_use_measured" not in metadata.training:
         return ""
-    how = "as style guidance (the prompt's half of guidance)" if metadata.default_conditional_only else "on both halves of guidance"
+    how = ("as texture guidance (its fine texture; the base's colours)" if metadata.default_texture
+           else "as style guidance (the prompt's half of guidance)" if metadata.default_conditional_only else "on both halves of guidance")
     return f"default use, measured on new prompts: scale {metadata.default_scale:g} {how}"
 
 

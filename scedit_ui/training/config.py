@@ -64,7 +64,9 @@ class TrainingConfig:
     gradient_checkpointing: bool = False
     optimizer: str = "adamw"  # one of OPTIMIZERS
     down_ratio: float = 1.0  # SC: mid width of each adapter = int(C · down_ratio)
-    kernel_size: int = 1  # CSC: cascade conv kernel (1 or 3)
+    # SC: the adapters' first layer (3: sees neighbours, learns a periodic texture; 1: per pixel, the paper's);
+    # CSC: the cascade convs. None: the kind's default (SC 3, CSC 1), chosen by measurement (docs/training.md).
+    kernel_size: int | None = None
     base_model: str = ""  # "" = the built-in tiny model
     work_dir: Path | None = None  # checkpoints and previews; default runs/tuners/<out name>
     resume: bool = False
@@ -75,6 +77,11 @@ class TrainingConfig:
     # the file's default (16 extra images; `calibration`). Off: the paper's way, scale 1 on both halves.
     calibrate: bool = True
     device: str = "auto"  # "auto" | "cuda" | "cpu"
+
+    @property
+    def kernel(self) -> int:
+        """The kernel size this run uses."""
+        return self.kernel_size or (3 if self.kind == "sc" else 1)
 
     @property
     def work(self) -> Path:
@@ -106,7 +113,7 @@ class TrainingConfig:
         check_number("caption dropout", self.caption_dropout, 0.0, 1.0)
         check_number("prior-preservation threshold", self.preserve_base_above, 0.0, 1.0)
         check_number("down ratio", self.down_ratio, 1e-3, 4.0)
-        if self.kernel_size not in (1, 3):
+        if self.kernel_size not in (None, 1, 3):
             raise UserInputError(f"kernel size must be 1 or 3, got {self.kernel_size!r}")
         if self.resolution is not None:
             check_number("resolution", self.resolution, 64, 2048, integer=True)

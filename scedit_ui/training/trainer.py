@@ -133,7 +133,8 @@ class TunerTrainer:
         layout = self.editor.layout
         with torch.random.fork_rng(devices=[]):  # the initial weights depend on the seed only
             torch.manual_seed(config.seed)
-            self.tuner: Tuner = SCTuner(layout, config.down_ratio) if config.kind == "sc" else CSCTuner(layout, config.kernel_size, config.condition)
+            self.tuner: Tuner = (SCTuner(layout, config.down_ratio, config.kernel) if config.kind == "sc"
+                                 else CSCTuner(layout, config.kernel, config.condition))
         self.condition: ControlCondition | None = None  # CSC: the condition whose image each batch sets
         if config.kind == "sc":
             self.editor.add_sc_tuner("training", self.tuner)
@@ -322,6 +323,7 @@ class TunerTrainer:
         # Sampling batches stack [unconditional; conditional], as the app's do (ModelManager), so a conditional-only
         # tuner edits the second half; training batches have no halves.
         self.editor.guidance_halves = self.pipeline.unet.config.time_cond_proj_dim is None
+        self.editor.guidance_scale = SAMPLING_GUIDANCE
 
         def sample(prompt: str, seed: int) -> Image.Image:
             return self.pipeline(
@@ -369,15 +371,15 @@ class TunerTrainer:
             try:
                 base = [sample(prompt, seed) for seed, prompt in enumerate(prompts)]
 
-                def generate(scale: float, conditional_only: bool) -> list[Image.Image]:
-                    self.editor.add_sc_tuner("training", self.tuner, scale, conditional_only)
+                def generate(scale: float, conditional_only: bool, texture: bool) -> list[Image.Image]:
+                    self.editor.add_sc_tuner("training", self.tuner, scale, conditional_only, texture)
                     return [sample(prompt, seed) for seed, prompt in enumerate(prompts)]
 
                 scores = score_candidates(pictures, base, generate)
             finally:
                 self.editor.add_sc_tuner("training", self.tuner)
         logger.info("default use measured on %d new prompts: %s", len(prompts), ", ".join(
-            f"scale {s.scale:g}{' (style guidance)' if s.conditional_only else ''}: texture gain {s.texture_gain:.3f}, "
+            f"scale {s.scale:g} ({s.how}): texture gain {s.texture_gain:.3f}, "
             f"colour drift {s.colour_drift:.3f}" for s in scores))
         return scores
 
@@ -460,7 +462,7 @@ class TunerTrainer:
             summary["preserve_base_above"] = config.preserve_base_above
         if calibration is not None:
             chosen = choose_default(calibration)
-            defaults = dict(default_scale=chosen.scale, default_conditional_only=chosen.conditional_only)
+            defaults = dict(default_scale=chosen.scale, default_conditional_only=chosen.conditional_only, default_texture=chosen.texture)
             summary["default_use_measured"] = {
                 "prompts": CALIBRATION_PROMPTS, "max_colour_drift": MAX_COLOUR_DRIFT, "candidates": [asdict(s) for s in calibration],
             }

@@ -103,7 +103,7 @@ def _wire_tuner_choices(state: AppState, demo: gr.Blocks, library_version: gr.St
 def _wire_tuner_use(state: AppState, tuners, generate, control, tabs: gr.Tabs) -> None:
     kinds = list(CONDITION_KINDS)
     control_dropdowns = [control.tuners[kind] for kind in kinds]
-    outputs = [*generate.tuners, *generate.scales, generate.conditional_only, control.kinds, *control_dropdowns, tuners.status]
+    outputs = [*generate.tuners, *generate.scales, generate.conditional_only, generate.texture, control.kinds, *control_dropdowns, tuners.status]
 
     @user_errors
     def load(name: str | None, tuner_1: str | None, tuner_2: str | None, tuner_3: str | None, condition_types: list[str], *rows: str | None) -> list:
@@ -114,11 +114,11 @@ def _wire_tuner_use(state: AppState, tuners, generate, control, tabs: gr.Tabs) -
         slots, chosen, condition = tuners_tab.with_tuner(entry, [tuner_1, tuner_2, tuner_3], list(condition_types or []))
         rows = [name if kind == condition else value for kind, value in zip(kinds, rows)]
         place = "the Generate tab" if entry.kind == "sc" else f"the {condition} row of the Control tab"
-        # An SC tuner put into a slot brings the scale and style-guidance setting its file asks for.
+        # An SC tuner put into a slot brings the scale and the way of applying it that its file asks for.
         added = entry.kind == "sc" and name not in (tuner_1, tuner_2, tuner_3)
         use = TunerUse.of_file(entry.path) if added else None
         scales = [use.scale if use and slot == name else gr.update() for slot in slots]
-        return [*slots, *scales, use.conditional_only if use else gr.update(), chosen, *rows, f"loaded {name} into {place}"]
+        return [*slots, *scales, *((use.conditional_only, use.texture) if use else (gr.update(), gr.update())), chosen, *rows, f"loaded {name} into {place}"]
 
     @user_errors
     def unload(name: str | None, tuner_1: str | None, tuner_2: str | None, tuner_3: str | None, condition_types: list[str], *rows: str | None) -> list:
@@ -128,7 +128,7 @@ def _wire_tuner_use(state: AppState, tuners, generate, control, tabs: gr.Tabs) -
         slots = [None if value == name else value for value in (tuner_1, tuner_2, tuner_3)]
         freed = {kind for kind, value in zip(kinds, rows) if value == name}
         chosen = [kind for kind in condition_types or [] if kind not in freed]
-        keep = [gr.update()] * (len(generate.scales) + 1)  # scales and the style-guidance box stay as they are
+        keep = [gr.update()] * (len(generate.scales) + 2)  # scales and the style- and texture-guidance boxes stay as they are
         return [*slots, *keep, chosen, *(None if value == name else value for value in rows), f"unloaded {name}"]
 
     inputs = [tuners.selector, *generate.tuners, control.kinds, *control_dropdowns]

@@ -27,6 +27,7 @@ class GenerateTab:
     tuners: list[gr.Dropdown]
     scales: list[gr.Slider]
     conditional_only: gr.Checkbox
+    texture: gr.Checkbox
     gallery: gr.Gallery
     selected: gr.State  # index of the clicked gallery image
     send_to_control: gr.Button
@@ -94,10 +95,10 @@ def settings_form(tab: str, native_size: int, seed: int = -1, steps: int = 20, s
     return SettingsForm(prompt, negative, seed_box, steps_slider, guidance, width, height, scheduler)
 
 
-def tuner_uses(state: AppState, names: list[str | None], scales: list[float], conditional_only: bool) -> tuple[TunerUse, ...]:
+def tuner_uses(state: AppState, names: list[str | None], scales: list[float], conditional_only: bool, texture: bool = False) -> tuple[TunerUse, ...]:
     """The chosen SC tuners (library names) with their scales; empty slots are skipped."""
     return tuple(
-        TunerUse(str(state.library.find(name)), float(scale), bool(conditional_only)) for name, scale in zip(names, scales) if name
+        TunerUse(str(state.library.find(name)), float(scale), bool(conditional_only), bool(texture)) for name, scale in zip(names, scales) if name
     )
 
 
@@ -126,7 +127,8 @@ def settings_from_png(state: AppState, path: str | None) -> tuple:
         use = request.sc_tuners[i] if i < len(request.sc_tuners) else None
         name = Path(use.tuner).stem if use else None
         slots += [name if name in known else None, use.scale if use else 1.0]
-    return (*SettingsForm.values(request, index), *slots, any(use.conditional_only for use in request.sc_tuners))
+    return (*SettingsForm.values(request, index), *slots, any(use.conditional_only for use in request.sc_tuners),
+            any(use.texture for use in request.sc_tuners))
 
 
 def selected_image(gallery: list | None, index: int | None) -> str:
@@ -176,8 +178,13 @@ def build(state: AppState) -> GenerateTab:
                 conditional_only = gr.Checkbox(
                     False, label="Style guidance: tuners act on the prompt's side of guidance only",
                     info="Guidance then amplifies the style as it does the prompt; use a lower scale (about 0.25–0.5). "
-                    "Picking a tuner sets the scale and this box to what its file asks for (measured when it was trained).",
+                    "Picking a tuner sets the scale and these boxes to what its file asks for (measured when it was trained).",
                     elem_id="generate-style-guidance",
+                )
+                texture = gr.Checkbox(
+                    False, label="Texture guidance: tuners add only their fine texture; colours and layout stay the model's",
+                    info="Scale is the texture's strength (about 2). One larger batch per step: about 1.5x the time.",
+                    elem_id="generate-texture-guidance",
                 )
             button = gr.Button("Generate", variant="primary", elem_id="generate-button")
         with gr.Column(scale=3):
@@ -197,19 +204,19 @@ def build(state: AppState) -> GenerateTab:
     def generate(
         prompt: str, negative_prompt: str, seed: int, steps: int, guidance: float, width: int, height: int, scheduler: str,
         batch_size: int, tuner_1: str | None = None, scale_1: float = 1.0, tuner_2: str | None = None, scale_2: float = 1.0,
-        tuner_3: str | None = None, scale_3: float = 1.0, conditional_only: bool = False, progress=gr.Progress(),
+        tuner_3: str | None = None, scale_3: float = 1.0, conditional_only: bool = False, texture: bool = False, progress=gr.Progress(),
     ) -> tuple[list[str], str, int]:
         """Generate images; returns the PNG files (settings in their metadata), a summary and the seed used."""
         request = request_from_form(
             prompt, negative_prompt, seed, steps, guidance, width, height, scheduler, batch_size=whole_number("batch size", batch_size),
-            sc_tuners=tuner_uses(state, [tuner_1, tuner_2, tuner_3], [scale_1, scale_2, scale_3], conditional_only),
+            sc_tuners=tuner_uses(state, [tuner_1, tuner_2, tuner_3], [scale_1, scale_2, scale_3], conditional_only, texture),
         )
         paths, summary = generate_images(state, request, progress)
         return paths, summary, request.seed
 
     form = SettingsForm(prompt, negative, seed, steps, guidance, width, height, scheduler)  # laid out here with the seed buttons
     slot_inputs = [component for pair in zip(tuners, scales) for component in pair]
-    inputs = [*form.inputs, batch, *slot_inputs, conditional_only]
+    inputs = [*form.inputs, batch, *slot_inputs, conditional_only, texture]
     gr.on([button.click, prompt.submit], on_gpu(generate), inputs, [gallery, info, last_seed], api_name="generate", concurrency_id=GPU_QUEUE)
 
     def remember_selection(event: gr.SelectData) -> int:
@@ -227,15 +234,15 @@ def build(state: AppState) -> GenerateTab:
 
     @user_errors
     def take_tuner_defaults(name: str | None) -> tuple:
-        """Picking a tuner sets its scale and the style-guidance box to what its file asks for."""
+        """Picking a tuner sets its scale and the style- and texture-guidance boxes to what its file asks for."""
         if not name:
-            return gr.update(), gr.update()
+            return gr.update(), gr.update(), gr.update()
         use = TunerUse.of_file(state.library.find(name))
-        return use.scale, use.conditional_only
+        return use.scale, use.conditional_only, use.texture
 
     for i, (tuner, scale) in enumerate(zip(tuners, scales)):  # `input`: the user's own picks, not a PNG's settings read back
-        tuner.input(take_tuner_defaults, tuner, [scale, conditional_only], api_name=f"tuner_defaults_{i + 1}",
+        tuner.input(take_tuner_defaults, tuner, [scale, conditional_only, texture], api_name=f"tuner_defaults_{i + 1}",
                     api_visibility="private", queue=False)
 
-    png.upload(read_png, png, [*form.inputs, *slot_inputs, conditional_only], api_name="read_png_settings")
-    return GenerateTab(width, height, tuners, scales, conditional_only, gallery, selected, send_to_control, send_to_skip_tuning)
+    png.upload(read_png, png, [*form.inputs, *slot_inputs, conditional_only, texture], api_name="read_png_settings")
+    return GenerateTab(width, height, tuners, scales, conditional_only, texture, gallery, selected, send_to_control, send_to_skip_tuning)

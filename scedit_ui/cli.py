@@ -445,7 +445,7 @@ def _add_train_command(subparsers: argparse._SubParsersAction) -> None:
     command.add_argument("--fp16", action="store_true", help="save fp16 weights (half the file)")
     command.add_argument(
         "--no-calibrate", dest="calibrate", action="store_false",
-        help="sc: skip measuring the default scale and guidance half after training (16 images); the file then says scale 1, both halves",
+        help="sc: skip measuring the default scale and way of applying it after training (about 40 images); the file then says scale 1, both halves",
     )
     command.add_argument("--threads", type=int, help="CPU threads for torch")
     command.add_argument("--model", default="", metavar="PATH_OR_ID", help="base model (default: built-in tiny model)")

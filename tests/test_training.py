@@ -232,13 +232,20 @@ def test_calibration_images_apply_a_conditional_only_tuner_to_the_prompts_half_o
     assert not trainer.editor.guidance_halves  # training batches have no halves
 
 
-def test_the_default_is_the_largest_texture_gain_within_the_colour_drift_limit():
+def test_the_default_is_the_first_candidate_that_keeps_the_colours_within_the_limit():
     limit = calibration.MAX_COLOUR_DRIFT
-    scores = [calibration.CandidateScore(1.0, False, 0.10, limit / 2), calibration.CandidateScore(0.25, True, 0.20, limit),
-              calibration.CandidateScore(0.5, True, 0.90, limit + 0.01)]
-    assert calibration.choose_default(scores) == scores[1]
-    over = [calibration.CandidateScore(s.scale, s.conditional_only, s.texture_gain, limit + 0.1) for s in scores]
-    assert calibration.choose_default(over) == over[0]  # nothing keeps the colours: the paper's way
+    scores = [calibration.CandidateScore(2.0, False, 0.90, limit + 0.01, texture=True),
+              calibration.CandidateScore(1.5, False, 0.20, limit, texture=True), calibration.CandidateScore(1.0, False, 0.50, limit / 2)]
+    assert calibration.choose_default(scores) == scores[1]  # preferred over a larger gain further down the list
+    assert calibration.choose_default(scores[:1] + scores[2:]) == scores[2]
+    over = [calibration.CandidateScore(s.scale, s.conditional_only, s.texture_gain, limit + d, s.texture) for s, d in zip(scores, (0.3, 0.1, 0.2))]
+    assert calibration.choose_default(over) == over[1]  # nothing keeps the colours: the one that moves them least
+    assert calibration.CANDIDATES[-1] == (1.0, False, False)
+    # where the checker reads the prompts (the built-in model), the colour accuracy lost decides, not the drift proxy
+    lost = calibration.MAX_COLOUR_LOSS
+    checked = [calibration.CandidateScore(2.0, False, 0.9, 0.0, True, colour_loss=lost + 0.05),
+               calibration.CandidateScore(1.5, False, 0.5, 1.0, True, colour_loss=lost)]
+    assert calibration.choose_default(checked) == checked[1]
 
 
 def test_above_the_preservation_threshold_the_target_is_the_base_models_own_prediction(tmp_path, random_sd_folder):
@@ -370,10 +377,11 @@ def test_cli_prints_step_loss_time_left_and_previews_then_the_output_path(tmp_pa
     # after training, the default use is measured (calibration) and printed
     assert lines[-1] == calibration.describe_default(metadata) and lines[-1].startswith("default use, measured on new prompts: scale ")
     measured = [calibration.CandidateScore(**c) for c in metadata.training["default_use_measured"]["candidates"]]
+    assert all(c.colour_loss is None for c in measured)  # a random SD folder, not the built-in model: the drift proxy
     chosen = calibration.choose_default(measured)
     assert len(measured) == len(calibration.CANDIDATES)
     assert (chosen.scale, chosen.conditional_only, chosen.texture) == (metadata.default_scale, metadata.default_conditional_only, metadata.default_texture)
-    assert sum(c.texture for c in measured) == 1  # texture guidance is one of the candidates
+    assert [c.texture for c in measured] == [True, True, True, False]  # texture guidance first, then the paper's way
 
 
 @pytest.mark.parametrize(

@@ -33,8 +33,11 @@ from diffusers.image_processor import VaeImageProcessor
 from PIL import Image
 
 from scedit_ui.model_manager import images_to_tensor, load_pipeline, resolve_source
+from scedit_ui.shapes.checker import score_adherence
 from scedit_ui.shapes.world import caption, sample_scene
-from scedit_ui.training.calibration import GENERIC_PROMPTS, MAX_COLOUR_DRIFT, CandidateScore, choose_default, score_candidates
+from scedit_ui.training.calibration import (
+    GENERIC_PROMPTS, MAX_COLOUR_DRIFT, MAX_COLOUR_LOSS, CandidateScore, choose_default, score_candidates,
+)
 from scedit_ui.training.config import ProgressCallback, TrainingConfig, TrainingProgress, TrainingResult
 from scedit_ui.training.data import load_training_data, make_condition, prepare_caption
 from tuners import (
@@ -51,7 +54,7 @@ TEXT_CACHE_SIZE = 4096  # prompt embeddings kept for a stream of Shapes-world ca
 CHECKPOINT_NAME = "checkpoint.pt"
 PREVIEW_DIR = "previews"
 SAMPLING_GUIDANCE = 5.0  # previews and calibration images: the app's default guidance
-CALIBRATION_PROMPTS = 4  # new prompts (seeds 0..3) on which each candidate default of an SC tuner is measured
+CALIBRATION_PROMPTS = 16  # new prompts (seeds 0..15) on which each candidate default of an SC tuner is measured
 CALIBRATION_PICTURES = 16  # training pictures whose texture is the reference
 CALIBRATION_SEED = 1000  # held-out Shapes scenes not among bench/style_fewshot.py's prompts (seeds 0..31)
 
@@ -360,8 +363,13 @@ class TunerTrainer:
 
     def calibrate_default(self) -> list[CandidateScore]:
         """How each candidate default (scale, guidance half) of this SC tuner does on new prompts (see `calibration`)."""
-        if self.base_architecture == "tiny":  # the built-in model knows only Shapes scenes
-            prompts = [caption(sample_scene(CALIBRATION_SEED + i, split="heldout")) for i in range(CALIBRATION_PROMPTS)]
+        colour_accuracy = None
+        if self.base_architecture == "tiny":  # the built-in model knows only Shapes scenes: the checker reads them
+            scenes = [sample_scene(CALIBRATION_SEED + i, split="heldout") for i in range(CALIBRATION_PROMPTS)]
+            prompts = [caption(scene) for scene in scenes]
+
+            def colour_accuracy(images: Sequence[Image.Image]) -> float:
+                return float(np.mean([score_adherence(image, scene).color_correct for image, scene in zip(images, scenes)]))
         else:
             prompts = list(GENERIC_PROMPTS[:CALIBRATION_PROMPTS])
         prompts = [prepare_caption(p, self.config.trigger) for p in prompts]
@@ -375,12 +383,13 @@ class TunerTrainer:
                     self.editor.add_sc_tuner("training", self.tuner, scale, conditional_only, texture)
                     return [sample(prompt, seed) for seed, prompt in enumerate(prompts)]
 
-                scores = score_candidates(pictures, base, generate)
+                scores = score_candidates(pictures, base, generate, colour_accuracy)
             finally:
                 self.editor.add_sc_tuner("training", self.tuner)
         logger.info("default use measured on %d new prompts: %s", len(prompts), ", ".join(
             f"scale {s.scale:g} ({s.how}): texture gain {s.texture_gain:.3f}, "
-            f"colour drift {s.colour_drift:.3f}" for s in scores))
+            f"colour drift {s.colour_drift:.3f}" + ("" if s.colour_loss is None else f", colour accuracy lost {s.colour_loss:.3f}")
+            for s in scores))
         return scores
 
     # -- the loop ------------------------------------------------------------------------------------------------
@@ -464,7 +473,8 @@ class TunerTrainer:
             chosen = choose_default(calibration)
             defaults = dict(default_scale=chosen.scale, default_conditional_only=chosen.conditional_only, default_texture=chosen.texture)
             summary["default_use_measured"] = {
-                "prompts": CALIBRATION_PROMPTS, "max_colour_drift": MAX_COLOUR_DRIFT, "candidates": [asdict(s) for s in calibration],
+                "prompts": CALIBRATION_PROMPTS if self.base_architecture == "tiny" else len(GENERIC_PROMPTS),
+                "max_colour_loss": MAX_COLOUR_LOSS, "max_colour_drift": MAX_COLOUR_DRIFT, "candidates": [asdict(s) for s in calibration],
             }
         return TunerMetadata.describe(self.tuner, self.base_architecture, trigger_word=config.trigger, training=summary, **defaults)
 

@@ -136,29 +136,35 @@ def stylise(name: str, picture: Image.Image) -> Image.Image:
 def reference(manager: ModelManager, name: str, n: int) -> dict:
     """Style and colour accuracy of the held-out scenes' renders in the style, after a VAE round trip."""
     vae = manager.pipeline.vae
-    styles, colours = [], []
+    styles, colours, shapes = [], [], []
     for i in range(n):
         scene = sample_scene(i, split="heldout")
         pixels = torch.from_numpy(np.asarray(stylise(name, render_scene(scene, 128)), np.float32) / 127.5 - 1).permute(2, 0, 1)[None]
         decoded = vae.decode(vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.mean).sample[0].float()
         image = Image.fromarray(((decoded.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy())
+        adherence = score_adherence(image, scene)
         styles.append(style_score(image, SETS[name]))
-        colours.append(score_adherence(image, scene).color_correct)
-    return {"style": float(np.mean(styles)), "colour_accuracy": float(np.mean(colours))}
+        colours.append(adherence.color_correct)
+        shapes.append(adherence.shape_correct)
+    return {"style": float(np.mean(styles)), "colour_accuracy": float(np.mean(colours)), "shape_accuracy": float(np.mean(shapes))}
 
 
 def sweep(manager: ModelManager, tuner: Path, style: str, scales: list[float], n: int, conditional_only: bool, texture: bool = False) -> list[dict]:
     rows = []
     for scale in scales:
-        styles, colours = [], []
+        styles, colours, shapes = [], [], []
         for i in range(n):
             scene = sample_scene(i, split="heldout")
             uses = (TunerUse(str(tuner), scale, conditional_only, texture),) if scale else ()
             image = manager.generate(GenerationRequest(f"{TRIGGER} {caption(scene)}", seed=i, sc_tuners=uses)).images[0]
+            adherence = score_adherence(image, scene)
             styles.append(style_score(image, style))
-            colours.append(score_adherence(image, scene).color_correct)
-        rows.append({"scale": scale, "style": float(np.mean(styles)), "colour_accuracy": float(np.mean(colours))})
-        print(f"  scale {scale:g}: style {rows[-1]['style']:.3f}, colour accuracy {rows[-1]['colour_accuracy']:.3f}", flush=True)
+            colours.append(adherence.color_correct)
+            shapes.append(adherence.shape_correct)
+        rows.append({"scale": scale, "style": float(np.mean(styles)), "colour_accuracy": float(np.mean(colours)),
+                     "shape_accuracy": float(np.mean(shapes))})
+        print(f"  scale {scale:g}: style {rows[-1]['style']:.3f}, colour accuracy {rows[-1]['colour_accuracy']:.3f}, "
+              f"shape accuracy {rows[-1]['shape_accuracy']:.3f}", flush=True)
     return rows
 
 
@@ -238,7 +244,8 @@ def main() -> int:
         best = reference(manager, name, args.n)
         for row in (*rows, best):
             row["style_ratio"] = row["style"] / train_score
-        print(f"  the style through the VAE: style {best['style']:.3f}, colour accuracy {best['colour_accuracy']:.3f}", flush=True)
+        print(f"  the style through the VAE: style {best['style']:.3f}, colour accuracy {best['colour_accuracy']:.3f}, "
+              f"shape accuracy {best['shape_accuracy']:.3f}", flush=True)
         results.append({"set": name, "command": arguments, "training_seconds": seconds, "train_style": train_score,
                         "conditional_only": conditional_only, "texture": texture, "defaults": args.defaults, "sweep": rows, "reference": best})
     if args.plot:

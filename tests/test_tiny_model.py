@@ -362,8 +362,7 @@ def test_init_must_be_a_model_folder(tmp_path):
 
 
 def test_until_vae_trains_and_scores_only_the_autoencoder(tmp_path):
-    out = tmp_path / "out"
-    shutil.copytree(MODEL_DIR / "tokenizer", out / "tokenizer")
+    out = tmp_path / "out"  # a new folder: it gets the built-in model's tokenizer
     code = tiny_model.main([
         "train", "--work", str(tmp_path / "work"), "--out", str(out), "--until", "vae", "--threads", "1",
         "--set", "vae_crop_steps=1", "--set", "vae_full_steps=1", "--set", "vae_crop_batch=2", "--set", "vae_full_batch=1",
@@ -375,6 +374,7 @@ def test_until_vae_trains_and_scores_only_the_autoencoder(tmp_path):
     assert json.loads((work / "vae_round_trip.json").read_text())["scenes"] == 2
     assert not (work / "cache").exists() and not (work / "unet.pt").exists()
     assert not (out / "model_index.json").exists()  # nothing exported: no UNet was trained
+    assert (out / "tokenizer" / "vocab.json").read_bytes() == (MODEL_DIR / "tokenizer" / "vocab.json").read_bytes()
 
 
 def test_a_x4_latent_gives_32x32_latents_the_unet_and_pipeline_size_take():

@@ -50,6 +50,7 @@ from diffusers.training_utils import EMAModel, compute_snr
 from PIL import Image
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from scedit_ui.model_manager import BUILTIN_MODEL
 from scedit_ui.shapes import world
 from scedit_ui.shapes.checker import score_adherence, style_score
 from scedit_ui.shapes.evaluation import PROMPT_SETS, evaluate_adherence
@@ -59,7 +60,6 @@ from tuners.validation import UserInputError
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_OUT = Path("assets/tiny-sd")
 DEFAULT_WORK = Path("runs/tiny")
 IMAGE_SIZE = 128
 MAX_TOKENS = 77
@@ -779,7 +779,7 @@ STAGES = ("vae", "cache", "unet")
 def train(
     work: Path, out: Path, cfg: TinyModelConfig = TinyModelConfig(), threads: int = 2, until: str = "unet"
 ) -> None:
-    """Run (or resume) every stage up to ``until``; the tokenizer must already be in ``out/tokenizer`` (or in ``cfg.init``).
+    """Run (or resume) every stage up to ``until``; the tokenizer is ``cfg.init``'s, else ``out``'s (see `_out_folder_tokenizer`).
 
     ``until="vae"`` trains and scores only the autoencoder: the way to compare latent sizes before paying for a UNet.
     """
@@ -792,13 +792,7 @@ def train(
         cfg = replace(cfg, latent_channels=init.vae.config.latent_channels,
                       latent_downsample=2 ** (len(init.vae.config.block_out_channels) - 1))
     else:
-        tokenizer_dir = Path(out) / "tokenizer"
-        if not (tokenizer_dir / "vocab.json").exists():
-            raise UserInputError(
-                f"No tokenizer in {tokenizer_dir}. Build it first: python -m scedit_ui.shapes.tiny_model "
-                f"build-tokenizer --bpe-vocab PATH/bpe_simple_vocab_16e6.txt.gz --out {out}"
-            )
-        tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
+        tokenizer = _out_folder_tokenizer(Path(out))
     work = _claim_work_folder(work, cfg)
     device = training_device(threads)
     logger.info("training on %s (%d CPU threads) with %s", device, torch.get_num_threads(), cfg)
@@ -825,6 +819,20 @@ def train(
     )
 
 
+def _out_folder_tokenizer(out: Path) -> CLIPTokenizer:
+    """The tokenizer in ``out/tokenizer``; a new folder gets the built-in model's (CLIP's vocabulary, the same for any run)."""
+    tokenizer_dir = out / "tokenizer"
+    if not (tokenizer_dir / "vocab.json").exists():
+        if not (BUILTIN_MODEL / "tokenizer" / "vocab.json").exists():
+            raise UserInputError(
+                f"No tokenizer in {tokenizer_dir} nor in {BUILTIN_MODEL}. Build it first: python -m scedit_ui.shapes.tiny_model "
+                f"build-tokenizer --bpe-vocab PATH/bpe_simple_vocab_16e6.txt.gz --out {out}"
+            )
+        logger.info("copying the built-in model's tokenizer to %s", tokenizer_dir)
+        shutil.copytree(BUILTIN_MODEL / "tokenizer", tokenizer_dir)
+    return CLIPTokenizer.from_pretrained(tokenizer_dir)
+
+
 def _parse_overrides(items: Sequence[str]) -> dict:
     """``name=value`` pairs for :class:`TinyModelConfig`, each value converted to the field's type."""
     types = {f.name: f.type for f in fields(TinyModelConfig)}
@@ -848,10 +856,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     p_tok = sub.add_parser("build-tokenizer", help="build the CLIP tokenizer into OUT/tokenizer")
     p_tok.add_argument("--bpe-vocab", type=Path, required=True, help="bpe_simple_vocab_16e6.txt.gz (from open-clip-torch)")
-    p_tok.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    p_tok.add_argument("--out", type=Path, default=BUILTIN_MODEL)
     p_train = sub.add_parser("train", help="train (or resume) all stages")
     p_train.add_argument("--work", type=Path, default=DEFAULT_WORK, help="checkpoints, caches, train.log and eval.jsonl")
-    p_train.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    p_train.add_argument("--out", type=Path, default=BUILTIN_MODEL)
     p_train.add_argument("--init", type=Path, help="start the UNet and text encoder from this model folder, keep its VAE")
     p_train.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="override a TinyModelConfig field")
     p_train.add_argument("--threads", type=int, default=2, help="CPU threads (1 is faster on a busy shared CPU)")

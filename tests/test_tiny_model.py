@@ -330,6 +330,19 @@ def test_shape_word_similarity_is_one_when_the_encoder_cannot_tell_shapes_apart(
     assert tiny_model.shape_word_similarity(encoder, tokenizer) == pytest.approx(1.0)
 
 
+def test_position_word_similarity_rises_when_the_encoder_cannot_tell_positions_apart():
+    tokenizer = CLIPTokenizer.from_pretrained(MODEL_DIR / "tokenizer")
+    torch.manual_seed(0)
+    encoder = tiny_model.build_text_encoder()
+    apart = tiny_model.position_word_similarity(encoder, tokenizer)
+    words = ["top", "left", "right", "bottom", "center", "in", "at"]
+    rows = tokenizer.convert_tokens_to_ids([f"{word}</w>" for word in words])
+    with torch.no_grad():
+        encoder.get_input_embeddings().weight[rows] = encoder.get_input_embeddings().weight[rows[0]].clone()
+    # Only the phrases' lengths still tell them apart (through the position embeddings).
+    assert tiny_model.position_word_similarity(encoder, tokenizer) > apart + 0.05
+
+
 def test_a_work_folder_refuses_another_configuration(tmp_path):
     tiny_model._claim_work_folder(tmp_path, _tiny_run())
     with pytest.raises(UserInputError, match="different configuration"):

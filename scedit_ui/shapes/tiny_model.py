@@ -714,25 +714,41 @@ def evaluate_export(out: Path, n: int, work: Path, tag: str) -> None:
         generator = torch.Generator("cpu").manual_seed(seed)
         return pipe(prompt, num_inference_steps=EVAL_STEPS, guidance_scale=EVAL_GUIDANCE, generator=generator).images[0]
 
-    similarity = shape_word_similarity(pipe.text_encoder, pipe.tokenizer)
+    similarity = {"shape_word_similarity": shape_word_similarity(pipe.text_encoder, pipe.tokenizer),
+                  "position_word_similarity": position_word_similarity(pipe.text_encoder, pipe.tokenizer)}
     for prompts in PROMPT_SETS:
         report = evaluate_adherence(generate, n, seed=EVAL_SEED, prompts=prompts)
-        logger.info("eval %s %s: %s, shape-word similarity %.3f", tag, prompts, report.to_dict(), similarity)
+        logger.info("eval %s %s: %s, shape-word similarity %.3f, position-word similarity %.3f", tag, prompts,
+                    report.to_dict(), similarity["shape_word_similarity"], similarity["position_word_similarity"])
         with open(work / "eval.jsonl", "a") as f:
             f.write(json.dumps({"tag": tag, "steps": EVAL_STEPS, "guidance": EVAL_GUIDANCE, **report.to_dict(),
-                                "shape_word_similarity": similarity}) + "\n")
+                                **similarity}) + "\n")
 
 
-@torch.no_grad()
 def shape_word_similarity(text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer) -> float:
     """Mean cosine similarity of the text encoder's outputs at the shape word of "a blue <shape> on a white
     background" between the five shapes: near 1 means the UNet cannot tell the shapes apart, whatever it learns."""
-    prompts = [f"a blue {shape} on a white background" for shape in world.SHAPES]
-    ids = tokenize(tokenizer, prompts).to(text_encoder.device)
-    at_shape = text_encoder(ids)[0][:, 3]  # <bos> a blue <shape>
-    at_shape = torch.nn.functional.normalize(at_shape.float(), dim=-1)
-    cosine = at_shape @ at_shape.T
-    pairs = len(prompts) * (len(prompts) - 1)
+    return _word_similarity(text_encoder, tokenizer, [("a blue ", shape, " on a white background") for shape in world.SHAPES])
+
+
+def position_word_similarity(text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer) -> float:
+    """As `shape_word_similarity`, at the last word of the position in "a blue circle at the <position> on a white
+    background", between the nine positions."""
+    phrases = [("a blue circle in the ", p, " on a white background") if p == "center"
+               else ("a blue circle at the ", p, " on a white background") for p in world.POSITIONS]
+    return _word_similarity(text_encoder, tokenizer, phrases)
+
+
+@torch.no_grad()
+def _word_similarity(text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer, phrases: list[tuple[str, str, str]]) -> float:
+    """Mean pairwise cosine similarity of the encoder's outputs at the last token of each phrase's middle part."""
+    ids = tokenize(tokenizer, ["".join(phrase) for phrase in phrases]).to(text_encoder.device)
+    # <bos>, the tokens of "before + word", <eos>: the word's last token sits at that count minus 2.
+    last = [len(tokenizer(before + word).input_ids) - 2 for before, word, _ in phrases]
+    at_word = text_encoder(ids)[0][torch.arange(len(phrases)), last]
+    at_word = torch.nn.functional.normalize(at_word.float(), dim=-1)
+    cosine = at_word @ at_word.T
+    pairs = len(phrases) * (len(phrases) - 1)
     return float((cosine.sum() - cosine.diagonal().sum()) / pairs)
 
 

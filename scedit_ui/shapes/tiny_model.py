@@ -733,9 +733,8 @@ def shape_word_similarity(text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer)
 
 def position_word_similarity(text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer) -> float:
     """As `shape_word_similarity`, at the last word of the position in "a blue circle at the <position> on a white
-    background", between the nine positions."""
-    phrases = [("a blue circle in the ", p, " on a white background") if p == "center"
-               else ("a blue circle at the ", p, " on a white background") for p in world.POSITIONS]
+    background" (as captions name it), between the nine positions."""
+    phrases = [("a blue circle ", world.position_phrase(p), " on a white background") for p in world.POSITIONS]
     return _word_similarity(text_encoder, tokenizer, phrases)
 
 

@@ -222,14 +222,15 @@ def _article(word: str) -> str:
     return "an" if word[0] in "aeiou" else "a"
 
 
-def _position_phrase(position: str) -> str:
+def position_phrase(position: str) -> str:
+    """How a canonical caption names a position: "in the center", "at the top left"."""
     return "in the center" if position == "center" else f"at the {position}"
 
 
 def _shape_phrase(s: ShapeSpec) -> str:
     words = ([s.size] if s.size not in ("medium", None) else []) + [s.color, s.kind]
     text = f"{_article(words[0])} {' '.join(words)}"
-    return text if s.position is None else f"{text} {_position_phrase(s.position)}"
+    return text if s.position is None else f"{text} {position_phrase(s.position)}"
 
 
 def _join(phrases: list[str]) -> str:

@@ -313,6 +313,22 @@ def test_the_unet_stage_uses_the_shape_weight(tmp_path):
     assert any(not torch.equal(v, outputs[4.0][k]) for k, v in outputs[0.0].items())
 
 
+def test_layout_noise_hides_the_layout_at_coarse_scales_and_is_drawn_only_when_on():
+    shape = torch.Size([64, 4, 32, 32])
+    plain = tiny_model.training_noise(shape, tiny_model.TinyModelConfig(), torch.Generator().manual_seed(0))
+    generator = torch.Generator().manual_seed(0)
+    before = torch.randn(shape, generator=generator) + 0.3 * torch.randn((64, 4, 1, 1), generator=generator)
+    assert torch.equal(plain, before)  # runs without it repeat exactly
+    layout = tiny_model.training_noise(
+        shape, tiny_model.TinyModelConfig(layout_noise=1.0), torch.Generator().manual_seed(0)
+    )
+
+    def coarse(noise: torch.Tensor) -> float:  # std of 8 x 8 latent-pixel blocks, the per-channel constant removed
+        return float(torch.nn.functional.avg_pool2d(noise - noise.mean((2, 3), keepdim=True), 8).std())
+
+    assert coarse(layout) > 4 * coarse(plain)
+
+
 def test_the_text_encoder_learns_at_its_own_rate(tmp_path):
     config = _tiny_run(init=str(MODEL_DIR), text_lr_scale=10.0)
     tiny_model.train(tmp_path / "work", tmp_path / "out", config, threads=1)
@@ -341,6 +357,43 @@ def test_position_word_similarity_rises_when_the_encoder_cannot_tell_positions_a
         encoder.get_input_embeddings().weight[rows] = encoder.get_input_embeddings().weight[rows[0]].clone()
     # Only the phrases' lengths still tell them apart (through the position embeddings).
     assert tiny_model.position_word_similarity(encoder, tokenizer) > apart + 0.05
+
+
+class _StubUNet(torch.nn.Module):
+    """Predicts the noise that turns each call's noisy latent into ``clean[call]``: a model that draws that picture."""
+
+    def __init__(self, unet: UNet2DConditionModel, alpha_bar: torch.Tensor, clean: list[torch.Tensor]):
+        super().__init__()
+        self.real, self.alpha_bar, self.clean, self.calls = unet, alpha_bar, clean, 0
+
+    @property
+    def device(self) -> torch.device:
+        return self.real.device
+
+    def forward(self, noisy, timestep, text):
+        target = self.clean[min(self.calls, len(self.clean) - 1)]
+        self.calls += 1
+        return SimpleNamespace(sample=(noisy - self.alpha_bar.sqrt() * target) / (1 - self.alpha_bar).sqrt())
+
+
+def test_layout_from_text_is_one_for_a_model_that_places_shapes_by_the_prompt_and_zero_for_one_that_follows_the_latent(pipe):
+    alpha_bar = pipe.scheduler.alphas_cumprod[tiny_model.LAYOUT_PROBE_TIMESTEP]
+
+    def latent(position: str) -> torch.Tensor:
+        scene = world.Scene((world.ShapeSpec("circle", "red", position, "medium"),), "white")
+        with torch.no_grad():
+            return pipe.vae.encode(tiny_model._render([scene])).latent_dist.mean * pipe.vae.config.scaling_factor
+
+    real_unet = pipe.unet
+    try:
+        by_prompt = [latent(p) for p in world.POSITIONS if p != "center"]
+        for decoy in (True, False):
+            pipe.unet = _StubUNet(real_unet, alpha_bar, by_prompt)
+            assert tiny_model.layout_from_text(pipe, decoy=decoy) > 0.8
+        pipe.unet = _StubUNet(real_unet, alpha_bar, [latent("center")])
+        assert tiny_model.layout_from_text(pipe) < 0.05
+    finally:
+        pipe.unet = real_unet
 
 
 def test_a_work_folder_refuses_another_configuration(tmp_path):

@@ -335,6 +335,11 @@ class TinyModelConfig:
     # A random per-channel constant added to the noise, so the background colour must come from the text
     # (docs/tiny-model.md: without it the model read the background from the first step's latent mean).
     offset_noise: float = 0.3
+    # The same for the layout: noise of this strength on 2x2, 4x4 and 8x8 grids (bilinearly upsampled) is added too,
+    # so that at high noise the latent no longer shows where the shapes are and how many there are and the text must
+    # say it (docs/tiny-model.md: the built-in model placed its shapes where the faint signal left in the noisiest
+    # latent put them, whatever the prompt said).
+    layout_noise: float = 0.0
     ema_decay: float = 0.999
     grad_clip: float = 1.0
     checkpoint_every: int = 50
@@ -581,6 +586,21 @@ def training_captions(scenes: Sequence[Scene], seed: int, step: int) -> list[str
     return [world.caption(scene, rng) for scene in scenes]
 
 
+LAYOUT_NOISE_GRIDS = (2, 4, 8)
+
+
+def training_noise(shape: torch.Size, cfg: TinyModelConfig, generator: torch.Generator) -> torch.Tensor:
+    """White noise plus offset noise (one random constant per channel) plus, with ``cfg.layout_noise``, smooth noise
+    on coarse grids: what the UNet learns to remove, so low frequencies of the noisy latent say little at high noise."""
+    noise = torch.randn(shape, generator=generator)
+    noise += cfg.offset_noise * torch.randn((*shape[:2], 1, 1), generator=generator)
+    if cfg.layout_noise:  # drawn only when on, so runs without it repeat exactly
+        for grid in LAYOUT_NOISE_GRIDS:
+            coarse = torch.randn((*shape[:2], grid, grid), generator=generator)
+            noise += cfg.layout_noise * F.interpolate(coarse, size=tuple(shape[-2:]), mode="bilinear", align_corners=False)
+    return noise
+
+
 def train_unet(
     work: Path,
     out: Path,
@@ -633,8 +653,7 @@ def train_unet(
         x0 = cache.latents[idx]
         ids = tokenize(tokenizer, training_captions([cache.scenes[i] for i in idx.tolist()], cfg.seed, step))
         ids[torch.rand(cfg.unet_batch, generator=g) < cfg.caption_dropout] = empty_ids
-        noise = torch.randn(x0.shape, generator=g)
-        noise += cfg.offset_noise * torch.randn((*x0.shape[:2], 1, 1), generator=g)
+        noise = training_noise(x0.shape, cfg, g)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (cfg.unet_batch,), generator=g)
         noisy = scheduler.add_noise(x0, noise, t)
         text = text_encoder(ids.to(device))[0]
@@ -715,11 +734,13 @@ def evaluate_export(out: Path, n: int, work: Path, tag: str) -> None:
         return pipe(prompt, num_inference_steps=EVAL_STEPS, guidance_scale=EVAL_GUIDANCE, generator=generator).images[0]
 
     similarity = {"shape_word_similarity": shape_word_similarity(pipe.text_encoder, pipe.tokenizer),
-                  "position_word_similarity": position_word_similarity(pipe.text_encoder, pipe.tokenizer)}
+                  "position_word_similarity": position_word_similarity(pipe.text_encoder, pipe.tokenizer),
+                  "layout_from_text": layout_from_text(pipe),
+                  "layout_from_text_blank": layout_from_text(pipe, decoy=False)}
     for prompts in PROMPT_SETS:
         report = evaluate_adherence(generate, n, seed=EVAL_SEED, prompts=prompts)
-        logger.info("eval %s %s: %s, shape-word similarity %.3f, position-word similarity %.3f", tag, prompts,
-                    report.to_dict(), similarity["shape_word_similarity"], similarity["position_word_similarity"])
+        logger.info("eval %s %s: %s, shape-word similarity %.3f, position-word similarity %.3f, layout from text %.3f "
+                    "(blank latent %.3f)", tag, prompts, report.to_dict(), *similarity.values())
         with open(work / "eval.jsonl", "a") as f:
             f.write(json.dumps({"tag": tag, "steps": EVAL_STEPS, "guidance": EVAL_GUIDANCE, **report.to_dict(),
                                 **similarity}) + "\n")
@@ -736,6 +757,49 @@ def position_word_similarity(text_encoder: CLIPTextModel, tokenizer: CLIPTokeniz
     background" (as captions name it), between the nine positions."""
     phrases = [("a blue circle ", world.position_phrase(p), " on a white background") for p in world.POSITIONS]
     return _word_similarity(text_encoder, tokenizer, phrases)
+
+
+LAYOUT_PROBE_TIMESTEP = 951  # the first of 20 DDIM steps, where the layout of a picture is decided
+
+
+@torch.no_grad()
+def layout_from_text(
+    pipe: StableDiffusionPipeline, timestep: int = LAYOUT_PROBE_TIMESTEP, seeds: int = 16, decoy: bool = True
+) -> float:
+    """Whether the prompt decides where a shape goes at ``timestep``, or the noisy latent does.
+
+    The latent is a red circle in the center (``decoy``) or a plain white picture, noised to ``timestep`` (``seeds``
+    noise draws); the prompt puts a red circle in one of the eight other cells. Returns the share of the predicted
+    clean image's redness (mean over the draws) that lies in the prompt's cell, averaged over the eight: near 1 when
+    the model places the shape by the prompt, 1/9 when it spreads it evenly (it does not know where the prompt puts
+    it), near 0 with the decoy when it follows the faint circle left in the latent.
+    """
+    unet, vae, device = pipe.unet, pipe.vae, pipe.unet.device
+    alpha_bar = pipe.scheduler.alphas_cumprod[timestep]
+    if decoy:
+        pixels = _render([world.Scene((world.ShapeSpec("circle", "red", "center", "medium"),), "white")])
+    else:
+        white = torch.tensor(world.COLORS["white"], dtype=torch.float32) / 127.5 - 1.0
+        pixels = white[None, :, None, None].expand(1, 3, IMAGE_SIZE, IMAGE_SIZE)
+    pixels = pixels.to(device, vae.dtype)
+    latent = vae.encode(pixels).latent_dist.mean * vae.config.scaling_factor
+    noise = torch.randn((seeds, *latent.shape[1:]), generator=torch.Generator().manual_seed(0)).to(device, latent.dtype)
+    noisy = alpha_bar.sqrt() * latent + (1 - alpha_bar).sqrt() * noise
+    shares = []
+    for position in world.POSITIONS:
+        if position == "center":
+            continue
+        prompt = f"a red circle {world.position_phrase(position)} on a white background"
+        text = pipe.text_encoder(tokenize(pipe.tokenizer, [prompt]).to(device))[0].expand(seeds, -1, -1)
+        epsilon = unet(noisy, timestep, text).sample
+        clean = ((noisy - (1 - alpha_bar).sqrt() * epsilon) / alpha_bar.sqrt()).mean(0, keepdim=True)
+        image = vae.decode(clean / vae.config.scaling_factor).sample[0].float().clamp(-1, 1)
+        redness = (image[0] - image[1:].mean(0)).clamp(min=0)  # 0 on the white background
+        size = redness.shape[-1] // 3 * 3
+        cells = redness[:size, :size].reshape(3, size // 3, 3, size // 3).sum((1, 3))
+        row, column = divmod(world.POSITIONS.index(position), 3)
+        shares.append(float(cells[row, column] / cells.sum()))
+    return float(np.mean(shares))
 
 
 @torch.no_grad()

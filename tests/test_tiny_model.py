@@ -329,6 +329,19 @@ def test_layout_noise_hides_the_layout_at_coarse_scales_and_is_drawn_only_when_o
     assert coarse(layout) > 4 * coarse(plain)
 
 
+def test_zero_terminal_snr_trains_v_prediction_and_exports_a_schedule_whose_first_step_is_pure_noise(tmp_path):
+    tiny_model.train(tmp_path / "work", tmp_path / "out", _tiny_run(init=str(MODEL_DIR), zero_terminal_snr=True), threads=1)
+    trained = StableDiffusionPipeline.from_pretrained(tmp_path / "out", dtype=torch.float32)
+    assert isinstance(trained.scheduler, DDIMScheduler)
+    assert trained.scheduler.config.prediction_type == "v_prediction"
+    assert float(trained.scheduler.alphas_cumprod[-1]) < 1e-6  # nothing of the picture is left at t = 999
+    trained.scheduler.set_timesteps(20)
+    assert int(trained.scheduler.timesteps[0]) == 999
+    image = trained("a red circle on a white background", num_inference_steps=2, output_type="np",
+                    generator=torch.Generator().manual_seed(0)).images[0]
+    assert np.isfinite(image).all() and image.std() > 0
+
+
 def test_the_text_encoder_learns_at_its_own_rate(tmp_path):
     config = _tiny_run(init=str(MODEL_DIR), text_lr_scale=10.0)
     tiny_model.train(tmp_path / "work", tmp_path / "out", config, threads=1)
@@ -360,11 +373,12 @@ def test_position_word_similarity_rises_when_the_encoder_cannot_tell_positions_a
 
 
 class _StubUNet(torch.nn.Module):
-    """Predicts the noise that turns each call's noisy latent into ``clean[call]``: a model that draws that picture."""
+    """Predicts the noise (or velocity) that turns each call's noisy latent into ``clean[call]``: a model that draws
+    that picture."""
 
-    def __init__(self, unet: UNet2DConditionModel, alpha_bar: torch.Tensor, clean: list[torch.Tensor]):
+    def __init__(self, unet: UNet2DConditionModel, alpha_bar: torch.Tensor, clean: list[torch.Tensor], velocity: bool):
         super().__init__()
-        self.real, self.alpha_bar, self.clean, self.calls = unet, alpha_bar, clean, 0
+        self.real, self.alpha_bar, self.clean, self.velocity, self.calls = unet, alpha_bar, clean, velocity, 0
 
     @property
     def device(self) -> torch.device:
@@ -373,27 +387,34 @@ class _StubUNet(torch.nn.Module):
     def forward(self, noisy, timestep, text):
         target = self.clean[min(self.calls, len(self.clean) - 1)]
         self.calls += 1
+        if self.velocity:
+            return SimpleNamespace(sample=(self.alpha_bar.sqrt() * noisy - target) / (1 - self.alpha_bar).sqrt())
         return SimpleNamespace(sample=(noisy - self.alpha_bar.sqrt() * target) / (1 - self.alpha_bar).sqrt())
 
 
-def test_layout_from_text_is_one_for_a_model_that_places_shapes_by_the_prompt_and_zero_for_one_that_follows_the_latent(pipe):
-    alpha_bar = pipe.scheduler.alphas_cumprod[tiny_model.LAYOUT_PROBE_TIMESTEP]
+@pytest.mark.parametrize("zero_terminal_snr", [False, True], ids=["epsilon", "v-prediction"])
+def test_layout_from_text_is_one_for_a_model_that_places_shapes_by_the_prompt_and_zero_for_one_that_follows_the_latent(
+    pipe, zero_terminal_snr
+):
+    scheduler = tiny_model.build_scheduler(zero_terminal_snr)
+    alpha_bar = scheduler.alphas_cumprod[tiny_model.LAYOUT_PROBE_TIMESTEP]
 
     def latent(position: str) -> torch.Tensor:
         scene = world.Scene((world.ShapeSpec("circle", "red", position, "medium"),), "white")
         with torch.no_grad():
             return pipe.vae.encode(tiny_model._render([scene])).latent_dist.mean * pipe.vae.config.scaling_factor
 
-    real_unet = pipe.unet
+    real_unet, real_scheduler = pipe.unet, pipe.scheduler
+    pipe.scheduler = scheduler
     try:
         by_prompt = [latent(p) for p in world.POSITIONS if p != "center"]
         for decoy in (True, False):
-            pipe.unet = _StubUNet(real_unet, alpha_bar, by_prompt)
+            pipe.unet = _StubUNet(real_unet, alpha_bar, by_prompt, velocity=zero_terminal_snr)
             assert tiny_model.layout_from_text(pipe, decoy=decoy) > 0.8
-        pipe.unet = _StubUNet(real_unet, alpha_bar, [latent("center")])
+        pipe.unet = _StubUNet(real_unet, alpha_bar, [latent("center")], velocity=zero_terminal_snr)
         assert tiny_model.layout_from_text(pipe) < 0.05
     finally:
-        pipe.unet = real_unet
+        pipe.unet, pipe.scheduler = real_unet, real_scheduler
 
 
 def test_a_work_folder_refuses_another_configuration(tmp_path):
@@ -412,8 +433,11 @@ def test_a_work_folder_stamped_before_a_field_existed_takes_that_fields_default(
 
 
 def test_set_overrides_convert_to_the_field_types():
-    overrides = tiny_model._parse_overrides(["unet_steps=600", "unet_lr=2e-4", "init=assets/tiny-sd"])
-    assert overrides == {"unet_steps": 600, "unet_lr": 2e-4, "init": "assets/tiny-sd"}
+    overrides = tiny_model._parse_overrides(["unet_steps=600", "unet_lr=2e-4", "init=assets/tiny-sd", "zero_terminal_snr=true"])
+    assert overrides == {"unet_steps": 600, "unet_lr": 2e-4, "init": "assets/tiny-sd", "zero_terminal_snr": True}
+    assert tiny_model._parse_overrides(["zero_terminal_snr=0"]) == {"zero_terminal_snr": False}
+    with pytest.raises(UserInputError, match="'maybe' is not a value of type bool"):
+        tiny_model._parse_overrides(["zero_terminal_snr=maybe"])
     with pytest.raises(UserInputError, match="TinyModelConfig field"):
         tiny_model._parse_overrides(["unet_stepz=600"])
     with pytest.raises(UserInputError, match="unet_steps"):

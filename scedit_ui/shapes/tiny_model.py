@@ -138,9 +138,14 @@ def text_encoder_config() -> CLIPTextConfig:
     )
 
 
-def scheduler_config() -> dict:
-    """SD 1.x's noise schedule (scaled_linear 0.00085..0.012, 1000 steps) for DDIM sampling."""
-    return dict(
+def scheduler_config(zero_terminal_snr: bool = False) -> dict:
+    """SD 1.x's noise schedule (scaled_linear 0.00085..0.012, 1000 steps) for DDIM sampling.
+
+    ``zero_terminal_snr``: the betas rescaled so that the last timestep keeps nothing of the image, with
+    v-prediction and sampling from that timestep (Lin et al. 2024, "Common Diffusion Noise Schedules and Sample
+    Steps are Flawed"; SD 2.1's prediction type): the first sampling step then sees pure noise, as training did.
+    """
+    config = dict(
         num_train_timesteps=1000,
         beta_start=0.00085,
         beta_end=0.012,
@@ -150,6 +155,9 @@ def scheduler_config() -> dict:
         steps_offset=1,
         prediction_type="epsilon",
     )
+    if zero_terminal_snr:
+        config.update(rescale_betas_zero_snr=True, timestep_spacing="trailing", prediction_type="v_prediction")
+    return config
 
 
 def build_unet(latent_channels: int = 4, latent_downsample: int = 8) -> UNet2DConditionModel:
@@ -164,12 +172,13 @@ def build_text_encoder() -> CLIPTextModel:
     return CLIPTextModel(text_encoder_config())
 
 
-def build_scheduler() -> DDIMScheduler:
-    return DDIMScheduler(**scheduler_config())
+def build_scheduler(zero_terminal_snr: bool = False) -> DDIMScheduler:
+    return DDIMScheduler(**scheduler_config(zero_terminal_snr))
 
 
 def assemble_pipeline(
-    vae: AutoencoderKL, text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer, unet: UNet2DConditionModel
+    vae: AutoencoderKL, text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer, unet: UNet2DConditionModel,
+    scheduler: DDIMScheduler | None = None,
 ) -> StableDiffusionPipeline:
     """A StableDiffusionPipeline without safety checker, as real SD folders can be saved."""
     return StableDiffusionPipeline(
@@ -177,7 +186,7 @@ def assemble_pipeline(
         text_encoder=text_encoder,
         tokenizer=tokenizer,
         unet=unet,
-        scheduler=build_scheduler(),
+        scheduler=scheduler or build_scheduler(),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
@@ -340,6 +349,9 @@ class TinyModelConfig:
     # say it (docs/tiny-model.md: the built-in model placed its shapes where the faint signal left in the noisiest
     # latent put them, whatever the prompt said).
     layout_noise: float = 0.0
+    # Zero SNR at the last timestep, v-prediction (`scheduler_config`): no layout at all is left in the noisiest
+    # latent, and the loss there weighs the clean-image error fully (epsilon's weighs it by the SNR, ~0.005).
+    zero_terminal_snr: bool = False
     ema_decay: float = 0.999
     grad_clip: float = 1.0
     checkpoint_every: int = 50
@@ -626,7 +638,7 @@ def train_unet(
         {"params": list(text_encoder.parameters()), "lr": cfg.unet_lr * cfg.text_lr_scale},
     ], lr=cfg.unet_lr, weight_decay=1e-2)
     lr_schedule = get_cosine_schedule_with_warmup(optimizer, cfg.unet_warmup, cfg.unet_steps)
-    scheduler = build_scheduler()
+    scheduler = build_scheduler(cfg.zero_terminal_snr)
     start = 0
     if checkpoint.exists():
         state = torch.load(checkpoint, map_location=device, weights_only=True)
@@ -659,8 +671,15 @@ def train_unet(
         text = text_encoder(ids.to(device))[0]
         pred = unet(noisy.to(device), t.to(device), text).sample
         snr = compute_snr(scheduler, t)
-        weight = (torch.clamp(snr, max=cfg.min_snr_gamma) / snr).to(device)  # Min-SNR-gamma for epsilon
-        error = (pred - noise.to(device)).pow(2)
+        if cfg.zero_terminal_snr:
+            target = scheduler.get_velocity(x0, noise, t)
+            # The v error is (SNR + 1) x the clean-image error; clamped at gamma like Min-SNR, but 1 (not Min-SNR's
+            # 0) at zero SNR, where the text alone must give the layout.
+            weight = (torch.clamp(snr + 1, max=cfg.min_snr_gamma) / (snr + 1)).to(device)
+        else:
+            target = noise
+            weight = (torch.clamp(snr, max=cfg.min_snr_gamma) / snr).to(device)  # Min-SNR-gamma for epsilon
+        error = (pred - target.to(device)).pow(2)
         if shape_weight is not None:
             pixel_weight = shape_weight[idx].to(device)
             per_sample = (pixel_weight * error).mean(dim=(1, 2, 3)) / pixel_weight.mean(dim=(1, 2, 3))
@@ -689,13 +708,13 @@ def train_unet(
             }
             _atomic_save(state, checkpoint)
         if cfg.eval_every and cfg.eval_prompts and done % cfg.eval_every == 0 and done < cfg.unet_steps:
-            export(out, vae, tokenizer, unet, text_encoder, params, ema, device)
+            export(out, vae, tokenizer, unet, text_encoder, params, ema, scheduler, device)
             evaluate_export(out, cfg.eval_prompts, work, f"unet-step{done}")
             unet.train()
             text_encoder.train()
     logger.info("unet: done (%.1f min this run)", (time.time() - t0) / 60)
     # Outside the loop, so rerunning a finished run exports and scores again.
-    export(out, vae, tokenizer, unet, text_encoder, params, ema, device)
+    export(out, vae, tokenizer, unet, text_encoder, params, ema, scheduler, device)
     if cfg.eval_prompts:
         evaluate_export(out, cfg.eval_prompts, work, f"unet-step{cfg.unet_steps}")
 
@@ -708,6 +727,7 @@ def export(
     text_encoder: CLIPTextModel,
     params: list[torch.nn.Parameter],
     ema: EMAModel,
+    scheduler: DDIMScheduler,
     device: torch.device,
 ) -> None:
     """Save the pipeline with the EMA weights (fp16) to ``out``; the live weights are restored."""
@@ -715,7 +735,7 @@ def export(
     ema.copy_to(params)
     unet.eval()
     text_encoder.eval()
-    save_pipeline_fp16(assemble_pipeline(vae.to(device), text_encoder, tokenizer, unet), out)
+    save_pipeline_fp16(assemble_pipeline(vae.to(device), text_encoder, tokenizer, unet, scheduler), out)
     ema.restore(params)
     logger.info("export: %s (%.1f MB)", out, folder_size_bytes(out) / 1e6)
 
@@ -791,8 +811,12 @@ def layout_from_text(
             continue
         prompt = f"a red circle {world.position_phrase(position)} on a white background"
         text = pipe.text_encoder(tokenize(pipe.tokenizer, [prompt]).to(device))[0].expand(seeds, -1, -1)
-        epsilon = unet(noisy, timestep, text).sample
-        clean = ((noisy - (1 - alpha_bar).sqrt() * epsilon) / alpha_bar.sqrt()).mean(0, keepdim=True)
+        output = unet(noisy, timestep, text).sample
+        if pipe.scheduler.config.prediction_type == "v_prediction":
+            clean = alpha_bar.sqrt() * noisy - (1 - alpha_bar).sqrt() * output
+        else:
+            clean = (noisy - (1 - alpha_bar).sqrt() * output) / alpha_bar.sqrt()
+        clean = clean.mean(0, keepdim=True)
         image = vae.decode(clean / vae.config.scaling_factor).sample[0].float().clamp(-1, 1)
         redness = (image[0] - image[1:].mean(0)).clamp(min=0)  # 0 on the white background
         size = redness.shape[-1] // 3 * 3
@@ -922,11 +946,14 @@ def _parse_overrides(items: Sequence[str]) -> dict:
             raise UserInputError(f"--set {item!r}: write name=value with a TinyModelConfig field ({', '.join(types)}).")
         kind = types[name]
         try:
-            out[name] = None if value == "" and "None" in str(kind) else (
-                int(value) if kind in ("int", int) else float(value) if kind in ("float", float) else value
-            )
-        except ValueError as e:
-            raise UserInputError(f"--set {item!r}: {e}") from e
+            if value == "" and "None" in str(kind):
+                out[name] = None
+            elif kind in ("bool", bool):
+                out[name] = {"true": True, "1": True, "false": False, "0": False}[value.lower()]
+            else:
+                out[name] = int(value) if kind in ("int", int) else float(value) if kind in ("float", float) else value
+        except (KeyError, ValueError) as e:
+            raise UserInputError(f"--set {item!r}: {value!r} is not a value of type {kind}.") from e
     return out
 
 

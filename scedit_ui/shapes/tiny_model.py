@@ -624,7 +624,8 @@ def train_unet(
     cfg: TinyModelConfig,
     device: torch.device,
 ) -> None:
-    """Stage 3: UNet and text encoder jointly (epsilon, Min-SNR-gamma, offset noise, caption dropout), resumable.
+    """Stage 3: UNet and text encoder jointly (epsilon, or v with `zero_terminal_snr`; Min-SNR-gamma, offset noise,
+    caption dropout), resumable.
 
     Starts from ``unet`` and ``text_encoder`` as given (fresh, or from ``--init``). The EMA weights are
     exported to ``out`` and scored at the end (and every ``cfg.eval_every`` steps when that is set).

@@ -780,7 +780,9 @@ def position_word_similarity(text_encoder: CLIPTextModel, tokenizer: CLIPTokeniz
     return _word_similarity(text_encoder, tokenizer, phrases)
 
 
-LAYOUT_PROBE_TIMESTEP = 951  # the first of 20 DDIM steps, where the layout of a picture is decided
+# The first of 20 DDIM steps on SD's schedule, where the layout of a picture is decided (with `zero_terminal_snr`
+# the first step is 999; 951 keeps the measure comparable across both).
+LAYOUT_PROBE_TIMESTEP = 951
 
 
 @torch.no_grad()

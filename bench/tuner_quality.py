@@ -17,7 +17,8 @@ The control image of a prompt is made from the render of its own scene.
 - inpaint: a LaMa-style random mask per prompt (`random_inpaint_mask`, seed i) over the render; mean RGB distance
   (0-255 units, Euclidean) per pixel between the render and the generated image on the pixels the mask keeps;
   with the inpaint tuner at α = 1 and without control.
-- composition: canny and colour tuners (trained separately) together, each at α = `--alpha`; both metrics.
+- composition: canny and colour tuners (trained separately) together, each at α = `--alpha` (default 1), combined
+  by `--alpha-mode` (default: the app's, `cap`: 1 each is applied as 0.6 each); both metrics.
 - style (each style-*.safetensors): the checker's style score of images made with the tuner from the new,
   style-free prompts, relative to the score of the tuner's own training images (target ≥ 0.8), and the
   checker's colour accuracy of those images (target ≥ 0.85); training set size and time from the file.
@@ -43,6 +44,7 @@ from scedit_ui.shapes.checker import score_adherence, style_score  # noqa: E402
 from scedit_ui.shapes.world import Scene, caption, render_scene, sample_scene  # noqa: E402
 from scedit_ui.training import TrainingConfig, load_training_data  # noqa: E402
 from tuners import read_metadata  # noqa: E402
+from tuners.composition import ALPHA_MODES, DEFAULT_ALPHA_MODE, composed_alphas  # noqa: E402
 
 CELL = 16
 TOLERANCE = 2
@@ -144,8 +146,12 @@ class Bench:
         self._plain: dict[int, Image.Image] = {}
         self._round_trips: dict[int, Image.Image] = {}
 
-    def generate(self, prompt: Prompt, text: str | None = None, sc: tuple[TunerUse, ...] = (), controls: tuple[ConditionUse, ...] = ()) -> Image.Image:
-        request = GenerationRequest(text or prompt.text, seed=prompt.seed, steps=self.steps, guidance=self.guidance, sc_tuners=sc, conditions=controls)
+    def generate(
+        self, prompt: Prompt, text: str | None = None, sc: tuple[TunerUse, ...] = (), controls: tuple[ConditionUse, ...] = (),
+        alpha_mode: str = DEFAULT_ALPHA_MODE,
+    ) -> Image.Image:
+        request = GenerationRequest(text or prompt.text, seed=prompt.seed, steps=self.steps, guidance=self.guidance, sc_tuners=sc,
+                                    conditions=controls, alpha_mode=alpha_mode)
         return self.manager.generate(request).images[0]
 
     def plain(self, prompt: Prompt) -> Image.Image:
@@ -165,7 +171,7 @@ class Bench:
             self._round_trips[prompt.seed] = Image.fromarray(array)
         return self._round_trips[prompt.seed]
 
-    def control(self, canny: Path | None, colour: Path | None, alpha: float) -> dict:
+    def control(self, canny: Path | None, colour: Path | None, alpha: float, alpha_mode: str) -> dict:
         rows: dict[str, list[float]] = {}
         for prompt in self.prompts:
             edges, colours = prompt.condition("canny"), prompt.condition("color")
@@ -184,7 +190,7 @@ class Bench:
                 rows.setdefault("colour_error_with", []).append(colour_error(colours, image))
             if canny is not None and colour is not None:
                 both = (ConditionUse(str(canny), edges, alpha), ConditionUse(str(colour), colours, alpha))
-                image = self.generate(prompt, controls=both)
+                image = self.generate(prompt, controls=both, alpha_mode=alpha_mode)
                 rows.setdefault("composed_canny_f1", []).append(edge_f1(reference, canny_edges(image)))
                 rows.setdefault("composed_colour_error", []).append(colour_error(colours, image))
         return {key: float(np.mean(values)) for key, values in rows.items()}
@@ -247,7 +253,10 @@ class Bench:
 PARTS = ("canny", "colour", "inpaint", "styles")
 
 
-def measure(model: str, tuners: Path, n: int, steps: int, guidance: float, alpha: float, parts: Sequence[str] = PARTS) -> dict:
+def measure(
+    model: str, tuners: Path, n: int, steps: int, guidance: float, alpha: float, alpha_mode: str = DEFAULT_ALPHA_MODE,
+    parts: Sequence[str] = PARTS,
+) -> dict:
     manager = ModelManager("auto")
     info = manager.load(model)
     bench = Bench(manager, n, steps, guidance)
@@ -257,7 +266,8 @@ def measure(model: str, tuners: Path, n: int, steps: int, guidance: float, alpha
     styles = sorted(tuners.glob("style-*.safetensors")) if "styles" in parts else []
     result = {
         "model": info.name, "prompts": n, "steps": steps, "guidance": guidance, "composition_alpha": alpha,
-        "control": bench.control(canny, colour, alpha), "styles": [bench.style(path) for path in styles],
+        "composition_alpha_mode": alpha_mode, "composition_alpha_applied": composed_alphas([alpha, alpha], alpha_mode)[0],
+        "control": bench.control(canny, colour, alpha, alpha_mode), "styles": [bench.style(path) for path in styles],
     }
     inpaint = tuners / "inpaint.safetensors"
     if inpaint.is_file() and "inpaint" in parts:
@@ -281,9 +291,9 @@ def print_table(result: dict) -> None:
         print(f"{'colour: mean RGB error per 16×16 cell':<44}{control['colour_error_without']:>10.1f}{control['colour_error_with']:>10.1f}  "
               f"lower ({control['colour_error_vae_round_trip']:.1f})")
     if "composed_canny_f1" in control:
-        a = result["composition_alpha"]
-        print(f"{f'canny + colour (α {a} each): edge F1':<44}{control['canny_f1_with']:>10.3f}{control['composed_canny_f1']:>10.3f}  close (single → composed)")
-        print(f"{f'canny + colour (α {a} each): colour error':<44}{control['colour_error_with']:>10.1f}{control['composed_colour_error']:>10.1f}  close (single → composed)")
+        a = f"α {result['composition_alpha']} each, {result['composition_alpha_mode']}: {result['composition_alpha_applied']:.3g}"
+        print(f"{f'canny + colour ({a}): edge F1':<44}{control['canny_f1_with']:>10.3f}{control['composed_canny_f1']:>10.3f}  close (single → composed)")
+        print(f"{f'canny + colour ({a}): colour error':<44}{control['colour_error_with']:>10.1f}{control['composed_colour_error']:>10.1f}  close (single → composed)")
     if "inpaint" in result:
         row = result["inpaint"]
         print(f"{'inpaint: RGB error on the kept pixels':<44}{row['kept_error_without']:>10.1f}{row['kept_error_with']:>10.1f}  "
@@ -307,6 +317,7 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--guidance", type=float, default=5.0)
     parser.add_argument("--alpha", type=float, default=1.0, help="α of each tuner in the composition")
+    parser.add_argument("--alpha-mode", choices=ALPHA_MODES, default=DEFAULT_ALPHA_MODE, help="how the two α combine")
     parser.add_argument("--threads", type=int, help="torch CPU threads")
     parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, from {', '.join(PARTS)}")
     parser.add_argument("--json", action="store_true")
@@ -315,7 +326,7 @@ def main() -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    result = measure(args.model, args.tuners, args.n, args.steps, args.guidance, args.alpha, args.parts.split(","))
+    result = measure(args.model, args.tuners, args.n, args.steps, args.guidance, args.alpha, args.alpha_mode, args.parts.split(","))
     if args.json:
         print(json.dumps(result, indent=2))
     else:

@@ -11,6 +11,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from tuners.composition import ALPHA_MODES, COMPOSED_ALPHA_CAP, DEFAULT_ALPHA_MODE
 from tuners.validation import UserInputError
 
 Handler = Callable[[argparse.Namespace], int]
@@ -167,7 +168,11 @@ def _add_generation_options(command: argparse.ArgumentParser) -> None:
         help=f"per-skip α of the n-th --control: one of {', '.join(repr(p) for p in SKIP_WEIGHT_PRESETS)}, "
         "or one weight per skip (encoder order), repeatable in --control order",
     )
-    command.add_argument("--normalise-alpha", action="store_true", help="divide the α of the controls by their sum")
+    command.add_argument(
+        "--alpha-mode", choices=ALPHA_MODES, default=DEFAULT_ALPHA_MODE,
+        help=f"how the α of several controls combine: cap (scaled down to sum to at most {COMPOSED_ALPHA_CAP:g}; "
+        "one control keeps its α), normalise (Σα = 1, the paper) or raw (as given)",
+    )
     command.add_argument("--rho-inner", type=float, help="Skip-Tuning: ρ of the innermost skip (linear from --rho-outer)")
     command.add_argument("--rho-outer", type=float, default=1.0)
     command.add_argument("--freeu", action="store_true", help="FreeU with the preset for the model family")
@@ -198,7 +203,7 @@ def _request_from_args(args: argparse.Namespace, batch_size: int = 1, check: Cal
             TunerUse.of_file(library.resolve(name), scale, args.conditional_only, args.texture)
             for name, scale in (_split_suffix_number(spec, None) for spec in args.tuner)
         ),
-        normalise_alpha=args.normalise_alpha,
+        alpha_mode=args.alpha_mode,
         skip_tuning=SkipTuningSettings(args.rho_outer, args.rho_inner) if args.rho_inner is not None else None,
     )
     request.validated(native_size=512)  # fail on bad values before loading anything; 512 only fills unset sizes
@@ -227,7 +232,7 @@ def _request_from_args(args: argparse.Namespace, batch_size: int = 1, check: Cal
             request = replace(request, conditions=request.conditions + (use,))
         else:
             row = ConditionRow(read_metadata(tuner_path).condition_type, {}, tuner_path, alpha, mask=mask, skip_weights=skip_weights)
-            request, _ = with_controls(request, picture, [row], normalise_alpha=args.normalise_alpha)
+            request, _ = with_controls(request, picture, [row], alpha_mode=args.alpha_mode)
     return request, manager
 
 

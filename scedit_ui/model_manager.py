@@ -31,6 +31,7 @@ from scedit_ui.conditions import normalize_image
 from scedit_ui.hub import hub_offline
 from scedit_ui.request import FREEU_PRESETS, GenerationRequest, attach_metadata
 from tuners import ControlCondition, SkipEditor, SkipScaling, TunerFileError, load_tuner
+from tuners.composition import COMPOSED_ALPHA_CAP, composed_alphas
 from tuners.io import Tuner
 from tuners.layout import LayoutMismatchError
 from tuners.reference_configs import guess_architecture
@@ -231,7 +232,7 @@ class ModelManager:
         """Validate (before any work), apply the request's edits, run the pipeline, return tagged PNGs."""
         pipeline = self._require_pipeline()
         request = request.validated(self.native_size, self.editor.layout.num_skips)
-        notices = self._prompt_notices(request)
+        notices = self._notices(request)
         with self.lock:
             started = time.perf_counter()
             try:
@@ -248,13 +249,22 @@ class ModelManager:
         tagged = [attach_metadata(image, request, i, request.seed + i, name) for i, image in enumerate(images)]
         return GenerationResult(tagged, seconds, notices)
 
-    def _prompt_notices(self, request: GenerationRequest) -> list[str]:
+    def _notices(self, request: GenerationRequest) -> list[str]:
+        """What the user should know about how the request is read: a truncated prompt, α scaled by the cap."""
         tokenizer = self.pipeline.tokenizer
         notices = []
         for label, text in (("prompt", request.prompt), ("negative prompt", request.negative_prompt)):
             length = len(tokenizer(text).input_ids)
             if length > tokenizer.model_max_length:
                 notices.append(f"the {label} is {length} tokens long; only the first {tokenizer.model_max_length} are used")
+        alphas = [use.alpha for use in request.conditions]
+        applied = composed_alphas(alphas, request.alpha_mode)
+        if request.alpha_mode == "cap" and applied != alphas:
+            notices.append(
+                f"the conditions' α {', '.join(f'{a:g}' for a in alphas)} are applied as {', '.join(f'{a:.3g}' for a in applied)}: "
+                f"together they are capped at Σα = {COMPOSED_ALPHA_CAP:g} (at full α each they overshoot); "
+                "choose the α mode 'raw' to apply them as set"
+            )
         for notice in notices:
             logger.warning(notice)
         return notices
@@ -277,7 +287,7 @@ class ModelManager:
             )
             for use in request.conditions
         ]
-        editor.set_conditions(conditions, request.normalise_alpha)
+        editor.set_conditions(conditions, request.alpha_mode)
         if request.skip_tuning is not None:
             st = request.skip_tuning
             editor.set_skip_scaling(SkipScaling.linear(editor.layout.num_skips, st.rho_outer, st.rho_inner, dict(st.overrides), st.step_range))

@@ -13,6 +13,7 @@ from typing import Any
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
+from tuners.composition import ALPHA_MODES, DEFAULT_ALPHA_MODE, composed_alphas
 from tuners.validation import SCALE_RANGE, WEIGHT_RANGE, UserInputError, check_choice, check_number, check_per_skip, check_step_range
 
 SCHEDULERS = ("DDIM", "DPM++ 2M", "DPM++ 2M Karras", "Euler a")
@@ -105,7 +106,7 @@ class GenerationRequest:
     batch_size: int = 1
     sc_tuners: tuple[TunerUse, ...] = ()
     conditions: tuple[ConditionUse, ...] = ()
-    normalise_alpha: bool = False
+    alpha_mode: str = DEFAULT_ALPHA_MODE  # how the conditions' α combine (tuners.composition)
     skip_tuning: SkipTuningSettings | None = None
     freeu: tuple[float, float, float, float] | None = None
     extra: dict[str, Any] = field(default_factory=dict, compare=False)  # notes carried into metadata
@@ -153,7 +154,8 @@ class GenerationRequest:
             check_number(f"alpha of {Path(use.tuner).name}", use.alpha, *WEIGHT_RANGE)
             check_step_range(f"step range of {Path(use.tuner).name}", use.step_range)
             check_number(f"blend of {Path(use.tuner).name}", use.blend, 0.0, 1.0)
-        if self.normalise_alpha and self.conditions and sum(c.alpha for c in self.conditions) <= 0:
+        check_choice("α mode", self.alpha_mode, ALPHA_MODES)
+        if self.alpha_mode == "normalise" and self.conditions and sum(c.alpha for c in self.conditions) <= 0:
             raise UserInputError("cannot normalise α: the condition weights sum to 0")
         if self.skip_tuning is not None:
             st = self.skip_tuning
@@ -182,6 +184,8 @@ class GenerationRequest:
     @classmethod
     def from_json(cls, text: str) -> GenerationRequest:
         data = json.loads(text)
+        if "alpha_mode" not in data:  # made before the α cap: the α were applied as given, or normalised
+            data["alpha_mode"] = "normalise" if data.get("normalise_alpha") else "raw"
         known = {f.name for f in fields(cls)}
         data = {k: v for k, v in data.items() if k in known}
         data["sc_tuners"] = tuple(TunerUse(**t) for t in data.get("sc_tuners", ()))
@@ -214,12 +218,14 @@ class GenerationRequest:
             f"Size: {self.width}x{self.height}", f"Model: {model_name}",
         ]
         settings += [f"SC tuner: {t.tuner} ({t.scale}{'' if t.how == 'both halves' else ', ' + t.how})" for t in self.sc_tuners]
+        applied = composed_alphas([c.alpha for c in self.conditions], self.alpha_mode)
         settings += [
-            f"Control: {c.tuner} (α {c.alpha}, steps {c.step_range[0]}-{c.step_range[1]}"
+            f"Control: {c.tuner} (α {c.alpha}" + (f" applied as {a:.3g}" if a != c.alpha else "")
+            + f", steps {c.step_range[0]}-{c.step_range[1]}"
             + (", masked" if c.mask is not None else "")
             + (f", per-skip α {','.join(f'{w:g}' for w in c.skip_weights)}" if c.skip_weights is not None else "")
             + ")"
-            for c in self.conditions
+            for c, a in zip(self.conditions, applied)
         ]
         if self.skip_tuning is not None:
             settings.append(f"Skip-Tuning ρ: {self.skip_tuning.rho_outer}->{self.skip_tuning.rho_inner}")

@@ -27,6 +27,7 @@ from scedit_ui.request import (
     save_png,
 )
 from scedit_ui.shapes.evaluation import AdherenceReport, evaluate_adherence
+from tuners.composition import DEFAULT_ALPHA_MODE
 from tuners.validation import UserInputError
 
 Generate = Callable[..., GenerationResult]  # ModelManager.generate(request, progress=None, cancel=None)
@@ -64,7 +65,7 @@ def extract_conditions(
 
 
 def with_controls(
-    base: GenerationRequest, picture: Image.Image | None, rows: list[ConditionRow], fit: str = "crop", normalise_alpha: bool = False,
+    base: GenerationRequest, picture: Image.Image | None, rows: list[ConditionRow], fit: str = "crop", alpha_mode: str = DEFAULT_ALPHA_MODE,
     second_picture: Image.Image | None = None, blend: float = 0.0, progress: StageProgress | None = None,
 ) -> tuple[GenerationRequest, dict[str, Image.Image]]:
     """`base` (with its size set) plus one CSC condition per row, extracted from `picture` and blended towards
@@ -83,7 +84,7 @@ def with_controls(
         )
         for row in rows
     )
-    return replace(base, conditions=base.conditions + uses, normalise_alpha=bool(normalise_alpha)), extracted
+    return replace(base, conditions=base.conditions + uses, alpha_mode=alpha_mode), extracted
 
 
 def interpolation_strip(

@@ -75,7 +75,7 @@ def generate(client: Client, **overrides) -> tuple[list[str], str]:
 def control_arguments(served, **overrides) -> dict:
     return {
         "picture": handle_file(str(served.pictures[0])), "condition_types": ["canny"], "fit": "crop", "prompt": PROMPT,
-        "negative_prompt": "", "seed": 3, "normalise_alpha": False, "canny_tuner": "edges", **FAST, **overrides,
+        "negative_prompt": "", "seed": 3, "alpha_mode": "cap", "canny_tuner": "edges", **FAST, **overrides,
     }
 
 

@@ -1,6 +1,7 @@
 """Composition: spatial α maps and per-skip α per condition, and step ranges as fractions of the sampling steps."""
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 
 import numpy as np
@@ -11,7 +12,7 @@ from PIL import Image
 from test_tuners import randomise
 
 from bench.region_mask import two_sided_picture
-from scedit_ui.request import ConditionUse, GenerationRequest, SkipTuningSettings
+from scedit_ui.request import PNG_RECIPE_KEY, ConditionUse, GenerationRequest, SkipTuningSettings, request_from_png
 from tuners import (
     SKIP_WEIGHT_PRESETS,
     ControlCondition,
@@ -173,6 +174,32 @@ def test_a_condition_step_range_counts_sampling_steps_not_timestep_values(manage
     assert by_timestep_value != active
 
 
+def test_two_conditions_at_the_default_alpha_are_applied_at_0_6_each_and_say_so(manager, tmp_path):
+    files = [csc_tuner_file(manager, tmp_path / f"canny{seed}.safetensors", seed) for seed in (1, 2)]
+
+    def request(alpha: float, mode: str) -> GenerationRequest:
+        uses = tuple(ConditionUse(f, hint_picture(), alpha) for f in files)
+        return GenerationRequest("a red circle", steps=2, width=64, height=64, conditions=uses, alpha_mode=mode)
+
+    result = manager.generate(request(1.0, "cap"))
+    capped = result.images[0]
+    assert any("α 1, 1 are applied as 0.6, 0.6" in notice for notice in result.notices)
+    assert np.array_equal(np.asarray(capped), np.asarray(manager.generate(request(0.6, "raw")).images[0]))
+    assert not np.array_equal(np.asarray(capped), np.asarray(manager.generate(request(1.0, "raw")).images[0]))
+    assert capped.info["parameters"].count("(α 1.0 applied as 0.6, steps 0.0-1.0)") == 2
+    assert request_from_png(capped)[0].alpha_mode == "cap"
+
+
+def test_a_recipe_from_before_the_alpha_modes_is_read_as_it_was_applied(manager, tmp_path):
+    image = manager.generate(GenerationRequest("a red circle", steps=2, width=64, height=64)).images[0]
+    recipe = json.loads(image.info[PNG_RECIPE_KEY])
+    for normalise, mode in ((False, "raw"), (True, "normalise")):
+        recipe["request"].pop("alpha_mode", None)
+        recipe["request"]["normalise_alpha"] = normalise
+        image.info[PNG_RECIPE_KEY] = json.dumps(recipe)
+        assert request_from_png(image)[0].alpha_mode == mode
+
+
 def test_skip_tuning_step_range_counts_sampling_steps(manager):
     plain = GenerationRequest("a red circle", steps=4, scheduler="DPM++ 2M Karras")
     seen = []
@@ -294,11 +321,14 @@ def test_cli_generate_takes_a_mask_and_per_skip_alpha_per_control(tmp_path, caps
     code = main(["generate", "--prompt", "a yellow circle", "--steps", "2", "--size", "64x64", "--out", str(out),
                  "--control", f"{canny}:{picture}", "--mask", str(mask), "--skip-alpha", "inner skips only",
                  "--control", f"{canny}:{picture}:0.5", "--mask", "none"])
-    assert code == 0, capsys.readouterr().err
+    error = capsys.readouterr().err
+    assert code == 0, error
+    assert "note: the conditions' α 1, 0.5 are applied as 0.8, 0.4" in error  # the default α mode caps Σα at 1.2
     request, _, _ = read_png_request(out)
     first, second = request.conditions
     assert np.asarray(first.mask)[:, :30].min() == 255 and np.asarray(first.mask)[:, 34:].max() == 0
     assert first.skip_weights == (0.0,) * 3 + (1.0,) * 9 and second.mask is None and second.skip_weights is None
+    assert request.alpha_mode == "cap"
 
 
 @pytest.mark.parametrize(

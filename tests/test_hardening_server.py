@@ -127,7 +127,7 @@ def test_control_endpoints_refuse_a_bomb_as_either_picture(served, api_name, tmp
     (tmp_path / "bomb.png").write_bytes(BROKEN_IMAGES["decompression bomb"][0])
     good = save_picture(Image.new("RGB", (32, 32), "red"), tmp_path / "good.png")
     arguments = dict(condition_types=["canny"], fit="crop", prompt="a", negative_prompt="", seed=1, steps=2, guidance=5.0,
-                     width=64, height=64, scheduler="DDIM", normalise_alpha=False, canny_tuner="style")
+                     width=64, height=64, scheduler="DDIM", alpha_mode="cap", canny_tuner="style")
     for first, second, what in ((tmp_path / "bomb.png", good, "the picture"), (good, tmp_path / "bomb.png", "the second picture")):
         with pytest.raises(AppError, match=f"^{what} is too large to open safely"):
             served.client.predict(handle_file(str(first)), second_picture=handle_file(str(second)), **arguments, api_name=api_name)

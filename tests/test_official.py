@@ -280,7 +280,7 @@ def test_imported_controllers_in_the_editor_equal_scepters_multi_controller_sum(
             handle.remove()
         plain = tiny_unet(**inputs).sample
         with SkipEditor(tiny_unet) as editor:
-            editor.set_conditions([ControlCondition(t, h) for t, h in zip(tuners, hints)])
+            editor.set_conditions([ControlCondition(t, h) for t, h in zip(tuners, hints)], alpha_mode="raw")  # SCEPTER sums them
             edited = tiny_unet(**inputs).sample
     assert_relative_close(edited, expected)
     assert (edited - plain).abs().max() > 1e-3  # the controllers do change the output

@@ -329,6 +329,17 @@ def test_layout_noise_hides_the_layout_at_coarse_scales_and_is_drawn_only_when_o
     assert coarse(layout) > 4 * coarse(plain)
 
 
+def test_high_noise_fraction_draws_more_of_the_top_quarter_and_is_drawn_only_when_on():
+    uniform = tiny_model.training_timesteps(4096, 1000, tiny_model.TinyModelConfig(), torch.Generator().manual_seed(0))
+    assert torch.equal(uniform, torch.randint(0, 1000, (4096,), generator=torch.Generator().manual_seed(0)))
+    high = tiny_model.training_timesteps(
+        4096, 1000, tiny_model.TinyModelConfig(high_noise_fraction=0.5), torch.Generator().manual_seed(0)
+    )
+    assert high.min() >= 0 and high.max() <= 999
+    # 0.5 of the batch from [750, 1000) plus a quarter of the uniform rest: 0.625
+    assert float((high >= 750).float().mean()) == pytest.approx(0.625, abs=0.03)
+
+
 def test_zero_terminal_snr_trains_v_prediction_and_exports_a_schedule_whose_first_step_is_pure_noise(tmp_path):
     tiny_model.train(tmp_path / "work", tmp_path / "out", _tiny_run(init=str(MODEL_DIR), zero_terminal_snr=True), threads=1)
     trained = StableDiffusionPipeline.from_pretrained(tmp_path / "out", dtype=torch.float32)

@@ -24,6 +24,7 @@ from tuners import (
     SkipShape,
     TunerFileError,
     TunerMetadata,
+    composed_alphas,
     interpolate_features,
     load_tuner,
     read_metadata,
@@ -365,10 +366,44 @@ def test_normalised_alpha_divides_by_the_sum(tiny_unet, unet_inputs):
     with SkipEditor(tiny_unet) as editor:
         editor.set_conditions([ControlCondition(tuner, image, 1.0)])
         single = run(tiny_unet, unet_inputs)
-        editor.set_conditions([ControlCondition(tuner, image, 2.0), ControlCondition(tuner, image, 2.0)], normalise_alpha=True)
+        editor.set_conditions([ControlCondition(tuner, image, 2.0), ControlCondition(tuner, image, 2.0)], alpha_mode="normalise")
         torch.testing.assert_close(run(tiny_unet, unet_inputs), single)
         with pytest.raises(ValueError, match="sum to 0"):
-            editor.set_conditions([ControlCondition(tuner, image, 0.0)], normalise_alpha=True)
+            editor.set_conditions([ControlCondition(tuner, image, 0.0)], alpha_mode="normalise")
+
+
+def test_composed_conditions_are_capped_by_default_and_raw_on_request(tiny_unet, unet_inputs):
+    layout = SkipLayout.from_unet(tiny_unet)
+    first, second = randomise(CSCTuner(layout), 1), randomise(CSCTuner(layout), 2)
+    a, b = condition_image(0), condition_image(1)
+    with SkipEditor(tiny_unet) as editor:
+        editor.set_conditions([ControlCondition(first, a, 0.6), ControlCondition(second, b, 0.6)], alpha_mode="raw")
+        at_0_6 = run(tiny_unet, unet_inputs)
+        editor.set_conditions([ControlCondition(first, a, 1.0), ControlCondition(second, b, 1.0)], alpha_mode="raw")
+        at_1 = run(tiny_unet, unet_inputs)
+        editor.set_conditions([ControlCondition(first, a, 1.0), ControlCondition(second, b, 1.0)])
+        torch.testing.assert_close(run(tiny_unet, unet_inputs), at_0_6)
+        assert not torch.allclose(at_0_6, at_1)
+        with pytest.raises(ValueError, match="α mode must be one of cap, normalise, raw"):
+            editor.set_conditions([ControlCondition(first, a)], alpha_mode="sum")
+
+
+@pytest.mark.parametrize(
+    ("alphas", "mode", "applied"),
+    [
+        ((1.0, 1.0), "cap", (0.6, 0.6)),
+        ((2.0, 1.0), "cap", (0.8, 0.4)),  # ratios kept
+        ((0.5, 0.5), "cap", (0.5, 0.5)),  # under the cap: as set
+        ((1.5,), "cap", (1.5,)),  # one condition keeps its α
+        ((1.5, 0.0), "cap", (1.5, 0.0)),  # a switched-off condition does not count
+        ((1.0, 1.0, 1.0), "cap", (0.4, 0.4, 0.4)),
+        ((2.0, 2.0), "normalise", (0.5, 0.5)),
+        ((0.5,), "normalise", (1.0,)),
+        ((1.0, 1.0), "raw", (1.0, 1.0)),
+    ],
+)
+def test_composed_alphas(alphas, mode, applied):
+    assert composed_alphas(alphas, mode) == pytest.approx(applied)
 
 
 def test_step_range_switches_a_condition_on_and_off(tiny_unet, unet_inputs):

@@ -5,7 +5,7 @@ It registers forward pre-hooks on the up blocks and hands each a new `res_hidden
     x'_g = ρ_g · (x_g + Σ_i s_i · A_i(x_g) + Σ_m α_m · w_g^m · M_g^m · (c_g^m + T_g^m(x_g + c_g^m)))
 
 with SC-Tuner adapters A_i at scale s_i (optionally on the conditional half of a classifier-free-guidance
-batch only, so that guidance amplifies the tuner as it amplifies the prompt; or as texture guidance, below), CSC conditions m at weight α_m (Eq. 7), optional per-skip
+batch only, so that guidance amplifies the tuner as it amplifies the prompt; or as texture guidance, below), CSC conditions m at weight α_m (Eq. 7; several combined by `tuners.composition`), optional per-skip
 weights w_g^m and spatial α maps M^m resized to skip g's resolution, and Skip-Tuning ρ.
 No copy of the UNet forward: detaching removes the hooks and the UNet is untouched.
 
@@ -35,6 +35,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from tuners.composition import DEFAULT_ALPHA_MODE, composed_alphas
 from tuners.csc_tuner import HINT_DOWNSAMPLE, ConditionFeatures, CSCTuner, interpolate_features
 from tuners.layout import SkipLayout
 from tuners.sc_tuner import SCTuner
@@ -196,7 +197,7 @@ class SkipEditor:
         self.cache = FeatureCache()
         self.sc_tuners: dict[str, _SCUse] = {}
         self.conditions: list[ControlCondition] = []
-        self.normalise_alpha = False
+        self.alpha_mode = DEFAULT_ALPHA_MODE
         self.skip_scaling: SkipScaling | None = None
         self.training = False
         self.step: tuple[int, int] | None = None  # (index, number of sampling steps) while sampling
@@ -221,8 +222,8 @@ class SkipEditor:
     def remove_sc_tuner(self, name: str) -> None:
         self.sc_tuners.pop(name, None)
 
-    def set_conditions(self, conditions: Sequence[ControlCondition], normalise_alpha: bool = False) -> None:
-        """Replace the CSC conditions; with `normalise_alpha` the α are divided by their sum (paper: Σα = 1)."""
+    def set_conditions(self, conditions: Sequence[ControlCondition], alpha_mode: str = DEFAULT_ALPHA_MODE) -> None:
+        """Replace the CSC conditions, their α combined by `alpha_mode` (`composed_alphas`)."""
         for condition in conditions:
             self.layout.check_matches(condition.tuner.shape, f"CSC tuner '{condition.tuner.condition_type}'")
             if condition.skip_weights is not None and len(condition.skip_weights) != self.layout.num_skips:
@@ -231,10 +232,9 @@ class SkipEditor:
                     f"for this UNet, got {len(condition.skip_weights)}"
                 )
             condition.tuner.to(self._device())
-        if normalise_alpha and conditions and sum(c.alpha for c in conditions) <= 0:
-            raise ValueError("cannot normalise α: the weights sum to 0 or less")
+        composed_alphas([c.alpha for c in conditions], alpha_mode)  # refuses a bad mode or a sum it cannot normalise
         self.conditions = list(conditions)
-        self.normalise_alpha = normalise_alpha
+        self.alpha_mode = alpha_mode
         self._digests = {}  # filled on first use: training never reads the feature cache, so never hashes
 
     def set_skip_scaling(self, scaling: SkipScaling | None) -> None:
@@ -358,16 +358,17 @@ class SkipEditor:
         return batch // 2 if self.guidance_halves else 0
 
     def _active_conditions(self, sample: torch.Tensor) -> list[_ActiveCondition]:
-        total_alpha = sum(c.alpha for c in self.conditions) if self.normalise_alpha else 1.0
+        # Combined over every condition, not only those in their step range, so an α does not jump mid-sampling.
+        alphas = composed_alphas([c.alpha for c in self.conditions], self.alpha_mode)
         active = []
-        for condition in self.conditions:
-            if not self._in_range(condition.step_range) or condition.alpha == 0:
+        for condition, alpha in zip(self.conditions, alphas):
+            if not self._in_range(condition.step_range) or alpha == 0:
                 continue
             features = self._features(condition.tuner, condition.image, sample)
             if condition.blend_image is not None and condition.blend > 0:
                 other = self._features(condition.tuner, condition.blend_image, sample)
                 features = interpolate_features(features, other, condition.blend)
-            active.append(_ActiveCondition(condition, condition.alpha / total_alpha, features, {}))
+            active.append(_ActiveCondition(condition, alpha, features, {}))
         return active
 
     def _features(self, tuner: CSCTuner, image: torch.Tensor, sample: torch.Tensor) -> ConditionFeatures:

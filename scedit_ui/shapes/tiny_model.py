@@ -352,6 +352,9 @@ class TinyModelConfig:
     # Zero SNR at the last timestep, v-prediction (`scheduler_config`): no layout at all is left in the noisiest
     # latent, and the loss there weighs the clean-image error fully (epsilon's weighs it by the SNR, ~0.005).
     zero_terminal_snr: bool = False
+    # The share of each batch whose timestep is drawn from the top quarter of the schedule (the rest uniformly):
+    # where the layout must come from the text, which uniform sampling visits a quarter of the time.
+    high_noise_fraction: float = 0.0
     ema_decay: float = 0.999
     grad_clip: float = 1.0
     checkpoint_every: int = 50
@@ -613,6 +616,15 @@ def training_noise(shape: torch.Size, cfg: TinyModelConfig, generator: torch.Gen
     return noise
 
 
+def training_timesteps(batch: int, timesteps: int, cfg: TinyModelConfig, generator: torch.Generator) -> torch.Tensor:
+    """Uniform timesteps, a `cfg.high_noise_fraction` share of them redrawn from the top quarter of the schedule."""
+    t = torch.randint(0, timesteps, (batch,), generator=generator)
+    if cfg.high_noise_fraction:  # drawn only when on, so runs without it repeat exactly
+        high = torch.rand(batch, generator=generator) < cfg.high_noise_fraction
+        t[high] = torch.randint(timesteps * 3 // 4, timesteps, (int(high.sum()),), generator=generator)
+    return t
+
+
 def train_unet(
     work: Path,
     out: Path,
@@ -667,7 +679,7 @@ def train_unet(
         ids = tokenize(tokenizer, training_captions([cache.scenes[i] for i in idx.tolist()], cfg.seed, step))
         ids[torch.rand(cfg.unet_batch, generator=g) < cfg.caption_dropout] = empty_ids
         noise = training_noise(x0.shape, cfg, g)
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (cfg.unet_batch,), generator=g)
+        t = training_timesteps(cfg.unet_batch, scheduler.config.num_train_timesteps, cfg, g)
         noisy = scheduler.add_noise(x0, noise, t)
         text = text_encoder(ids.to(device))[0]
         pred = unet(noisy.to(device), t.to(device), text).sample

@@ -19,10 +19,16 @@ from scedit_ui.ui.handlers import GPU_QUEUE, on_gpu, optional_keywords, readable
 from scedit_ui.ui.state import AppState
 from scedit_ui.use_cases import ConditionRow
 from tuners import SKIP_WEIGHT_PRESETS, skip_weight_preset
+from tuners.composition import ALPHA_MODES, COMPOSED_ALPHA_CAP, DEFAULT_ALPHA_MODE
 from tuners.validation import UserInputError
 
 KINDS = tuple(CONDITION_KINDS)
 ROW_FIELDS = ("tuner", "alpha", "start", "end")
+ALPHA_MODE_LABELS = {
+    "cap": f"Cap: two or more are scaled down to sum to at most {COMPOSED_ALPHA_CAP:g} (measured: beats either alone)",
+    "normalise": "Normalise: Σα = 1 (the paper)",
+    "raw": "Raw: as set (SCEPTER's code)",
+}
 
 
 @dataclass
@@ -155,7 +161,10 @@ def build(state: AppState) -> ControlTab:
         with gr.Column(scale=3):
             form = settings_form("control", native)
             prompt, negative, seed, steps, guidance, width, height, scheduler = form.inputs
-            normalise = gr.Checkbox(False, label="Normalise α (Σα = 1, as in the paper)")
+            alpha_mode = gr.Radio(
+                [(ALPHA_MODE_LABELS[mode], mode) for mode in ALPHA_MODES], value=DEFAULT_ALPHA_MODE,
+                label="How the α of several conditions combine", elem_id="control-alpha-mode",
+            )
             generate_button = gr.Button("Generate with conditions", variant="primary", elem_id="control-generate-button")
             gallery = gr.Gallery(label="Results", format="png", columns=2, height=300, object_fit="contain", interactive=False, elem_id="control-gallery")
             info = gr.Markdown()
@@ -236,14 +245,14 @@ def build(state: AppState) -> ControlTab:
     @user_errors
     def generate(
         picture: str | None, condition_types: list[str], fit: str, prompt: str, negative_prompt: str, seed: int, steps: int,
-        guidance: float, width: int, height: int, scheduler: str, normalise_alpha: bool, second_picture: str | None = None,
+        guidance: float, width: int, height: int, scheduler: str, alpha_mode: str, second_picture: str | None = None,
         blend: float = 0.0, progress=gr.Progress(), **row_values,
     ) -> list:
         """Generate with one CSC tuner per chosen condition; returns the images, a summary and every condition image."""
         base = request_from_form(prompt, negative_prompt, seed, steps, guidance, width, height, scheduler)
         image = load_picture(picture)
         rows = rows_from(condition_types, row_values, image, (base.width, base.height), fit)
-        request, extracted = use_cases.with_controls(base, image, rows, fit, normalise_alpha, load_picture(second_picture), blend, _stage_progress(progress))
+        request, extracted = use_cases.with_controls(base, image, rows, fit, alpha_mode, load_picture(second_picture), blend, _stage_progress(progress))
         result = state.manager.generate(request, progress=lambda s, n: progress((s, n), desc="denoising", unit="steps"))
         paths = state.save_outputs(result.images, f"control-seed{request.seed}")
         return [paths, describe_result(request, result.seconds, result.notices), *preview_outputs(extracted)]
@@ -251,7 +260,7 @@ def build(state: AppState) -> ControlTab:
     @user_errors
     def interpolate(
         picture: str | None, condition_types: list[str], fit: str, prompt: str, negative_prompt: str, seed: int, steps: int,
-        guidance: float, width: int, height: int, scheduler: str, normalise_alpha: bool, second_picture: str | None = None,
+        guidance: float, width: int, height: int, scheduler: str, alpha_mode: str, second_picture: str | None = None,
         strip_length: int = 4, progress=gr.Progress(), **row_values,
     ) -> list[tuple[str, str]]:
         """A strip of images (same seed) whose condition features blend from the first to the second picture."""
@@ -260,7 +269,7 @@ def build(state: AppState) -> ControlTab:
             raise UserInputError("add a second picture to interpolate towards")
         image = load_picture(picture)
         rows = rows_from(condition_types, row_values, image, (base.width, base.height), fit)
-        request, _ = use_cases.with_controls(base, image, rows, fit, normalise_alpha, load_picture(second_picture))
+        request, _ = use_cases.with_controls(base, image, rows, fit, alpha_mode, load_picture(second_picture))
         return interpolation_gallery(state, request, whole_number("images in the strip", strip_length), progress)
 
     param_inputs = dict(params)
@@ -273,7 +282,7 @@ def build(state: AppState) -> ControlTab:
     gr.on(automatic + [fit.change], re_extract, extract_inputs, preview_list, inputs_kwargs=param_inputs,
           api_name="re_extract_conditions", api_visibility="private", concurrency_id="extract", trigger_mode="always_last", show_progress="minimal")
 
-    shared = [picture, kinds, fit, prompt, negative, seed, steps, guidance, width, height, scheduler, normalise, second_picture]
+    shared = [picture, kinds, fit, prompt, negative, seed, steps, guidance, width, height, scheduler, alpha_mode, second_picture]
     generate_button.click(optional_keywords(on_gpu(generate), all_inputs), [*shared, blend], [gallery, info, *preview_list],
                           inputs_kwargs=all_inputs, api_name="control_generate", concurrency_id=GPU_QUEUE)
     interpolate_button.click(optional_keywords(on_gpu(interpolate), all_inputs), [*shared, strip_length], strip,

@@ -353,6 +353,34 @@ def test_zero_terminal_snr_trains_v_prediction_and_exports_a_schedule_whose_firs
     assert np.isfinite(image).all() and image.std() > 0
 
 
+def test_position_fraction_gives_part_of_each_batch_to_one_named_shape_at_the_last_timestep(tmp_path, monkeypatch):
+    with pytest.raises(UserInputError, match="position_fraction needs zero_terminal_snr"):
+        tiny_model.train(tmp_path / "eps", tmp_path / "eps-out", _tiny_run(init=str(MODEL_DIR), position_fraction=0.5), threads=1)
+    seen: list[tuple[list[int], list[str]]] = []
+    real_forward, real_tokenize = UNet2DConditionModel.forward, tiny_model.tokenize
+    prompts: list[list[str]] = []
+
+    def spy_tokenize(tokenizer, texts):
+        prompts.append(list(texts))
+        return real_tokenize(tokenizer, texts)
+
+    def spy_forward(self, sample, timestep, *args, **kwargs):
+        if self.training:
+            seen.append((torch.as_tensor(timestep).reshape(-1).tolist(), prompts[-1]))
+        return real_forward(self, sample, timestep, *args, **kwargs)
+
+    monkeypatch.setattr(tiny_model, "tokenize", spy_tokenize)
+    monkeypatch.setattr(UNet2DConditionModel, "forward", spy_forward)
+    cfg = _tiny_run(init=str(MODEL_DIR), zero_terminal_snr=True, position_fraction=0.5)
+    tiny_model.train(tmp_path / "work", tmp_path / "out", cfg, threads=1)
+    assert len(seen) == cfg.unet_steps
+    for timesteps, captions in seen:  # batch 2: the second sample is the positioned one
+        assert timesteps[1] == 999
+        if captions[1]:  # caption dropout may empty it
+            (shape,) = parse_prompt(captions[1]).shapes
+            assert shape.position is not None
+
+
 def test_the_text_encoder_learns_at_its_own_rate(tmp_path):
     config = _tiny_run(init=str(MODEL_DIR), text_lr_scale=10.0)
     tiny_model.train(tmp_path / "work", tmp_path / "out", config, threads=1)

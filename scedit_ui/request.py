@@ -13,7 +13,7 @@ from typing import Any
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from tuners.composition import ALPHA_MODES, DEFAULT_ALPHA_MODE, composed_alphas
+from tuners.composition import DEFAULT_ALPHA_MODE, composed_alphas
 from tuners.validation import SCALE_RANGE, WEIGHT_RANGE, UserInputError, check_choice, check_number, check_per_skip, check_step_range
 
 SCHEDULERS = ("DDIM", "DPM++ 2M", "DPM++ 2M Karras", "Euler a")
@@ -154,9 +154,7 @@ class GenerationRequest:
             check_number(f"alpha of {Path(use.tuner).name}", use.alpha, *WEIGHT_RANGE)
             check_step_range(f"step range of {Path(use.tuner).name}", use.step_range)
             check_number(f"blend of {Path(use.tuner).name}", use.blend, 0.0, 1.0)
-        check_choice("α mode", self.alpha_mode, ALPHA_MODES)
-        if self.alpha_mode == "normalise" and self.conditions and sum(c.alpha for c in self.conditions) <= 0:
-            raise UserInputError("cannot normalise α: the condition weights sum to 0")
+        composed_alphas([c.alpha for c in self.conditions], self.alpha_mode)  # refuses an unknown mode or α it cannot normalise
         if self.skip_tuning is not None:
             st = self.skip_tuning
             for name, value in [("ρ outer", st.rho_outer), ("ρ inner", st.rho_inner), *((f"ρ of skip {g}", r) for g, r in st.overrides)]:

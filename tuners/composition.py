@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from tuners.validation import UserInputError
+
 # Two shipped condition tuners at α = 1 each overshoot together (canny + colour: edge F1 0.686, colour error 15.7,
 # each alone 0.757 / 13.4); at 0.6 each they beat either alone on both (0.775 / 12.6; 0.5: 0.749 / 12.9,
 # 0.7: 0.776 / 13.2; docs/training.md "Composed conditions").
@@ -16,14 +18,14 @@ def composed_alphas(alphas: Sequence[float], mode: str = DEFAULT_ALPHA_MODE) -> 
 
     ``cap``: two or more conditions (α > 0) whose α sum above `COMPOSED_ALPHA_CAP` are scaled down to sum to it (ratios
     kept; one condition keeps its α). ``normalise``: divided by their sum, Σα = 1 (the paper). ``raw``: as given
-    (SCEPTER's reference code).
+    (SCEPTER's reference code). An unknown mode, or α it cannot normalise, is a `UserInputError`.
     """
     if mode not in ALPHA_MODES:
-        raise ValueError(f"α mode must be one of {', '.join(ALPHA_MODES)}, got {mode!r}")
+        raise UserInputError(f"α mode must be one of {', '.join(ALPHA_MODES)}, got {mode!r}")
     total = sum(alphas)
     if mode == "normalise":
         if alphas and total <= 0:
-            raise ValueError("cannot normalise α: the weights sum to 0 or less")
+            raise UserInputError("cannot normalise α: the weights sum to 0 or less")
         return [a / total for a in alphas]
     if mode == "cap" and sum(a > 0 for a in alphas) > 1 and total > COMPOSED_ALPHA_CAP:
         return [a * COMPOSED_ALPHA_CAP / total for a in alphas]

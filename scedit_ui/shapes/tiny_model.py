@@ -674,11 +674,11 @@ def train_unet(
             _latent_shape_weight(cache.scenes[i : i + 500], cache.latents.shape[-2:], cfg.unet_shape_weight)
             for i in range(0, len(cache.scenes), 500)
         ])
-    # One-shape scenes, for the positioned share of each batch (their canonical caption names the cell).
-    one_shape = torch.tensor([i for i, scene in enumerate(cache.scenes) if len(scene.shapes) == 1], dtype=torch.long)
     positioned = round(cfg.position_fraction * cfg.unet_batch)
-    if positioned and not len(one_shape):
-        raise UserInputError("position_fraction needs one-shape scenes in the latent cache; it holds none")
+    if positioned:  # one-shape scenes for that share of each batch (their canonical caption names the cell)
+        one_shape = torch.tensor([i for i, scene in enumerate(cache.scenes) if len(scene.shapes) == 1], dtype=torch.long)
+        if not len(one_shape):
+            raise UserInputError("position_fraction needs one-shape scenes in the latent cache; it holds none")
     unet.train()
     text_encoder.train()
     t0, running = time.time(), 0.0

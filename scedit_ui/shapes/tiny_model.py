@@ -360,6 +360,9 @@ class TinyModelConfig:
     # goes, and a uniform draw visits it once in 1,000 (docs/tiny-model.md: 300 steps of such batches alone took
     # layout_from_text on a blank latent from 0.11 to 0.59, where 2,000 steps of the mixed recipe left it at 0.11).
     position_fraction: float = 0.0
+    # The most shapes a scene of that share may hold: 1 teaches where one shape goes; more teach several named shapes
+    # their cells and their number together, as the held-out prompts (1-3 shapes) ask.
+    position_shapes: int = 1
     ema_decay: float = 0.999
     grad_clip: float = 1.0
     checkpoint_every: int = 50
@@ -675,10 +678,14 @@ def train_unet(
             for i in range(0, len(cache.scenes), 500)
         ])
     positioned = round(cfg.position_fraction * cfg.unet_batch)
-    if positioned:  # one-shape scenes for that share of each batch (their canonical caption names the cell)
-        one_shape = torch.tensor([i for i, scene in enumerate(cache.scenes) if len(scene.shapes) == 1], dtype=torch.long)
-        if not len(one_shape):
-            raise UserInputError("position_fraction needs one-shape scenes in the latent cache; it holds none")
+    if positioned:  # scenes of few shapes for that share of each batch (their canonical caption names every cell)
+        few_shapes = torch.tensor(
+            [i for i, scene in enumerate(cache.scenes) if len(scene.shapes) <= cfg.position_shapes], dtype=torch.long
+        )
+        if not len(few_shapes):
+            raise UserInputError(
+                f"position_fraction needs scenes of at most {cfg.position_shapes} shape(s) in the latent cache; it holds none"
+            )
     unet.train()
     text_encoder.train()
     t0, running = time.time(), 0.0
@@ -686,7 +693,7 @@ def train_unet(
         g = _step_generator(cfg.seed, 3, step)
         idx = torch.randint(0, len(cache.latents), (cfg.unet_batch,), generator=g)
         if positioned:  # drawn only when on, so runs without it repeat exactly
-            idx[-positioned:] = one_shape[torch.randint(0, len(one_shape), (positioned,), generator=g)]
+            idx[-positioned:] = few_shapes[torch.randint(0, len(few_shapes), (positioned,), generator=g)]
         x0 = cache.latents[idx]
         scenes = [cache.scenes[i] for i in idx.tolist()]
         free = cfg.unet_batch - positioned

@@ -353,9 +353,9 @@ def test_zero_terminal_snr_trains_v_prediction_and_exports_a_schedule_whose_firs
     assert np.isfinite(image).all() and image.std() > 0
 
 
-@pytest.mark.parametrize("position_shapes", [1, 3])
-def test_position_fraction_gives_part_of_each_batch_to_named_shapes_at_the_last_timestep(
-    tmp_path, monkeypatch, position_shapes
+@pytest.mark.parametrize(("position_shapes", "position_timesteps"), [(1, 1), (3, 50)])
+def test_position_fraction_gives_part_of_each_batch_to_named_shapes_at_the_last_timesteps(
+    tmp_path, monkeypatch, position_shapes, position_timesteps
 ):
     with pytest.raises(UserInputError, match="position_fraction needs zero_terminal_snr"):
         tiny_model.train(tmp_path / "eps", tmp_path / "eps-out", _tiny_run(init=str(MODEL_DIR), position_fraction=0.5), threads=1)
@@ -374,12 +374,15 @@ def test_position_fraction_gives_part_of_each_batch_to_named_shapes_at_the_last_
 
     monkeypatch.setattr(tiny_model, "tokenize", spy_tokenize)
     monkeypatch.setattr(UNet2DConditionModel, "forward", spy_forward)
-    cfg = _tiny_run(init=str(MODEL_DIR), zero_terminal_snr=True, position_fraction=0.5, position_shapes=position_shapes)
+    cfg = _tiny_run(
+        init=str(MODEL_DIR), zero_terminal_snr=True, position_fraction=0.5, position_shapes=position_shapes,
+        position_timesteps=position_timesteps,
+    )
     tiny_model.train(tmp_path / "work", tmp_path / "out", cfg, threads=1)
     assert len(seen) == cfg.unet_steps
     counts = []
     for timesteps, captions in seen:  # batch 2: the second sample is the positioned one
-        assert timesteps[1] == 999
+        assert 1000 - position_timesteps <= timesteps[1] <= 999
         if captions[1]:  # caption dropout may empty it
             shapes = parse_prompt(captions[1]).shapes
             assert all(shape.position is not None for shape in shapes)
@@ -387,6 +390,13 @@ def test_position_fraction_gives_part_of_each_batch_to_named_shapes_at_the_last_
     assert counts and max(counts) <= position_shapes
     if position_shapes > 1:  # the cache's scenes hold 1-3 shapes: several named shapes show up
         assert max(counts) > 1
+    if position_timesteps > 1:
+        assert min(t[1] for t, _ in seen) < 999
+
+
+def test_position_timesteps_outside_the_schedule_are_refused(tmp_path):
+    with pytest.raises(UserInputError, match="position_timesteps must be between 1 and 1000"):
+        tiny_model.train(tmp_path / "work", tmp_path / "out", _tiny_run(position_timesteps=0), threads=1)
 
 
 def test_the_text_encoder_learns_at_its_own_rate(tmp_path):

@@ -363,6 +363,11 @@ class TinyModelConfig:
     # The most shapes a scene of that share may hold: 1 teaches where one shape goes; more teach several named shapes
     # their cells and their number together, as the held-out prompts (1-3 shapes) ask.
     position_shapes: int = 1
+    # That share's timesteps are drawn from the last this many of the schedule (1: the last only). Above 1 the
+    # latent keeps a faint layout beside the training noise's coarse blobs, and the named cells must win over the
+    # blobs: sampling's first steps leave such blobs, and models trained at the last timestep alone drew a second
+    # copy of a named shape on them.
+    position_timesteps: int = 1
     ema_decay: float = 0.999
     grad_clip: float = 1.0
     checkpoint_every: int = 50
@@ -703,6 +708,8 @@ def train_unet(
         noise = training_noise(x0.shape, cfg, g)
         t = training_timesteps(cfg.unet_batch, scheduler.config.num_train_timesteps, cfg, g)
         t[free:] = scheduler.config.num_train_timesteps - 1
+        if cfg.position_timesteps > 1:  # drawn only when on, so runs without it repeat exactly
+            t[free:] -= torch.randint(0, cfg.position_timesteps, (positioned,), generator=g)
         noisy = scheduler.add_noise(x0, noise, t)
         text = text_encoder(ids.to(device))[0]
         pred = unet(noisy.to(device), t.to(device), text).sample
@@ -926,6 +933,8 @@ def train(
     """
     if cfg.position_fraction and not cfg.zero_terminal_snr:
         raise UserInputError("position_fraction needs zero_terminal_snr: only then does the last timestep hide the layout")
+    if not 1 <= cfg.position_timesteps <= 1_000:
+        raise UserInputError(f"position_timesteps must be between 1 and 1000, got {cfg.position_timesteps}")
     if cfg.latent_downsample not in (4, 8):
         raise UserInputError(f"latent_downsample must be 4 or 8, got {cfg.latent_downsample}")
     init = _load_init(Path(cfg.init)) if cfg.init else None

@@ -394,6 +394,43 @@ def test_position_fraction_gives_part_of_each_batch_to_named_shapes_at_the_last_
         assert min(t[1] for t, _ in seen) < 999
 
 
+def test_the_first_step_clean_latent_is_the_guided_prediction_at_zero_snr():
+    scheduler = tiny_model.build_scheduler(zero_terminal_snr=True)
+    assert float(scheduler.alphas_cumprod[-1]) == 0.0  # so the clean latent is minus the guided v
+
+    class FixedV(torch.nn.Module):  # v = -1 with the prompt, -3 without it
+        def forward(self, sample, timestep, text):
+            assert (timestep == 999).all()
+            return SimpleNamespace(sample=torch.full_like(sample, -1.0 if text.sum() > 0 else -3.0))
+
+    noise = torch.randn(2, 4, 8, 8)
+    clean = tiny_model.first_step_clean_latent(FixedV(), noise, torch.ones(2, 77, 8), torch.zeros(1, 77, 8), scheduler)
+    assert torch.allclose(clean, torch.full_like(noise, 3.0 + 5.0 * (1.0 - 3.0)))
+
+
+def test_position_rollout_starts_the_positioned_share_from_the_models_first_step(tmp_path, monkeypatch):
+    with pytest.raises(UserInputError, match="position_rollout needs position_fraction"):
+        tiny_model.train(tmp_path / "no", tmp_path / "no-out", _tiny_run(position_rollout=True), threads=1)
+    calls: list[tuple[bool, list[int]]] = []
+    real_forward = UNet2DConditionModel.forward
+
+    def spy_forward(self, sample, timestep, *args, **kwargs):
+        if self.training:
+            calls.append((torch.is_grad_enabled(), torch.as_tensor(timestep).reshape(-1).tolist()))
+        return real_forward(self, sample, timestep, *args, **kwargs)
+
+    monkeypatch.setattr(UNet2DConditionModel, "forward", spy_forward)
+    cfg = _tiny_run(
+        init=str(MODEL_DIR), zero_terminal_snr=True, position_fraction=0.5, position_timesteps=50, position_rollout=True,
+    )
+    tiny_model.train(tmp_path / "work", tmp_path / "out", cfg, threads=1)
+    assert len(calls) == 3 * cfg.unet_steps  # per step: guided first step (prompt, empty prompt), then the training pass
+    for step in range(cfg.unet_steps):
+        with_prompt, without_prompt, training = calls[3 * step : 3 * step + 3]
+        assert not with_prompt[0] and not without_prompt[0] and training[0]
+        assert with_prompt[1] == without_prompt[1] == [999]  # the positioned sample only
+
+
 def test_position_timesteps_outside_the_schedule_are_refused(tmp_path):
     with pytest.raises(UserInputError, match="position_timesteps must be between 1 and 1000"):
         tiny_model.train(tmp_path / "work", tmp_path / "out", _tiny_run(position_timesteps=0), threads=1)

@@ -368,6 +368,10 @@ class TinyModelConfig:
     # blobs: sampling's first steps leave such blobs, and models trained at the last timestep alone drew a second
     # copy of a named shape on them.
     position_timesteps: int = 1
+    # That share's latents below the last timestep are made from the model's own first sampling step (its guided
+    # clean-image prediction from pure noise, renoised as DDIM does) instead of from the scene, and the model learns
+    # to take them to the scene: where its first step left bumps in unnamed cells, the words must remove them.
+    position_rollout: bool = False
     ema_decay: float = 0.999
     grad_clip: float = 1.0
     checkpoint_every: int = 50
@@ -638,6 +642,26 @@ def training_timesteps(batch: int, timesteps: int, cfg: TinyModelConfig, generat
     return t
 
 
+@torch.no_grad()
+def first_step_clean_latent(
+    unet: UNet2DConditionModel,
+    noise: torch.Tensor,
+    text: torch.Tensor,
+    empty_text: torch.Tensor,
+    scheduler: DDIMScheduler,
+    guidance: float = EVAL_GUIDANCE,
+) -> torch.Tensor:
+    """The clean latent a v-prediction model predicts from pure ``noise`` at the last timestep, with classifier-free
+    guidance as sampling applies it: what the first sampling step hands to the second."""
+    last = scheduler.config.num_train_timesteps - 1
+    timesteps = torch.full((len(noise),), last, device=noise.device)
+    v_text = unet(noise, timesteps, text).sample
+    v_empty = unet(noise, timesteps, empty_text.expand_as(text)).sample
+    v = v_empty + guidance * (v_text - v_empty)
+    alpha_bar = scheduler.alphas_cumprod[last].to(noise.device)
+    return alpha_bar.sqrt() * noise - (1 - alpha_bar).sqrt() * v
+
+
 def train_unet(
     work: Path,
     out: Path,
@@ -712,6 +736,13 @@ def train_unet(
             t[free:] -= torch.randint(0, cfg.position_timesteps, (positioned,), generator=g)
         noisy = scheduler.add_noise(x0, noise, t)
         text = text_encoder(ids.to(device))[0]
+        if cfg.position_rollout:
+            empty_text = text_encoder(empty_ids[None].to(device))[0].detach()
+            first_step = first_step_clean_latent(unet, noise[free:].to(device), text[free:].detach(), empty_text, scheduler)
+            noisy[free:] = scheduler.add_noise(first_step.cpu(), noise[free:], t[free:])
+            # The noise that takes the scene to that latent: the v target below then asks for the scene.
+            alpha_bar = scheduler.alphas_cumprod[t[free:]].view(-1, 1, 1, 1)
+            noise[free:] = (noisy[free:] - alpha_bar.sqrt() * x0[free:]) / (1 - alpha_bar).sqrt()
         pred = unet(noisy.to(device), t.to(device), text).sample
         snr = compute_snr(scheduler, t)
         if cfg.zero_terminal_snr:
@@ -933,6 +964,8 @@ def train(
     """
     if cfg.position_fraction and not cfg.zero_terminal_snr:
         raise UserInputError("position_fraction needs zero_terminal_snr: only then does the last timestep hide the layout")
+    if cfg.position_rollout and not cfg.position_fraction:
+        raise UserInputError("position_rollout needs position_fraction: it changes how that share of each batch starts")
     if not 1 <= cfg.position_timesteps <= 1_000:
         raise UserInputError(f"position_timesteps must be between 1 and 1000, got {cfg.position_timesteps}")
     if cfg.latent_downsample not in (4, 8):

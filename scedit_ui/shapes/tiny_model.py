@@ -355,7 +355,7 @@ class TinyModelConfig:
     # The share of each batch whose timestep is drawn from the top quarter of the schedule (the rest uniformly):
     # where the layout must come from the text, which uniform sampling visits a quarter of the time.
     high_noise_fraction: float = 0.0
-    # The share of each batch given to one-shape scenes captioned with their cell, at the last timestep (only with
+    # The share of each batch given to scenes captioned with their cells, at the last timestep (only with
     # zero_terminal_snr, where that latent holds nothing of the picture): there the words alone say where the shape
     # goes, and a uniform draw visits it once in 1,000 (docs/tiny-model.md: 300 steps of such batches alone took
     # layout_from_text on a blank latent from 0.11 to 0.59, where 2,000 steps of the mixed recipe left it at 0.11).

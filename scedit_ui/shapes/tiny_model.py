@@ -737,7 +737,8 @@ def train_unet(
         noisy = scheduler.add_noise(x0, noise, t)
         text = text_encoder(ids.to(device))[0]
         if cfg.position_rollout:
-            empty_text = text_encoder(empty_ids[None].to(device))[0].detach()
+            with torch.no_grad():  # the guided first step only reads the encoder: no graph to build
+                empty_text = text_encoder(empty_ids[None].to(device))[0]
             first_step = first_step_clean_latent(unet, noise[free:].to(device), text[free:].detach(), empty_text, scheduler)
             noisy[free:] = scheduler.add_noise(first_step.cpu(), noise[free:], t[free:])
             # The noise that takes the scene to that latent: the v target below then asks for the scene.
@@ -966,8 +967,9 @@ def train(
         raise UserInputError("position_fraction needs zero_terminal_snr: only then does the last timestep hide the layout")
     if cfg.position_rollout and not cfg.position_fraction:
         raise UserInputError("position_rollout needs position_fraction: it changes how that share of each batch starts")
-    if not 1 <= cfg.position_timesteps <= 1_000:
-        raise UserInputError(f"position_timesteps must be between 1 and 1000, got {cfg.position_timesteps}")
+    timesteps = scheduler_config()["num_train_timesteps"]
+    if not 1 <= cfg.position_timesteps <= timesteps:
+        raise UserInputError(f"position_timesteps must be between 1 and {timesteps}, got {cfg.position_timesteps}")
     if cfg.latent_downsample not in (4, 8):
         raise UserInputError(f"latent_downsample must be 4 or 8, got {cfg.latent_downsample}")
     init = _load_init(Path(cfg.init)) if cfg.init else None

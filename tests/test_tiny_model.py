@@ -431,6 +431,72 @@ def test_position_rollout_starts_the_positioned_share_from_the_models_first_step
         assert with_prompt[1] == without_prompt[1] == [999]  # the positioned sample only
 
 
+def test_a_plain_scene_moves_its_shape_to_the_cell_where_the_first_step_drew_most_but_never_to_a_held_out_one():
+    scene = world.Scene((world.ShapeSpec("circle", "red", "top left"),), "white")
+    first_step = torch.zeros(1, 4, 12, 12)
+    first_step[:, :, 8:, 8:] = 2.0  # the bottom right cell stands out
+    first_step[:, :, :4, 4:8] = 1.0  # the top one a little
+    (moved,) = tiny_model.shapes_moved_to_the_first_step(first_step, [scene])
+    assert moved == world.Scene((world.ShapeSpec("circle", "red", "bottom right"),), "white")
+    held = next(
+        (kind, color, background) for kind in world.SHAPES for color in world.COLORS for background in world.COLORS
+        if color != background and world.is_held_out(color, kind, background, "bottom right")
+        and not world.is_held_out(color, kind, background, "top")
+    )
+    kind, color, background = held
+    scene = world.Scene((world.ShapeSpec(kind, color, "left"),), background)
+    (moved,) = tiny_model.shapes_moved_to_the_first_step(first_step, [scene])
+    assert moved.shapes[0].position == "top"
+
+
+def test_plain_rollout_trains_plain_prompts_from_the_first_step_towards_the_copy_it_began(tmp_path, monkeypatch):
+    with pytest.raises(UserInputError, match="plain_rollout_fraction needs zero_terminal_snr"):
+        tiny_model.train(tmp_path / "eps", tmp_path / "eps-out", _tiny_run(plain_rollout_fraction=0.5), threads=1)
+    with pytest.raises(UserInputError, match="together at most 1"):
+        tiny_model.train(
+            tmp_path / "many", tmp_path / "many-out",
+            _tiny_run(zero_terminal_snr=True, position_fraction=0.5, plain_rollout_fraction=0.75), threads=1,
+        )
+    calls: list[tuple[bool, list[int]]] = []
+    prompts: list[list[str]] = []
+    moves: list[list[world.Scene]] = []
+    real_forward, real_tokenize, real_move = (
+        UNet2DConditionModel.forward, tiny_model.tokenize, tiny_model.shapes_moved_to_the_first_step
+    )
+
+    def spy_forward(self, sample, timestep, *args, **kwargs):
+        if self.training:
+            calls.append((torch.is_grad_enabled(), torch.as_tensor(timestep).reshape(-1).tolist()))
+        return real_forward(self, sample, timestep, *args, **kwargs)
+
+    def spy_tokenize(tokenizer, texts):
+        prompts.append(list(texts))
+        return real_tokenize(tokenizer, texts)
+
+    def spy_move(first_step, scenes):
+        moves.append(real_move(first_step, scenes))
+        return moves[-1]
+
+    monkeypatch.setattr(UNet2DConditionModel, "forward", spy_forward)
+    monkeypatch.setattr(tiny_model, "tokenize", spy_tokenize)
+    monkeypatch.setattr(tiny_model, "shapes_moved_to_the_first_step", spy_move)
+    cfg = _tiny_run(init=str(MODEL_DIR), zero_terminal_snr=True, plain_rollout_fraction=0.5, position_timesteps=50)
+    tiny_model.train(tmp_path / "work", tmp_path / "out", cfg, threads=1)
+    assert len(calls) == 3 * cfg.unet_steps and len(moves) == cfg.unet_steps
+    step_prompts = [texts for texts in prompts if len(texts) == cfg.unet_batch]
+    for step in range(cfg.unet_steps):
+        with_prompt, without_prompt, training = calls[3 * step : 3 * step + 3]
+        assert not with_prompt[0] and not without_prompt[0] and training[0]
+        assert with_prompt[1] == without_prompt[1] == [999]
+        assert 950 <= training[1][1] <= 999  # the plain sample is the second of the batch
+        (moved,) = moves[step]
+        assert len(moved.shapes) == 1 and not world.is_held_out(
+            moved.shapes[0].color, moved.shapes[0].kind, moved.background, moved.shapes[0].position
+        )
+        if step_prompts[step][1]:  # caption dropout may empty it
+            assert step_prompts[step][1] == world.plain_prompt(moved)
+
+
 def test_position_timesteps_outside_the_schedule_are_refused(tmp_path):
     with pytest.raises(UserInputError, match="position_timesteps must be between 1 and 1000"):
         tiny_model.train(tmp_path / "work", tmp_path / "out", _tiny_run(position_timesteps=0), threads=1)

@@ -372,6 +372,11 @@ class TinyModelConfig:
     # clean-image prediction from pure noise, renoised as DDIM does) instead of from the scene, and the model learns
     # to take them to the scene: where its first step left bumps in unnamed cells, the words must remove them.
     position_rollout: bool = False
+    # The share of each batch given to one-shape scenes captioned as plain prompts ("a red circle on a white
+    # background"), at the last `position_timesteps` timesteps and started from the model's own first step, with
+    # the shape moved to the cell where that first step drew most of it: an unnamed cell is the model's choice,
+    # and it learns to keep the copy it began and drop the others (plain prompts drew two or three copies).
+    plain_rollout_fraction: float = 0.0
     ema_decay: float = 0.999
     grad_clip: float = 1.0
     checkpoint_every: int = 50
@@ -642,6 +647,30 @@ def training_timesteps(batch: int, timesteps: int, cfg: TinyModelConfig, generat
     return t
 
 
+def shapes_moved_to_the_first_step(first_step: torch.Tensor, scenes: Sequence[Scene]) -> list[Scene]:
+    """Each one-shape scene with its shape moved to the grid cell where ``first_step`` (the model's clean latent for
+    the scene's plain prompt) stands out most from its background (each channel's median), among the cells whose
+    combination is not held out (the move must not teach a held-out prompt)."""
+    background = first_step.flatten(2).median(dim=2).values[..., None, None]
+    standing_out = F.adaptive_avg_pool2d((first_step - background).pow(2).sum(dim=1, keepdim=True), 3).flatten(1)
+    moved = []
+    for scene, per_cell in zip(scenes, standing_out.tolist()):  # cells in row-major order, as world.POSITIONS
+        (shape,) = scene.shapes
+        allowed = [
+            i for i, cell in enumerate(world.POSITIONS)
+            if not world.is_held_out(shape.color, shape.kind, scene.background, cell)
+        ]
+        cell = world.POSITIONS[max(allowed, key=per_cell.__getitem__)]
+        moved.append(replace(scene, shapes=(replace(shape, position=cell),)))
+    return moved
+
+
+@torch.no_grad()
+def _encode(vae: AutoencoderKL, scenes: Sequence[Scene], device: torch.device) -> torch.Tensor:
+    """Scaled latents of ``scenes`` as the cache holds them (posterior means)."""
+    return vae.encode(_render(scenes).to(device)).latent_dist.mean.cpu() * vae.config.scaling_factor
+
+
 @torch.no_grad()
 def first_step_clean_latent(
     unet: UNet2DConditionModel,
@@ -707,6 +736,14 @@ def train_unet(
             for i in range(0, len(cache.scenes), 500)
         ])
     positioned = round(cfg.position_fraction * cfg.unet_batch)
+    plain = round(cfg.plain_rollout_fraction * cfg.unet_batch)
+    free = cfg.unet_batch - positioned - plain  # batch order: free captions, positioned, plain
+    started = free if cfg.position_rollout else free + positioned  # rows from here on start from the first step
+    if plain:
+        one_shape = torch.tensor([i for i, scene in enumerate(cache.scenes) if len(scene.shapes) == 1], dtype=torch.long)
+        if not len(one_shape):
+            raise UserInputError("plain_rollout_fraction needs one-shape scenes in the latent cache; it holds none")
+        vae = vae.to(device).eval()
     if positioned:  # scenes of few shapes for that share of each batch (their canonical caption names every cell)
         few_shapes = torch.tensor(
             [i for i, scene in enumerate(cache.scenes) if len(scene.shapes) <= cfg.position_shapes], dtype=torch.long
@@ -722,28 +759,41 @@ def train_unet(
         g = _step_generator(cfg.seed, 3, step)
         idx = torch.randint(0, len(cache.latents), (cfg.unet_batch,), generator=g)
         if positioned:  # drawn only when on, so runs without it repeat exactly
-            idx[-positioned:] = few_shapes[torch.randint(0, len(few_shapes), (positioned,), generator=g)]
+            idx[free : free + positioned] = few_shapes[torch.randint(0, len(few_shapes), (positioned,), generator=g)]
+        if plain:
+            idx[free + positioned :] = one_shape[torch.randint(0, len(one_shape), (plain,), generator=g)]
         x0 = cache.latents[idx]
         scenes = [cache.scenes[i] for i in idx.tolist()]
-        free = cfg.unet_batch - positioned
-        captions = training_captions(scenes[:free], cfg.seed, step) + [world.caption(scene) for scene in scenes[free:]]
+        captions = (
+            training_captions(scenes[:free], cfg.seed, step)
+            + [world.caption(scene) for scene in scenes[free : free + positioned]]
+            + [world.plain_prompt(scene) for scene in scenes[free + positioned :]]
+        )
         ids = tokenize(tokenizer, captions)
         ids[torch.rand(cfg.unet_batch, generator=g) < cfg.caption_dropout] = empty_ids
         noise = training_noise(x0.shape, cfg, g)
         t = training_timesteps(cfg.unet_batch, scheduler.config.num_train_timesteps, cfg, g)
         t[free:] = scheduler.config.num_train_timesteps - 1
         if cfg.position_timesteps > 1:  # drawn only when on, so runs without it repeat exactly
-            t[free:] -= torch.randint(0, cfg.position_timesteps, (positioned,), generator=g)
+            t[free:] -= torch.randint(0, cfg.position_timesteps, (cfg.unet_batch - free,), generator=g)
         noisy = scheduler.add_noise(x0, noise, t)
         text = text_encoder(ids.to(device))[0]
-        if cfg.position_rollout:
+        pixel_weight = shape_weight[idx] if shape_weight is not None else None
+        if started < cfg.unet_batch:
             with torch.no_grad():  # the guided first step only reads the encoder: no graph to build
                 empty_text = text_encoder(empty_ids[None].to(device))[0]
-            first_step = first_step_clean_latent(unet, noise[free:].to(device), text[free:].detach(), empty_text, scheduler)
-            noisy[free:] = scheduler.add_noise(first_step.cpu(), noise[free:], t[free:])
+            first_step = first_step_clean_latent(
+                unet, noise[started:].to(device), text[started:].detach(), empty_text, scheduler
+            ).cpu()
+            if plain:
+                moved = shapes_moved_to_the_first_step(first_step[-plain:], scenes[-plain:])
+                x0[-plain:] = _encode(vae, moved, device)
+                if pixel_weight is not None:
+                    pixel_weight[-plain:] = _latent_shape_weight(moved, x0.shape[-2:], cfg.unet_shape_weight)
+            noisy[started:] = scheduler.add_noise(first_step, noise[started:], t[started:])
             # The noise that takes the scene to that latent: the v target below then asks for the scene.
-            alpha_bar = scheduler.alphas_cumprod[t[free:]].view(-1, 1, 1, 1)
-            noise[free:] = (noisy[free:] - alpha_bar.sqrt() * x0[free:]) / (1 - alpha_bar).sqrt()
+            alpha_bar = scheduler.alphas_cumprod[t[started:]].view(-1, 1, 1, 1)
+            noise[started:] = (noisy[started:] - alpha_bar.sqrt() * x0[started:]) / (1 - alpha_bar).sqrt()
         pred = unet(noisy.to(device), t.to(device), text).sample
         snr = compute_snr(scheduler, t)
         if cfg.zero_terminal_snr:
@@ -755,8 +805,8 @@ def train_unet(
             target = noise
             weight = (torch.clamp(snr, max=cfg.min_snr_gamma) / snr).to(device)  # Min-SNR-gamma for epsilon
         error = (pred - target.to(device)).pow(2)
-        if shape_weight is not None:
-            pixel_weight = shape_weight[idx].to(device)
+        if pixel_weight is not None:
+            pixel_weight = pixel_weight.to(device)
             per_sample = (pixel_weight * error).mean(dim=(1, 2, 3)) / pixel_weight.mean(dim=(1, 2, 3))
         else:
             per_sample = error.mean(dim=(1, 2, 3))
@@ -967,6 +1017,10 @@ def train(
         raise UserInputError("position_fraction needs zero_terminal_snr: only then does the last timestep hide the layout")
     if cfg.position_rollout and not cfg.position_fraction:
         raise UserInputError("position_rollout needs position_fraction: it changes how that share of each batch starts")
+    if cfg.plain_rollout_fraction and not cfg.zero_terminal_snr:
+        raise UserInputError("plain_rollout_fraction needs zero_terminal_snr: it starts from the first step of pure noise")
+    if cfg.position_fraction + cfg.plain_rollout_fraction > 1:
+        raise UserInputError("position_fraction and plain_rollout_fraction share one batch: together at most 1")
     timesteps = scheduler_config()["num_train_timesteps"]
     if not 1 <= cfg.position_timesteps <= timesteps:
         raise UserInputError(f"position_timesteps must be between 1 and {timesteps}, got {cfg.position_timesteps}")

@@ -580,6 +580,12 @@ class LatentCache:
 
 
 @torch.no_grad()
+def _posterior_means(vae: AutoencoderKL, scenes: Sequence[Scene], device: torch.device) -> torch.Tensor:
+    """The VAE's posterior means of the rendered ``scenes`` (unscaled, on the CPU)."""
+    return vae.encode(_render(scenes).to(device)).latent_dist.mean.cpu()
+
+
+@torch.no_grad()
 def cache_latents(work: Path, vae: AutoencoderKL, cfg: TinyModelConfig, device: torch.device) -> LatentCache:
     """Stage 2. Encodes ``cfg.cache_scenes`` training scenes, ``cfg.base_styled_fraction`` of them in a base style.
 
@@ -599,8 +605,7 @@ def cache_latents(work: Path, vae: AutoencoderKL, cfg: TinyModelConfig, device: 
             seeds = range(c * cfg.cache_chunk, min((c + 1) * cfg.cache_chunk, cfg.cache_scenes))
             chunk_scenes = _scenes(seeds, _pick_styles(len(seeds), cfg.base_styled_fraction, world.BASE_STYLES, _step_generator(cfg.seed, 2, c)))
             chunk_latents = [
-                vae.encode(_render(chunk_scenes[i : i + 100]).to(device)).latent_dist.mean.half().cpu()
-                for i in range(0, len(chunk_scenes), 100)
+                _posterior_means(vae, chunk_scenes[i : i + 100], device).half() for i in range(0, len(chunk_scenes), 100)
             ]
             _atomic_save({"latents": torch.cat(chunk_latents), "scenes": [s.to_dict() for s in chunk_scenes]}, path)
             logger.info("cache: chunk %d/%d (%.1f min)", c + 1, n_chunks, (time.time() - t0) / 60)
@@ -665,10 +670,12 @@ def shapes_moved_to_the_first_step(first_step: torch.Tensor, scenes: Sequence[Sc
     return moved
 
 
-@torch.no_grad()
-def _encode(vae: AutoencoderKL, scenes: Sequence[Scene], device: torch.device) -> torch.Tensor:
-    """Scaled latents of ``scenes`` as the cache holds them (posterior means)."""
-    return vae.encode(_render(scenes).to(device)).latent_dist.mean.cpu() * vae.config.scaling_factor
+def _scenes_of_at_most(cache: LatentCache, shapes: int, field: str) -> torch.Tensor:
+    """Indices of the cached scenes that hold at most ``shapes`` shapes; ``field`` is the setting that asks for them."""
+    indices = torch.tensor([i for i, scene in enumerate(cache.scenes) if len(scene.shapes) <= shapes], dtype=torch.long)
+    if not len(indices):
+        raise UserInputError(f"{field} needs scenes of at most {shapes} shape(s) in the latent cache; it holds none")
+    return indices
 
 
 @torch.no_grad()
@@ -740,18 +747,10 @@ def train_unet(
     free = cfg.unet_batch - positioned - plain  # batch order: free captions, positioned, plain
     started = free if cfg.position_rollout else free + positioned  # rows from here on start from the first step
     if plain:
-        one_shape = torch.tensor([i for i, scene in enumerate(cache.scenes) if len(scene.shapes) == 1], dtype=torch.long)
-        if not len(one_shape):
-            raise UserInputError("plain_rollout_fraction needs one-shape scenes in the latent cache; it holds none")
+        one_shape = _scenes_of_at_most(cache, 1, "plain_rollout_fraction")
         vae = vae.to(device).eval()
     if positioned:  # scenes of few shapes for that share of each batch (their canonical caption names every cell)
-        few_shapes = torch.tensor(
-            [i for i, scene in enumerate(cache.scenes) if len(scene.shapes) <= cfg.position_shapes], dtype=torch.long
-        )
-        if not len(few_shapes):
-            raise UserInputError(
-                f"position_fraction needs scenes of at most {cfg.position_shapes} shape(s) in the latent cache; it holds none"
-            )
+        few_shapes = _scenes_of_at_most(cache, cfg.position_shapes, "position_fraction")
     unet.train()
     text_encoder.train()
     t0, running = time.time(), 0.0
@@ -787,7 +786,7 @@ def train_unet(
             ).cpu()
             if plain:
                 moved = shapes_moved_to_the_first_step(first_step[-plain:], scenes[-plain:])
-                x0[-plain:] = _encode(vae, moved, device)
+                x0[-plain:] = _posterior_means(vae, moved, device) * vae.config.scaling_factor
                 if pixel_weight is not None:
                     pixel_weight[-plain:] = _latent_shape_weight(moved, x0.shape[-2:], cfg.unet_shape_weight)
             noisy[started:] = scheduler.add_noise(first_step, noise[started:], t[started:])

@@ -18,7 +18,8 @@ The control image of a prompt is made from the render of its own scene.
   (0-255 units, Euclidean) per pixel between the render and the generated image on the pixels the mask keeps;
   with the inpaint tuner at α = 1 and without control.
 - composition: canny and colour tuners (trained separately) together, each at α = `--alpha` (default 1), combined
-  by `--alpha-mode` (default: the app's, `cap`: 1 each is applied as 0.6 each); both metrics.
+  by `--alpha-mode` (default: the app's, `cap`: 1 each is applied as 0.6 each); both metrics, beside each tuner
+  alone on both (the colour error of the canny tuner's images, the edge F1 of the colour tuner's).
 - style (each style-*.safetensors): the checker's style score of images made with the tuner from the new,
   style-free prompts, relative to the score of the tuner's own training images (target ≥ 0.8), and the
   checker's colour accuracy of those images (target ≥ 0.85); training set size and time from the file.
@@ -184,10 +185,13 @@ class Bench:
                 rows.setdefault("canny_f1_without", []).append(edge_f1(reference, canny_edges(base)))
                 image = self.generate(prompt, controls=(ConditionUse(str(canny), edges, 1.0),))
                 rows.setdefault("canny_f1_with", []).append(edge_f1(reference, canny_edges(image)))
+                # The other condition's measure too: what composing adds over each tuner alone shows on both.
+                rows.setdefault("canny_only_colour_error", []).append(colour_error(colours, image))
             if colour is not None:
                 rows.setdefault("colour_error_without", []).append(colour_error(colours, base))
                 image = self.generate(prompt, controls=(ConditionUse(str(colour), colours, 1.0),))
                 rows.setdefault("colour_error_with", []).append(colour_error(colours, image))
+                rows.setdefault("colour_only_canny_f1", []).append(edge_f1(reference, canny_edges(image)))
             if canny is not None and colour is not None:
                 both = (ConditionUse(str(canny), edges, alpha), ConditionUse(str(colour), colours, alpha))
                 image = self.generate(prompt, controls=both, alpha_mode=alpha_mode)
@@ -292,8 +296,10 @@ def print_table(result: dict) -> None:
               f"lower ({control['colour_error_vae_round_trip']:.1f})")
     if "composed_canny_f1" in control:
         a = f"α {result['composition_alpha']} each, {result['composition_alpha_mode']}: {result['composition_alpha_applied']:.3g}"
-        print(f"{f'canny + colour ({a}): edge F1':<44}{control['canny_f1_with']:>10.3f}{control['composed_canny_f1']:>10.3f}  close (single → composed)")
-        print(f"{f'canny + colour ({a}): colour error':<44}{control['colour_error_with']:>10.1f}{control['composed_colour_error']:>10.1f}  close (single → composed)")
+        print(f"{f'canny + colour ({a}): edge F1':<44}{control['canny_f1_with']:>10.3f}{control['composed_canny_f1']:>10.3f}  "
+              f"close (canny alone → composed; colour alone: {control['colour_only_canny_f1']:.3f})")
+        print(f"{f'canny + colour ({a}): colour error':<44}{control['colour_error_with']:>10.1f}{control['composed_colour_error']:>10.1f}  "
+              f"close (colour alone → composed; canny alone: {control['canny_only_colour_error']:.1f})")
     if "inpaint" in result:
         row = result["inpaint"]
         print(f"{'inpaint: RGB error on the kept pixels':<44}{row['kept_error_without']:>10.1f}{row['kept_error_with']:>10.1f}  "

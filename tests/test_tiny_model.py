@@ -497,6 +497,35 @@ def test_plain_rollout_trains_plain_prompts_from_the_first_step_towards_the_copy
             assert step_prompts[step][1] == world.plain_prompt(moved)
 
 
+def test_a_plain_scene_moves_its_shape_to_the_cell_where_its_noise_is_highest():
+    scene = world.Scene((world.ShapeSpec("circle", "red", None),), "white")
+    noise = torch.zeros(2, 4, 12, 12)
+    noise[0, :, :4, 8:] = 0.5  # the top right cell
+    noise[1, 0, 4:8, :4] = 1.0  # the left cell, one channel only
+    moved = tiny_model.shapes_moved_to_the_noise(noise, [scene, scene])
+    assert [m.shapes[0].position for m in moved] == ["top right", "left"]
+
+
+def test_plain_cell_from_noise_moves_each_plain_shape_to_its_own_noise(tmp_path, monkeypatch):
+    with pytest.raises(UserInputError, match="plain_cell_from_noise needs plain_rollout_fraction"):
+        tiny_model.train(tmp_path / "bare", tmp_path / "bare-out", _tiny_run(zero_terminal_snr=True, plain_cell_from_noise=True), threads=1)
+    noises: list[torch.Tensor] = []
+    real_move = tiny_model.shapes_moved_to_the_noise
+
+    def spy_move(noise, scenes):
+        noises.append(noise.clone())
+        return real_move(noise, scenes)
+
+    monkeypatch.setattr(tiny_model, "shapes_moved_to_the_noise", spy_move)
+    monkeypatch.setattr(tiny_model, "shapes_moved_to_the_first_step", lambda *_: pytest.fail("the first step chose the cell"))
+    cfg = _tiny_run(init=str(MODEL_DIR), zero_terminal_snr=True, plain_rollout_fraction=0.5, plain_cell_from_noise=True,
+                    layout_noise=1.0)
+    tiny_model.train(tmp_path / "work", tmp_path / "out", cfg, threads=1)
+    assert len(noises) == cfg.unet_steps
+    # White noise as sampling starts from: no coarse layout noise (std 1 + offset, where layout noise 1 doubles it).
+    assert all(float(noise.std()) < 1.3 for noise in noises)
+
+
 def test_position_timesteps_outside_the_schedule_are_refused(tmp_path):
     with pytest.raises(UserInputError, match="position_timesteps must be between 1 and 1000"):
         tiny_model.train(tmp_path / "work", tmp_path / "out", _tiny_run(position_timesteps=0), threads=1)

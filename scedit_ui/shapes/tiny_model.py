@@ -377,6 +377,11 @@ class TinyModelConfig:
     # the shape moved to the cell where that first step drew most of it: an unnamed cell is the model's choice,
     # and it learns to keep the copy it began and drop the others (plain prompts drew two or three copies).
     plain_rollout_fraction: float = 0.0
+    # That share's cell comes from its starting noise instead: the cell where the white noise sampling starts from
+    # is highest (those rows get no layout noise, as sampling gets none). The first step's cell is the same for
+    # every seed of a prompt, so a model trained to keep it drew a plain prompt's shape in one cell whatever the seed
+    # (bench/layout_diversity.py); the noise's cell differs per seed, and the model can read it from its input.
+    plain_cell_from_noise: bool = False
     ema_decay: float = 0.999
     grad_clip: float = 1.0
     checkpoint_every: int = 50
@@ -654,12 +659,21 @@ def training_timesteps(batch: int, timesteps: int, cfg: TinyModelConfig, generat
 
 def shapes_moved_to_the_first_step(first_step: torch.Tensor, scenes: Sequence[Scene]) -> list[Scene]:
     """Each one-shape scene with its shape moved to the grid cell where ``first_step`` (the model's clean latent for
-    the scene's plain prompt) stands out most from its background (each channel's median), among the cells whose
-    combination is not held out (the move must not teach a held-out prompt)."""
+    the scene's plain prompt) stands out most from its background (each channel's median)."""
     background = first_step.flatten(2).median(dim=2).values[..., None, None]
-    standing_out = F.adaptive_avg_pool2d((first_step - background).pow(2).sum(dim=1, keepdim=True), 3).flatten(1)
+    return _shapes_moved_to_highest_cells(F.adaptive_avg_pool2d((first_step - background).pow(2).sum(dim=1, keepdim=True), 3), scenes)
+
+
+def shapes_moved_to_the_noise(noise: torch.Tensor, scenes: Sequence[Scene]) -> list[Scene]:
+    """Each one-shape scene with its shape moved to the grid cell where ``noise`` (summed over channels) is highest."""
+    return _shapes_moved_to_highest_cells(F.adaptive_avg_pool2d(noise.sum(dim=1, keepdim=True), 3), scenes)
+
+
+def _shapes_moved_to_highest_cells(cell_scores: torch.Tensor, scenes: Sequence[Scene]) -> list[Scene]:
+    """Each one-shape scene with its shape moved to its highest-scoring cell of ``cell_scores`` (N x 1 x 3 x 3),
+    among the cells whose combination is not held out (the move must not teach a held-out prompt)."""
     moved = []
-    for scene, per_cell in zip(scenes, standing_out.tolist()):  # cells in row-major order, as world.POSITIONS
+    for scene, per_cell in zip(scenes, cell_scores.flatten(1).tolist()):  # cells in row-major order, as world.POSITIONS
         (shape,) = scene.shapes
         allowed = [
             i for i, cell in enumerate(world.POSITIONS)
@@ -771,6 +785,8 @@ def train_unet(
         ids = tokenize(tokenizer, captions)
         ids[torch.rand(cfg.unet_batch, generator=g) < cfg.caption_dropout] = empty_ids
         noise = training_noise(x0.shape, cfg, g)
+        if plain and cfg.plain_cell_from_noise:  # drawn only when on, so runs without it repeat exactly
+            noise[-plain:] = training_noise(x0[-plain:].shape, replace(cfg, layout_noise=0.0), g)
         t = training_timesteps(cfg.unet_batch, scheduler.config.num_train_timesteps, cfg, g)
         t[free:] = scheduler.config.num_train_timesteps - 1
         if cfg.position_timesteps > 1:  # drawn only when on, so runs without it repeat exactly
@@ -785,7 +801,8 @@ def train_unet(
                 unet, noise[started:].to(device), text[started:].detach(), empty_text, scheduler
             ).cpu()
             if plain:
-                moved = shapes_moved_to_the_first_step(first_step[-plain:], scenes[-plain:])
+                moved = (shapes_moved_to_the_noise(noise[-plain:], scenes[-plain:]) if cfg.plain_cell_from_noise
+                         else shapes_moved_to_the_first_step(first_step[-plain:], scenes[-plain:]))
                 x0[-plain:] = _posterior_means(vae, moved, device) * vae.config.scaling_factor
                 if pixel_weight is not None:
                     pixel_weight[-plain:] = _latent_shape_weight(moved, x0.shape[-2:], cfg.unet_shape_weight)
@@ -1018,6 +1035,8 @@ def train(
         raise UserInputError("position_rollout needs position_fraction: it changes how that share of each batch starts")
     if cfg.plain_rollout_fraction and not cfg.zero_terminal_snr:
         raise UserInputError("plain_rollout_fraction needs zero_terminal_snr: it starts from the first step of pure noise")
+    if cfg.plain_cell_from_noise and not cfg.plain_rollout_fraction:
+        raise UserInputError("plain_cell_from_noise needs plain_rollout_fraction: it chooses the cell of that share's shapes")
     if cfg.position_fraction + cfg.plain_rollout_fraction > 1:
         raise UserInputError("position_fraction and plain_rollout_fraction share one batch: together at most 1")
     timesteps = scheduler_config()["num_train_timesteps"]

@@ -25,7 +25,7 @@ from tuners.validation import UserInputError
 KINDS = tuple(CONDITION_KINDS)
 ROW_FIELDS = ("tuner", "alpha", "start", "end")
 ALPHA_MODE_LABELS = {
-    "cap": f"Cap: two or more are scaled down to sum to at most {COMPOSED_ALPHA_CAP:g} (measured: beats either alone)",
+    "cap": f"Cap: two or more are scaled down to sum to at most {COMPOSED_ALPHA_CAP:g} (measured: the best balance of both)",
     "normalise": "Normalise: Σα = 1 (the paper)",
     "raw": "Raw: as set (SCEPTER's code)",
 }

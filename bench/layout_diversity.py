@@ -27,8 +27,8 @@ from scedit_ui.shapes.evaluation import prompt_for  # noqa: E402
 
 
 def largest_shape_cell(image) -> str | None:
-    shapes = detect_shapes(image)
-    return max(shapes, key=lambda shape: shape.area).position if shapes else None
+    shapes = detect_shapes(image)  # largest first
+    return shapes[0].position if shapes else None
 
 
 def run(model: str, n: int, seeds: int, steps: int, guidance: float) -> dict:

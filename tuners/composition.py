@@ -8,7 +8,8 @@ from tuners.validation import UserInputError
 # Two shipped condition tuners at α = 1 each overshoot together (canny + colour: edge F1 0.686, colour error 15.7,
 # each alone 0.757 / 13.4, on the 16,400-step base); at 0.6 each they beat either alone on both (0.775 / 12.6;
 # 0.5: 0.749 / 12.9, 0.7: 0.776 / 13.2). On the v-prediction base each alone is closer still (0.895 / 9.3) and no
-# α of 0.4-0.75 beats both; 0.6 stays within 0.03 / 1.5 of each (docs/training.md "Composed conditions").
+# α of 0.4-0.75 beats both; 0.6 stays within 0.03 / 1.5 of each (docs/training.md "Composed conditions" and
+# "The shipped tuners on the v-prediction base").
 ALPHA_MODES = ("cap", "normalise", "raw")
 DEFAULT_ALPHA_MODE = "cap"
 COMPOSED_ALPHA_CAP = 1.2

@@ -18,8 +18,9 @@ The control image of a prompt is made from the render of its own scene.
   (0-255 units, Euclidean) per pixel between the render and the generated image on the pixels the mask keeps;
   with the inpaint tuner at α = 1 and without control.
 - composition: canny and colour tuners (trained separately) together, each at α = `--alpha` (default 1), combined
-  by `--alpha-mode` (default: the app's, `cap`: 1 each is applied as 0.6 each); both metrics, beside each tuner
-  alone on both (the colour error of the canny tuner's images, the edge F1 of the colour tuner's).
+  by `--alpha-mode` (default: the app's, `staged`: α as set, the canny condition ends at 0.85 of the steps), the
+  canny condition asked for steps 0 to `--canny-until` (default 1); both metrics, beside each tuner alone on both
+  (the colour error of the canny tuner's images, the edge F1 of the colour tuner's).
 - style (each style-*.safetensors): the checker's style score of images made with the tuner from the new,
   style-free prompts, relative to the score of the tuner's own training images (target ≥ 0.8), and the
   checker's colour accuracy of those images (target ≥ 0.85); training set size and time from the file.
@@ -45,7 +46,7 @@ from scedit_ui.shapes.checker import score_adherence, style_score  # noqa: E402
 from scedit_ui.shapes.world import Scene, caption, render_scene, sample_scene  # noqa: E402
 from scedit_ui.training import TrainingConfig, load_training_data  # noqa: E402
 from tuners import read_metadata  # noqa: E402
-from tuners.composition import ALPHA_MODES, DEFAULT_ALPHA_MODE, composed_alphas  # noqa: E402
+from tuners.composition import ALPHA_MODES, DEFAULT_ALPHA_MODE, composed_alphas, composed_step_ranges  # noqa: E402
 
 CELL = 16
 TOLERANCE = 2
@@ -172,7 +173,7 @@ class Bench:
             self._round_trips[prompt.seed] = Image.fromarray(array)
         return self._round_trips[prompt.seed]
 
-    def control(self, canny: Path | None, colour: Path | None, alpha: float, alpha_mode: str) -> dict:
+    def control(self, canny: Path | None, colour: Path | None, alpha: float, alpha_mode: str, canny_until: float = 1.0) -> dict:
         rows: dict[str, list[float]] = {}
         for prompt in self.prompts:
             edges, colours = prompt.condition("canny"), prompt.condition("color")
@@ -193,7 +194,7 @@ class Bench:
                 rows.setdefault("colour_error_with", []).append(colour_error(colours, image))
                 rows.setdefault("colour_only_canny_f1", []).append(edge_f1(reference, canny_edges(image)))
             if canny is not None and colour is not None:
-                both = (ConditionUse(str(canny), edges, alpha), ConditionUse(str(colour), colours, alpha))
+                both = (ConditionUse(str(canny), edges, alpha, step_range=(0.0, canny_until)), ConditionUse(str(colour), colours, alpha))
                 image = self.generate(prompt, controls=both, alpha_mode=alpha_mode)
                 rows.setdefault("composed_canny_f1", []).append(edge_f1(reference, canny_edges(image)))
                 rows.setdefault("composed_colour_error", []).append(colour_error(colours, image))
@@ -259,7 +260,7 @@ PARTS = ("canny", "colour", "inpaint", "styles")
 
 def measure(
     model: str, tuners: Path, n: int, steps: int, guidance: float, alpha: float, alpha_mode: str = DEFAULT_ALPHA_MODE,
-    parts: Sequence[str] = PARTS,
+    parts: Sequence[str] = PARTS, canny_until: float = 1.0,
 ) -> dict:
     manager = ModelManager("auto")
     info = manager.load(model)
@@ -271,7 +272,8 @@ def measure(
     result = {
         "model": info.name, "prompts": n, "steps": steps, "guidance": guidance, "composition_alpha": alpha,
         "composition_alpha_mode": alpha_mode, "composition_alpha_applied": composed_alphas([alpha, alpha], alpha_mode)[0],
-        "control": bench.control(canny, colour, alpha, alpha_mode), "styles": [bench.style(path) for path in styles],
+        "composition_canny_steps": composed_step_ranges(["canny", "color"], [alpha, alpha], [(0.0, canny_until), (0.0, 1.0)], alpha_mode)[0],
+        "control": bench.control(canny, colour, alpha, alpha_mode, canny_until), "styles": [bench.style(path) for path in styles],
     }
     inpaint = tuners / "inpaint.safetensors"
     if inpaint.is_file() and "inpaint" in parts:
@@ -295,7 +297,8 @@ def print_table(result: dict) -> None:
         print(f"{'colour: mean RGB error per 16×16 cell':<44}{control['colour_error_without']:>10.1f}{control['colour_error_with']:>10.1f}  "
               f"lower ({control['colour_error_vae_round_trip']:.1f})")
     if "composed_canny_f1" in control:
-        a = f"α {result['composition_alpha']} each, {result['composition_alpha_mode']}: {result['composition_alpha_applied']:.3g}"
+        a = (f"α {result['composition_alpha']} each, {result['composition_alpha_mode']}: {result['composition_alpha_applied']:.3g}, "
+             f"canny steps {'-'.join(f'{x:g}' for x in result['composition_canny_steps'])}")
         print(f"{f'canny + colour ({a}): edge F1':<44}{control['canny_f1_with']:>10.3f}{control['composed_canny_f1']:>10.3f}  "
               f"close (canny alone → composed; colour alone: {control['colour_only_canny_f1']:.3f})")
         print(f"{f'canny + colour ({a}): colour error':<44}{control['colour_error_with']:>10.1f}{control['composed_colour_error']:>10.1f}  "
@@ -324,6 +327,7 @@ def main() -> int:
     parser.add_argument("--guidance", type=float, default=5.0)
     parser.add_argument("--alpha", type=float, default=1.0, help="α of each tuner in the composition")
     parser.add_argument("--alpha-mode", choices=ALPHA_MODES, default=DEFAULT_ALPHA_MODE, help="how the two α combine")
+    parser.add_argument("--canny-until", type=float, default=1.0, help="the end of the canny condition's step range in the composition")
     parser.add_argument("--threads", type=int, help="torch CPU threads")
     parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, from {', '.join(PARTS)}")
     parser.add_argument("--json", action="store_true")
@@ -332,7 +336,8 @@ def main() -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    result = measure(args.model, args.tuners, args.n, args.steps, args.guidance, args.alpha, args.alpha_mode, args.parts.split(","))
+    result = measure(args.model, args.tuners, args.n, args.steps, args.guidance, args.alpha, args.alpha_mode, args.parts.split(","),
+                     args.canny_until)
     if args.json:
         print(json.dumps(result, indent=2))
     else:

@@ -11,7 +11,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from tuners.composition import ALPHA_MODES, COMPOSED_ALPHA_CAP, DEFAULT_ALPHA_MODE
+from tuners.composition import ALPHA_MODES, COMPOSED_ALPHA_CAP, DEFAULT_ALPHA_MODE, EDGE_CONDITION_END
 from tuners.validation import UserInputError
 
 Handler = Callable[[argparse.Namespace], int]
@@ -170,8 +170,9 @@ def _add_generation_options(command: argparse.ArgumentParser) -> None:
     )
     command.add_argument(
         "--alpha-mode", choices=ALPHA_MODES, default=DEFAULT_ALPHA_MODE,
-        help=f"how the α of several controls combine: cap (scaled down to sum to at most {COMPOSED_ALPHA_CAP:g}; "
-        "one control keeps its α), normalise (Σα = 1, the paper) or raw (as given)",
+        help=f"how several controls combine: staged (α as given; an edge control beside a colour or inpaint one ends at "
+        f"{EDGE_CONDITION_END:g} of the steps), cap (α scaled down to sum to at most {COMPOSED_ALPHA_CAP:g}; one control keeps "
+        "its α), normalise (Σα = 1, the paper) or raw (as given)",
     )
     command.add_argument("--rho-inner", type=float, help="Skip-Tuning: ρ of the innermost skip (linear from --rho-outer)")
     command.add_argument("--rho-outer", type=float, default=1.0)

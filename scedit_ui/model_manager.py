@@ -232,11 +232,11 @@ class ModelManager:
         """Validate (before any work), apply the request's edits, run the pipeline, return tagged PNGs."""
         pipeline = self._require_pipeline()
         request = request.validated(self.native_size, self.editor.layout.num_skips)
-        notices = self._notices(request)
         with self.lock:
             started = time.perf_counter()
             try:
                 self._apply_edits(request)
+                notices = self._notices(request)
                 images = self._run_pipeline(request, progress, cancel)
             except torch.cuda.OutOfMemoryError as error:
                 torch.cuda.empty_cache()
@@ -250,7 +250,8 @@ class ModelManager:
         return GenerationResult(tagged, seconds, notices)
 
     def _notices(self, request: GenerationRequest) -> list[str]:
-        """What the user should know about how the request is read: a truncated prompt, α scaled by the cap."""
+        """What the user should know about how the request is read (once its edits are applied): a truncated prompt,
+        α scaled by the cap, an edge condition ended early by the staged mode."""
         tokenizer = self.pipeline.tokenizer
         notices = []
         for label, text in (("prompt", request.prompt), ("negative prompt", request.negative_prompt)):
@@ -265,6 +266,14 @@ class ModelManager:
                 f"together they are capped at Σα = {COMPOSED_ALPHA_CAP:g} (at full α each they overshoot); "
                 "choose the α mode 'raw' to apply them as set"
             )
+        for use, condition, (_, end) in zip(request.conditions, self.editor.conditions, self.editor.applied_step_ranges):
+            if end != use.step_range[1]:
+                notices.append(
+                    f"{Path(use.tuner).name} ({condition.tuner.condition_type}) ends at {end:g} of the steps instead of "
+                    f"{use.step_range[1]:g}: beside a condition that "
+                    "sets the colours, an edge condition lets go for the last steps (measured: both follow better); "
+                    "choose the α mode 'raw' to keep it to the end"
+                )
         for notice in notices:
             logger.warning(notice)
         return notices

@@ -225,6 +225,8 @@ class GenerationRequest:
             + ")"
             for c, a in zip(self.conditions, applied)
         ]
+        if len(self.conditions) > 1:
+            settings.append(f"Conditions combined: {self.alpha_mode}")
         if self.skip_tuning is not None:
             settings.append(f"Skip-Tuning ρ: {self.skip_tuning.rho_outer}->{self.skip_tuning.rho_inner}")
         if self.freeu is not None:

@@ -137,8 +137,8 @@ def test_step_ranges_follow_diffusers_controlnet_rule():
 # -- through the model manager: step index from the pipeline, masks and per-skip α in requests ---------------------
 
 
-def csc_tuner_file(manager, path, seed: int = 1) -> str:
-    tuner = randomise(CSCTuner(manager.editor.layout, 1, "canny"), seed)
+def csc_tuner_file(manager, path, seed: int = 1, kind: str = "canny") -> str:
+    tuner = randomise(CSCTuner(manager.editor.layout, 1, kind), seed)
     save_tuner(tuner, path, TunerMetadata.describe(tuner, "test"))
     return str(path)
 
@@ -188,6 +188,22 @@ def test_two_conditions_at_the_default_alpha_are_applied_at_0_6_each_and_say_so(
     assert not np.array_equal(np.asarray(capped), np.asarray(manager.generate(request(1.0, "raw")).images[0]))
     assert capped.info["parameters"].count("(α 1.0 applied as 0.6, steps 0.0-1.0)") == 2
     assert request_from_png(capped)[0].alpha_mode == "cap"
+
+
+def test_by_default_an_edge_condition_beside_colour_ends_at_0_85_of_the_steps_and_says_so(manager, tmp_path):
+    canny, colour = csc_tuner_file(manager, tmp_path / "canny.safetensors", 1), csc_tuner_file(manager, tmp_path / "colour.safetensors", 2, "color")
+
+    def request(canny_end: float, mode: str = "staged") -> GenerationRequest:
+        uses = (ConditionUse(canny, hint_picture(), step_range=(0.0, canny_end)), ConditionUse(colour, hint_picture().rotate(90)))
+        return GenerationRequest("a red circle", steps=20, width=64, height=64, conditions=uses, alpha_mode=mode)
+
+    result = manager.generate(request(1.0))
+    staged = np.asarray(result.images[0])
+    assert any("canny.safetensors (canny) ends at 0.85 of the steps instead of 1" in notice for notice in result.notices)
+    assert np.array_equal(staged, np.asarray(manager.generate(request(0.85, "raw")).images[0]))
+    assert not np.array_equal(staged, np.asarray(manager.generate(request(1.0, "raw")).images[0]))
+    assert "Conditions combined: staged" in result.images[0].info["parameters"]
+    assert request_from_png(result.images[0])[0].conditions[0].step_range == (0.0, 1.0)  # as asked; the mode re-applies it
 
 
 def test_a_recipe_from_before_the_alpha_modes_is_read_as_it_was_applied(manager, tmp_path):
@@ -320,10 +336,10 @@ def test_cli_generate_takes_a_mask_and_per_skip_alpha_per_control(tmp_path, caps
     canny = "assets/tuners/canny.safetensors"
     code = main(["generate", "--prompt", "a yellow circle", "--steps", "2", "--size", "64x64", "--out", str(out),
                  "--control", f"{canny}:{picture}", "--mask", str(mask), "--skip-alpha", "inner skips only",
-                 "--control", f"{canny}:{picture}:0.5", "--mask", "none"])
+                 "--control", f"{canny}:{picture}:0.5", "--mask", "none", "--alpha-mode", "cap"])
     error = capsys.readouterr().err
     assert code == 0, error
-    assert "note: the conditions' α 1, 0.5 are applied as 0.8, 0.4" in error  # the default α mode caps Σα at 1.2
+    assert "note: the conditions' α 1, 0.5 are applied as 0.8, 0.4" in error  # the cap: Σα at most 1.2
     request, _, _ = read_png_request(out)
     first, second = request.conditions
     assert np.asarray(first.mask)[:, :30].min() == 255 and np.asarray(first.mask)[:, 34:].max() == 0

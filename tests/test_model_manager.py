@@ -86,7 +86,7 @@ def test_every_scheduler_generates(manager, scheduler):
         ({"batch_size": 0}, "batch size must be a whole number from"),
         ({"seed": -1}, "seed must be a whole number from"),
         ({"steps": 2.5}, "steps must be a whole number"),
-        ({"alpha_mode": "sum"}, "α mode must be one of cap, normalise, raw"),
+        ({"alpha_mode": "sum"}, "α mode must be one of staged, cap, normalise, raw"),
     ],
 )
 def test_bad_input_is_refused_before_any_work(manager, monkeypatch, change, message):

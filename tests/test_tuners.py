@@ -25,6 +25,7 @@ from tuners import (
     TunerFileError,
     TunerMetadata,
     composed_alphas,
+    composed_step_ranges,
     interpolate_features,
     load_tuner,
     read_metadata,
@@ -372,7 +373,7 @@ def test_normalised_alpha_divides_by_the_sum(tiny_unet, unet_inputs):
             editor.set_conditions([ControlCondition(tuner, image, 0.0)], alpha_mode="normalise")
 
 
-def test_composed_conditions_are_capped_by_default_and_raw_on_request(tiny_unet, unet_inputs):
+def test_composed_conditions_are_capped_on_request_and_as_set_by_default(tiny_unet, unet_inputs):
     layout = SkipLayout.from_unet(tiny_unet)
     first, second = randomise(CSCTuner(layout), 1), randomise(CSCTuner(layout), 2)
     a, b = condition_image(0), condition_image(1)
@@ -381,11 +382,35 @@ def test_composed_conditions_are_capped_by_default_and_raw_on_request(tiny_unet,
         at_0_6 = run(tiny_unet, unet_inputs)
         editor.set_conditions([ControlCondition(first, a, 1.0), ControlCondition(second, b, 1.0)], alpha_mode="raw")
         at_1 = run(tiny_unet, unet_inputs)
-        editor.set_conditions([ControlCondition(first, a, 1.0), ControlCondition(second, b, 1.0)])
+        editor.set_conditions([ControlCondition(first, a, 1.0), ControlCondition(second, b, 1.0)], alpha_mode="cap")
         torch.testing.assert_close(run(tiny_unet, unet_inputs), at_0_6)
         assert not torch.allclose(at_0_6, at_1)
-        with pytest.raises(ValueError, match="α mode must be one of cap, normalise, raw"):
+        editor.set_conditions([ControlCondition(first, a, 1.0), ControlCondition(second, b, 1.0)])  # staged: two edge maps
+        torch.testing.assert_close(run(tiny_unet, unet_inputs), at_1)
+        with pytest.raises(ValueError, match="α mode must be one of staged, cap, normalise, raw"):
             editor.set_conditions([ControlCondition(first, a)], alpha_mode="sum")
+
+
+def test_staged_composition_ends_an_edge_condition_beside_colour_at_0_85_of_the_steps(tiny_unet, unet_inputs):
+    layout = SkipLayout.from_unet(tiny_unet)
+    canny, colour = randomise(CSCTuner(layout, condition_type="canny"), 1), randomise(CSCTuner(layout, condition_type="color"), 2)
+    both = [ControlCondition(canny, condition_image(0)), ControlCondition(colour, condition_image(1))]
+    with SkipEditor(tiny_unet) as editor:
+        outputs = {}
+        for mode in ("staged", "raw"):
+            editor.set_conditions(both, alpha_mode=mode)
+            for step in (16, 17):  # of 20: 0.80-0.85 and 0.85-0.90
+                editor.set_step(step, 20)
+                outputs[mode, step] = run(tiny_unet, unet_inputs)
+        assert editor.applied_step_ranges == [(0.0, 1.0), (0.0, 1.0)]  # raw
+        editor.set_conditions(both)
+        assert editor.applied_step_ranges == [(0.0, 0.85), (0.0, 1.0)]
+        editor.set_conditions(both[1:])
+        editor.set_step(17, 20)
+        colour_alone = run(tiny_unet, unet_inputs)
+    torch.testing.assert_close(outputs["staged", 16], outputs["raw", 16])  # both still on
+    torch.testing.assert_close(outputs["staged", 17], colour_alone)  # the edge condition has let go
+    assert not torch.allclose(outputs["raw", 17], colour_alone)
 
 
 @pytest.mark.parametrize(
@@ -404,6 +429,24 @@ def test_composed_conditions_are_capped_by_default_and_raw_on_request(tiny_unet,
 )
 def test_composed_alphas(alphas, mode, applied):
     assert composed_alphas(alphas, mode) == pytest.approx(applied)
+
+
+@pytest.mark.parametrize(
+    ("kinds", "alphas", "ranges", "mode", "applied"),
+    [
+        (("canny", "color"), (1.0, 1.0), ((0.0, 1.0), (0.0, 1.0)), "staged", ((0.0, 0.85), (0.0, 1.0))),
+        (("color", "sketch", "inpaint"), (1.0, 0.5, 1.0), ((0.0, 1.0),) * 3, "staged", ((0.0, 1.0), (0.0, 0.85), (0.0, 1.0))),
+        (("canny", "color"), (1.0, 1.0), ((0.0, 0.6), (0.2, 1.0)), "staged", ((0.0, 0.6), (0.2, 1.0))),  # already ends before
+        (("canny", "color"), (1.0, 1.0), ((0.9, 1.0), (0.0, 1.0)), "staged", ((0.9, 1.0), (0.0, 1.0))),  # starts after: as set
+        (("canny", "color"), (1.0, 0.0), ((0.0, 1.0), (0.0, 1.0)), "staged", ((0.0, 1.0), (0.0, 1.0))),  # colour switched off
+        (("canny", "hed"), (1.0, 1.0), ((0.0, 1.0), (0.0, 1.0)), "staged", ((0.0, 1.0), (0.0, 1.0))),  # nothing sets colours
+        (("canny", "depth"), (1.0, 1.0), ((0.0, 1.0), (0.0, 1.0)), "staged", ((0.0, 1.0), (0.0, 1.0))),
+        (("canny", "color"), (1.0, 1.0), ((0.0, 1.0), (0.0, 1.0)), "raw", ((0.0, 1.0), (0.0, 1.0))),
+        (("canny", "color"), (1.0, 1.0), ((0.0, 1.0), (0.0, 1.0)), "cap", ((0.0, 1.0), (0.0, 1.0))),
+    ],
+)
+def test_composed_step_ranges(kinds, alphas, ranges, mode, applied):
+    assert composed_step_ranges(kinds, alphas, ranges, mode) == list(applied)
 
 
 def test_step_range_switches_a_condition_on_and_off(tiny_unet, unet_inputs):

@@ -10,7 +10,7 @@ import importlib
 from typing import Any
 
 _MODULE_OF = {
-    "ALPHA_MODES": "composition", "composed_alphas": "composition",
+    "ALPHA_MODES": "composition", "composed_alphas": "composition", "composed_step_ranges": "composition",
     "CSCTuner": "csc_tuner", "CSCTunerConfig": "csc_tuner", "interpolate_features": "csc_tuner",
     "ControlCondition": "editor", "FeatureCache": "editor", "SkipEditor": "editor",
     "TunerFileError": "io", "TunerMetadata": "io", "load_tuner": "io", "read_metadata": "io", "save_tuner": "io",

@@ -35,7 +35,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tuners.composition import DEFAULT_ALPHA_MODE, composed_alphas
+from tuners.composition import DEFAULT_ALPHA_MODE, composed_alphas, composed_step_ranges
 from tuners.csc_tuner import HINT_DOWNSAMPLE, ConditionFeatures, CSCTuner, interpolate_features
 from tuners.layout import SkipLayout
 from tuners.sc_tuner import SCTuner
@@ -197,7 +197,8 @@ class SkipEditor:
         self.cache = FeatureCache()
         self.sc_tuners: dict[str, _SCUse] = {}
         self.conditions: list[ControlCondition] = []
-        self.alpha_mode = DEFAULT_ALPHA_MODE
+        self._applied_alphas: list[float] = []  # the conditions' α and step ranges as combined (set_conditions)
+        self._applied_step_ranges: list[tuple[float, float]] = []
         self.skip_scaling: SkipScaling | None = None
         self.training = False
         self.step: tuple[int, int] | None = None  # (index, number of sampling steps) while sampling
@@ -223,7 +224,8 @@ class SkipEditor:
         self.sc_tuners.pop(name, None)
 
     def set_conditions(self, conditions: Sequence[ControlCondition], alpha_mode: str = DEFAULT_ALPHA_MODE) -> None:
-        """Replace the CSC conditions, their α combined by `alpha_mode` (`composed_alphas`)."""
+        """Replace the CSC conditions, combined by `alpha_mode` (their α: `composed_alphas`; their step ranges:
+        `composed_step_ranges`)."""
         for condition in conditions:
             self.layout.check_matches(condition.tuner.shape, f"CSC tuner '{condition.tuner.condition_type}'")
             if condition.skip_weights is not None and len(condition.skip_weights) != self.layout.num_skips:
@@ -232,10 +234,18 @@ class SkipEditor:
                     f"for this UNet, got {len(condition.skip_weights)}"
                 )
             condition.tuner.to(self._device())
-        composed_alphas([c.alpha for c in conditions], alpha_mode)  # refuses a bad mode or a sum it cannot normalise
+        alphas = [c.alpha for c in conditions]
+        # Combined over every condition, not only those in their step range, so an α does not jump mid-sampling.
+        self._applied_alphas = composed_alphas(alphas, alpha_mode)  # refuses a bad mode or a sum it cannot normalise
+        self._applied_step_ranges = composed_step_ranges([c.tuner.condition_type for c in conditions], alphas,
+                                                         [c.step_range for c in conditions], alpha_mode)
         self.conditions = list(conditions)
-        self.alpha_mode = alpha_mode
         self._digests = {}  # filled on first use: training never reads the feature cache, so never hashes
+
+    @property
+    def applied_step_ranges(self) -> list[tuple[float, float]]:
+        """The step range each condition is applied over, as its α mode combines them (`composed_step_ranges`)."""
+        return list(self._applied_step_ranges)
 
     def set_skip_scaling(self, scaling: SkipScaling | None) -> None:
         if scaling is not None and len(scaling.rho) != self.layout.num_skips:
@@ -358,11 +368,9 @@ class SkipEditor:
         return batch // 2 if self.guidance_halves else 0
 
     def _active_conditions(self, sample: torch.Tensor) -> list[_ActiveCondition]:
-        # Combined over every condition, not only those in their step range, so an α does not jump mid-sampling.
-        alphas = composed_alphas([c.alpha for c in self.conditions], self.alpha_mode)
         active = []
-        for condition, alpha in zip(self.conditions, alphas):
-            if not self._in_range(condition.step_range) or alpha == 0:
+        for condition, alpha, step_range in zip(self.conditions, self._applied_alphas, self._applied_step_ranges):
+            if not self._in_range(step_range) or alpha == 0:
                 continue
             features = self._features(condition.tuner, condition.image, sample)
             if condition.blend_image is not None and condition.blend > 0:

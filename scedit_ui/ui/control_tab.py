@@ -19,13 +19,14 @@ from scedit_ui.ui.handlers import GPU_QUEUE, on_gpu, optional_keywords, readable
 from scedit_ui.ui.state import AppState
 from scedit_ui.use_cases import ConditionRow
 from tuners import SKIP_WEIGHT_PRESETS, skip_weight_preset
-from tuners.composition import ALPHA_MODES, COMPOSED_ALPHA_CAP, DEFAULT_ALPHA_MODE
+from tuners.composition import ALPHA_MODES, COMPOSED_ALPHA_CAP, DEFAULT_ALPHA_MODE, EDGE_CONDITION_END
 from tuners.validation import UserInputError
 
 KINDS = tuple(CONDITION_KINDS)
 ROW_FIELDS = ("tuner", "alpha", "start", "end")
 ALPHA_MODE_LABELS = {
-    "cap": f"Cap: two or more are scaled down to sum to at most {COMPOSED_ALPHA_CAP:g} (measured: the best balance of both)",
+    "staged": f"Staged: α as set; an edge condition beside colour ends at {EDGE_CONDITION_END:g} of the steps (measured: both follow best)",
+    "cap": f"Cap: two or more are scaled down to sum to at most {COMPOSED_ALPHA_CAP:g}",
     "normalise": "Normalise: Σα = 1 (the paper)",
     "raw": "Raw: as set (SCEPTER's code)",
 }
@@ -163,7 +164,7 @@ def build(state: AppState) -> ControlTab:
             prompt, negative, seed, steps, guidance, width, height, scheduler = form.inputs
             alpha_mode = gr.Radio(
                 [(ALPHA_MODE_LABELS[mode], mode) for mode in ALPHA_MODES], value=DEFAULT_ALPHA_MODE,
-                label="How the α of several conditions combine", elem_id="control-alpha-mode",
+                label="How several conditions combine", elem_id="control-alpha-mode",
             )
             generate_button = gr.Button("Generate with conditions", variant="primary", elem_id="control-generate-button")
             gallery = gr.Gallery(label="Results", format="png", columns=2, height=300, object_fit="contain", interactive=False, elem_id="control-gallery")

@@ -15,7 +15,8 @@ COMPOSED_ALPHA_CAP = 1.2
 # Edge maps say where lines go, which the early steps settle; in the last steps the canny tuner moves the colours (alone,
 # colour error 12.5 over all steps, 10.0 ending at 0.85). With a condition that sets the colours beside it, the edge
 # condition ends at 0.85 of the steps: canny + colour at α 1 each give edge F1 0.910 / colour error 8.40 against 0.895 /
-# 12.5 and 0.666 / 9.3 alone (ending at 0.8: 0.901 / 8.29, at 0.9: 0.916 / 8.87; docs/training.md "Staged composition").
+# 12.5 and 0.666 / 9.3 alone on the 21,500-step base (ending at 0.8: 0.901 / 8.29, at 0.9: 0.916 / 8.87), 0.908 / 7.01
+# against 0.900 / 10.8 and 0.733 / 7.49 on the 22,500-step base (docs/training.md "Staged composition").
 EDGE_CONDITIONS = frozenset({"canny", "hed", "sketch", "scribble", "lineart"})
 COLOUR_CONDITIONS = frozenset({"color", "colour", "inpaint", "outpaint"})
 EDGE_CONDITION_END = 0.85

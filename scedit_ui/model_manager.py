@@ -31,7 +31,7 @@ from scedit_ui.conditions import normalize_image
 from scedit_ui.hub import hub_offline
 from scedit_ui.request import FREEU_PRESETS, GenerationRequest, attach_metadata
 from tuners import ControlCondition, SkipEditor, SkipScaling, TunerFileError, load_tuner
-from tuners.composition import COMPOSED_ALPHA_CAP, composed_alphas
+from tuners.composition import COMPOSED_ALPHA_CAP
 from tuners.io import Tuner
 from tuners.layout import LayoutMismatchError
 from tuners.reference_configs import guess_architecture
@@ -258,8 +258,7 @@ class ModelManager:
             length = len(tokenizer(text).input_ids)
             if length > tokenizer.model_max_length:
                 notices.append(f"the {label} is {length} tokens long; only the first {tokenizer.model_max_length} are used")
-        alphas = [use.alpha for use in request.conditions]
-        applied = composed_alphas(alphas, request.alpha_mode)
+        alphas, applied = [use.alpha for use in request.conditions], self.editor.applied_alphas
         if request.alpha_mode == "cap" and applied != alphas:
             notices.append(
                 f"the conditions' α {', '.join(f'{a:g}' for a in alphas)} are applied as {', '.join(f'{a:.3g}' for a in applied)}: "

@@ -243,6 +243,11 @@ class SkipEditor:
         self._digests = {}  # filled on first use: training never reads the feature cache, so never hashes
 
     @property
+    def applied_alphas(self) -> list[float]:
+        """The α each condition is applied with, as its α mode combines them (`composed_alphas`)."""
+        return list(self._applied_alphas)
+
+    @property
     def applied_step_ranges(self) -> list[tuple[float, float]]:
         """The step range each condition is applied over, as its α mode combines them (`composed_step_ranges`)."""
         return list(self._applied_step_ranges)

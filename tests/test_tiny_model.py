@@ -700,3 +700,59 @@ def test_a_canny_condition_at_the_pictures_size_steers_the_x4_model():
     before, after = (np.asarray(manager.generate(r).images[0], dtype=float) for r in (plain, controlled))
     assert after.shape == before.shape == (128, 128, 3) and np.abs(after - before).mean() > 1.0
 
+
+
+def test_sampled_latent_continues_the_models_own_guided_ddim_sampling():
+    scheduler = tiny_model.build_scheduler(zero_terminal_snr=True)
+    assert tiny_model.sampler_timesteps(scheduler)[:3] == [999, 949, 899]
+    seen: list[int] = []
+
+    class FixedV(torch.nn.Module):  # v = -1 with the prompt, -3 without it
+        def forward(self, sample, timestep, text):
+            seen.extend(set(timestep.tolist()))
+            return SimpleNamespace(sample=torch.full_like(sample, -1.0 if text.sum() > 0 else -3.0))
+
+    noise, text, empty = torch.randn(2, 4, 8, 8), torch.ones(2, 77, 8), torch.zeros(1, 77, 8)
+    first = tiny_model.first_step_clean_latent(FixedV(), noise, text, empty, scheduler)
+    timesteps = torch.tensor([940, 900])
+    one_step = tiny_model.sampled_latent(FixedV(), first, noise, text, empty, scheduler, 1, timesteps)
+    assert torch.allclose(one_step, scheduler.add_noise(first, noise, timesteps))
+    seen.clear()
+    two_steps = tiny_model.sampled_latent(FixedV(), first, noise, text, empty, scheduler, 2, timesteps)
+    assert seen == [949, 949]  # the second sampling step, with and without the prompt
+    latent = scheduler.add_noise(first, noise, torch.tensor(949))
+    clean, predicted_noise = tiny_model.guided_prediction(FixedV(), latent, 949, text, empty, scheduler)
+    assert torch.allclose(two_steps, scheduler.add_noise(clean, predicted_noise, timesteps))
+    assert not torch.allclose(two_steps, one_step)
+
+
+def test_position_rollout_steps_start_the_positioned_share_further_down_the_models_own_sampling(tmp_path, monkeypatch):
+    with pytest.raises(UserInputError, match="position_rollout_steps needs position_rollout"):
+        tiny_model.train(tmp_path / "no", tmp_path / "no-out", _tiny_run(position_rollout_steps=2), threads=1)
+    with pytest.raises(UserInputError, match="between 1 and 20"):
+        tiny_model.train(tmp_path / "no", tmp_path / "no-out", _tiny_run(position_rollout_steps=21), threads=1)
+    calls: list[list[int]] = []
+    real_forward = UNet2DConditionModel.forward
+
+    def spy_forward(self, sample, timestep, *args, **kwargs):
+        if self.training:
+            calls.append(torch.as_tensor(timestep).reshape(-1).tolist())
+        return real_forward(self, sample, timestep, *args, **kwargs)
+
+    monkeypatch.setattr(UNet2DConditionModel, "forward", spy_forward)
+    cfg = replace(_tiny_run(
+        init=str(MODEL_DIR), zero_terminal_snr=True, position_fraction=0.5, position_timesteps=50, position_rollout=True,
+        position_rollout_steps=3,
+    ), unet_steps=8, checkpoint_every=8)
+    tiny_model.train(tmp_path / "work", tmp_path / "out", cfg, threads=1)
+    steps_taken = []
+    while calls:  # per step: the guided first step, each further sampling step (both guided), the training pass
+        assert calls[0] == calls[1] == [999]
+        sampled = 0
+        while sampled < 2 and calls[2 + 2 * sampled] == calls[3 + 2 * sampled] == [[949, 899][sampled]]:
+            sampled += 1
+        training = calls[2 + 2 * sampled]
+        assert 949 - 50 * sampled < training[1] <= 999 - 50 * sampled  # the positioned sample, as many steps lower
+        steps_taken.append(1 + sampled)
+        del calls[: 3 + 2 * sampled]
+    assert len(steps_taken) == cfg.unet_steps and set(steps_taken) > {1}

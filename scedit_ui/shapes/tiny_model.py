@@ -372,6 +372,12 @@ class TinyModelConfig:
     # clean-image prediction from pure noise, renoised as DDIM does) instead of from the scene, and the model learns
     # to take them to the scene: where its first step left bumps in unnamed cells, the words must remove them.
     position_rollout: bool = False
+    # With position_rollout, that share starts after 1 to this many steps of the model's own guided sampling
+    # (EVAL_STEPS trailing DDIM steps; the number drawn per training step), its timesteps as many sampler steps lower.
+    # One step teaches the model to remove the bumps its first step leaves; sampling then grows the copies of a
+    # second named shape that its first step spreads over every cell for a few steps more (docs/tiny-model.md), and
+    # only the model's own later latents show it those.
+    position_rollout_steps: int = 1
     # The share of each batch given to one-shape scenes captioned as plain prompts ("a red circle on a white
     # background"), at the last `position_timesteps` timesteps and started from the model's own first step, with
     # the shape moved to the cell where that first step drew most of it: an unnamed cell is the model's choice,
@@ -693,6 +699,25 @@ def _scenes_of_at_most(cache: LatentCache, shapes: int, field: str) -> torch.Ten
 
 
 @torch.no_grad()
+def guided_prediction(
+    unet: UNet2DConditionModel,
+    latent: torch.Tensor,
+    timestep: int,
+    text: torch.Tensor,
+    empty_text: torch.Tensor,
+    scheduler: DDIMScheduler,
+    guidance: float = EVAL_GUIDANCE,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The clean latent and the noise a v-prediction model predicts from ``latent`` at ``timestep``, with
+    classifier-free guidance as sampling applies it."""
+    timesteps = torch.full((len(latent),), timestep, device=latent.device)
+    v_text = unet(latent, timesteps, text).sample
+    v_empty = unet(latent, timesteps, empty_text.expand_as(text)).sample
+    v = v_empty + guidance * (v_text - v_empty)
+    alpha_bar = scheduler.alphas_cumprod[timestep].to(latent.device)
+    return alpha_bar.sqrt() * latent - (1 - alpha_bar).sqrt() * v, alpha_bar.sqrt() * v + (1 - alpha_bar).sqrt() * latent
+
+
 def first_step_clean_latent(
     unet: UNet2DConditionModel,
     noise: torch.Tensor,
@@ -704,12 +729,36 @@ def first_step_clean_latent(
     """The clean latent a v-prediction model predicts from pure ``noise`` at the last timestep, with classifier-free
     guidance as sampling applies it: what the first sampling step hands to the second."""
     last = scheduler.config.num_train_timesteps - 1
-    timesteps = torch.full((len(noise),), last, device=noise.device)
-    v_text = unet(noise, timesteps, text).sample
-    v_empty = unet(noise, timesteps, empty_text.expand_as(text)).sample
-    v = v_empty + guidance * (v_text - v_empty)
-    alpha_bar = scheduler.alphas_cumprod[last].to(noise.device)
-    return alpha_bar.sqrt() * noise - (1 - alpha_bar).sqrt() * v
+    return guided_prediction(unet, noise, last, text, empty_text, scheduler, guidance)[0]
+
+
+def sampler_timesteps(scheduler: DDIMScheduler, steps: int = EVAL_STEPS) -> list[int]:
+    """The timesteps ``scheduler``'s sampling visits in ``steps`` steps (999, 949, ... for 20 trailing ones)."""
+    sampler = copy.deepcopy(scheduler)
+    sampler.set_timesteps(steps)
+    return sampler.timesteps.tolist()
+
+
+def sampled_latent(
+    unet: UNet2DConditionModel,
+    first_step: torch.Tensor,
+    noise: torch.Tensor,
+    text: torch.Tensor,
+    empty_text: torch.Tensor,
+    scheduler: DDIMScheduler,
+    steps: int,
+    timesteps: torch.Tensor,
+) -> torch.Tensor:
+    """The latent the model's own guided DDIM sampling from pure ``noise`` reaches after ``steps`` of its
+    EVAL_STEPS steps, put at ``timesteps`` (one per row) as DDIM puts it; ``first_step`` is the first step's clean
+    latent (:func:`first_step_clean_latent`). One step gives ``scheduler.add_noise(first_step, noise, timesteps)``:
+    at zero SNR the first step's noise prediction is its input."""
+    visited = sampler_timesteps(scheduler)
+    clean, predicted_noise = first_step, noise
+    for timestep in visited[1:steps]:
+        latent = scheduler.add_noise(clean, predicted_noise, torch.tensor(timestep))
+        clean, predicted_noise = guided_prediction(unet, latent, timestep, text, empty_text, scheduler)
+    return scheduler.add_noise(clean, predicted_noise, timesteps)
 
 
 def train_unet(
@@ -791,6 +840,11 @@ def train_unet(
         t[free:] = scheduler.config.num_train_timesteps - 1
         if cfg.position_timesteps > 1:  # drawn only when on, so runs without it repeat exactly
             t[free:] -= torch.randint(0, cfg.position_timesteps, (cfg.unet_batch - free,), generator=g)
+        rollout_steps = 1
+        if cfg.position_rollout_steps > 1:  # drawn only when on, so runs without it repeat exactly
+            rollout_steps = int(torch.randint(1, cfg.position_rollout_steps + 1, (1,), generator=g))
+            below_last = scheduler.config.num_train_timesteps - 1 - sampler_timesteps(scheduler)[rollout_steps - 1]
+            t[free : free + positioned] = (t[free : free + positioned] - below_last).clamp(min=0)
         noisy = scheduler.add_noise(x0, noise, t)
         text = text_encoder(ids.to(device))[0]
         pixel_weight = shape_weight[idx] if shape_weight is not None else None
@@ -807,6 +861,12 @@ def train_unet(
                 if pixel_weight is not None:
                     pixel_weight[-plain:] = _latent_shape_weight(moved, x0.shape[-2:], cfg.unet_shape_weight)
             noisy[started:] = scheduler.add_noise(first_step, noise[started:], t[started:])
+            if rollout_steps > 1:  # the positioned rows (the first of the started ones) sample on
+                rows = slice(free, free + positioned)
+                noisy[rows] = sampled_latent(
+                    unet, first_step[:positioned].to(device), noise[rows].to(device), text[rows].detach(), empty_text,
+                    scheduler, rollout_steps, t[rows].to(device),
+                ).cpu()
             # The noise that takes the scene to that latent: the v target below then asks for the scene.
             alpha_bar = scheduler.alphas_cumprod[t[started:]].view(-1, 1, 1, 1)
             noise[started:] = (noisy[started:] - alpha_bar.sqrt() * x0[started:]) / (1 - alpha_bar).sqrt()
@@ -1033,6 +1093,10 @@ def train(
         raise UserInputError("position_fraction needs zero_terminal_snr: only then does the last timestep hide the layout")
     if cfg.position_rollout and not cfg.position_fraction:
         raise UserInputError("position_rollout needs position_fraction: it changes how that share of each batch starts")
+    if not 1 <= cfg.position_rollout_steps <= EVAL_STEPS:
+        raise UserInputError(f"position_rollout_steps must be between 1 and {EVAL_STEPS}, got {cfg.position_rollout_steps}")
+    if cfg.position_rollout_steps > 1 and not cfg.position_rollout:
+        raise UserInputError("position_rollout_steps needs position_rollout: it continues that share's sampling")
     if cfg.plain_rollout_fraction and not cfg.zero_terminal_snr:
         raise UserInputError("plain_rollout_fraction needs zero_terminal_snr: it starts from the first step of pure noise")
     if cfg.plain_cell_from_noise and not cfg.plain_rollout_fraction:

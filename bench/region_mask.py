@@ -9,6 +9,15 @@ condition everywhere ("full") and with the left-half mask ("masked"). Printed pe
   leak  mean |masked − plain| right of the mask ÷ mean |full − plain| there (1: the mask is ignored; 0: no leak)
   miss  mean |masked − full| inside the mask ÷ mean |full − plain| there (1: the condition is lost; 0: kept)
 
+and for canny the same in edges, since what canny asks for is its edges, not the colours (a canny tuner that turns
+a background the prompt leaves open grey everywhere moves every pixel's colour; masked, the background stays the
+base's inside the mask too, and the pixel miss counts that as lost though the edges are kept): with F1 (2 px) of
+each half's Canny edges against the condition's,
+
+  edge_leak  F1 masked − F1 plain right of the mask (0: no condition edges there; a difference, not a ratio: the
+             full condition itself may follow the right half's edges no better than the base)
+  edge_miss  (F1 full − F1 masked) ÷ (F1 full − F1 plain) inside the mask (1: the edges are lost; 0: kept)
+
 The mask is exact at every skip (tests/test_composition.py); what reaches the other half goes through the
 decoder (3×3 convs at 2×2 and 4×4 latents, global self-attention) and the sampling trajectory.
 """
@@ -24,6 +33,7 @@ from PIL import Image, ImageDraw
 from scedit_ui.conditions import ConditionRequest, extract
 from scedit_ui.model_manager import ASSETS, ModelManager
 from scedit_ui.request import ConditionUse, GenerationRequest
+from tuner_quality import canny_edges, edge_f1  # bench/ is on the path: run as a script, and in pytest (pyproject)
 
 TUNERS = {"canny": ASSETS / "tuners" / "canny.safetensors", "color": ASSETS / "tuners" / "colour.safetensors"}
 PROMPT = "a yellow circle and a green square"
@@ -44,19 +54,32 @@ def measure(manager: ModelManager, kind: str, seed: int, steps: int, size: int) 
     mask = Image.fromarray(np.where(np.arange(size)[None, :] < half, 255, 0).repeat(size, 0).astype(np.uint8), "L")
     plain = GenerationRequest(PROMPT, seed=seed, steps=steps, width=size, height=size)
 
-    def pixels(request: GenerationRequest) -> np.ndarray:
-        return np.asarray(manager.generate(request).images[0], dtype=np.float32)
-
-    base = pixels(plain)
-    full = pixels(replace(plain, conditions=(ConditionUse(str(TUNERS[kind]), condition),)))
-    masked = pixels(replace(plain, conditions=(ConditionUse(str(TUNERS[kind]), condition, mask=mask),)))
+    images = [manager.generate(request).images[0] for request in (
+        plain,
+        replace(plain, conditions=(ConditionUse(str(TUNERS[kind]), condition),)),
+        replace(plain, conditions=(ConditionUse(str(TUNERS[kind]), condition, mask=mask),)),
+    )]
+    base, full, masked = (np.asarray(image, dtype=np.float32) for image in images)
     inside, outside = np.s_[:, :half], np.s_[:, half:]
-    return {
+    measured = {
         "effect_inside": float(np.abs(full - base)[inside].mean()),
         "effect_outside": float(np.abs(full - base)[outside].mean()),
         "leak": float(np.abs(masked - base)[outside].mean() / np.abs(full - base)[outside].mean()),
         "miss": float(np.abs(masked - full)[inside].mean() / np.abs(full - base)[inside].mean()),
     }
+    if kind == "canny":
+        wanted = np.asarray(condition)[..., 0] > 0
+        f1 = {
+            side: [edge_f1(wanted[half_slice], canny_edges(image)[half_slice]) for image in images]
+            for side, half_slice in (("inside", inside), ("outside", outside))
+        }
+        (plain_in, full_in, masked_in), (plain_out, full_out, masked_out) = f1["inside"], f1["outside"]
+        measured.update({
+            "f1_inside_plain_full_masked": f1["inside"], "f1_outside_plain_full_masked": f1["outside"],
+            "edge_leak": masked_out - plain_out,
+            "edge_miss": (full_in - masked_in) / (full_in - plain_in),
+        })
+    return measured
 
 
 def main() -> None:

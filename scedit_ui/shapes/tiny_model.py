@@ -378,6 +378,10 @@ class TinyModelConfig:
     # second named shape that its first step spreads over every cell for a few steps more (docs/tiny-model.md), and
     # only the model's own later latents show it those.
     position_rollout_steps: int = 1
+    # The share of that share's scenes of several shapes captioned with the cell of one shape only, that shape's
+    # clause last: the built-in model places the first-named shape and spreads later ones over every cell
+    # (docs/tiny-model.md), and here only a later clause says where a shape goes.
+    position_cell_last_fraction: float = 0.0
     # The share of each batch given to one-shape scenes captioned as plain prompts ("a red circle on a white
     # background"), at the last `position_timesteps` timesteps and started from the model's own first step, with
     # the shape moved to the cell where that first step drew most of it: an unnamed cell is the model's choice,
@@ -690,6 +694,15 @@ def _shapes_moved_to_highest_cells(cell_scores: torch.Tensor, scenes: Sequence[S
     return moved
 
 
+def scene_with_one_cell_last(scene: Scene, index: int) -> Scene:
+    """``scene`` for its caption: shape ``index`` moved last and the only one with its cell named (a scene of one
+    shape stays as it is)."""
+    if len(scene.shapes) == 1:
+        return scene
+    others = tuple(replace(shape, position=None) for i, shape in enumerate(scene.shapes) if i != index)
+    return replace(scene, shapes=others + (scene.shapes[index],))
+
+
 def _scenes_of_at_most(cache: LatentCache, shapes: int, field: str) -> torch.Tensor:
     """Indices of the cached scenes that hold at most ``shapes`` shapes; ``field`` is the setting that asks for them."""
     indices = torch.tensor([i for i, scene in enumerate(cache.scenes) if len(scene.shapes) <= shapes], dtype=torch.long)
@@ -826,9 +839,17 @@ def train_unet(
             idx[free + positioned :] = one_shape[torch.randint(0, len(one_shape), (plain,), generator=g)]
         x0 = cache.latents[idx]
         scenes = [cache.scenes[i] for i in idx.tolist()]
+        positioned_scenes = scenes[free : free + positioned]
+        if cfg.position_cell_last_fraction:  # drawn only when on, so runs without it repeat exactly
+            chosen = torch.rand(positioned, generator=g) < cfg.position_cell_last_fraction
+            which = torch.rand(positioned, generator=g).tolist()  # x the number of shapes: the one named last
+            positioned_scenes = [
+                scene_with_one_cell_last(scene, int(which[i] * len(scene.shapes))) if chosen[i] else scene
+                for i, scene in enumerate(positioned_scenes)
+            ]
         captions = (
             training_captions(scenes[:free], cfg.seed, step)
-            + [world.caption(scene) for scene in scenes[free : free + positioned]]
+            + [world.caption(scene) for scene in positioned_scenes]
             + [world.plain_prompt(scene) for scene in scenes[free + positioned :]]
         )
         ids = tokenize(tokenizer, captions)
@@ -1093,6 +1114,8 @@ def train(
         raise UserInputError("position_fraction needs zero_terminal_snr: only then does the last timestep hide the layout")
     if cfg.position_rollout and not cfg.position_fraction:
         raise UserInputError("position_rollout needs position_fraction: it changes how that share of each batch starts")
+    if cfg.position_cell_last_fraction and not cfg.position_fraction:
+        raise UserInputError("position_cell_last_fraction needs position_fraction: it captions part of that share")
     if not 1 <= cfg.position_rollout_steps <= EVAL_STEPS:
         raise UserInputError(f"position_rollout_steps must be between 1 and {EVAL_STEPS}, got {cfg.position_rollout_steps}")
     if cfg.position_rollout_steps > 1 and not cfg.position_rollout:

@@ -375,8 +375,8 @@ class TinyModelConfig:
     # With position_rollout, that share starts after 1 to this many steps of the model's own guided sampling
     # (EVAL_STEPS trailing DDIM steps; the number drawn per training step), its timesteps as many sampler steps lower.
     # One step teaches the model to remove the bumps its first step leaves; sampling then grows the copies of a
-    # second named shape that its first step spreads over every cell for a few steps more (docs/tiny-model.md), and
-    # only the model's own later latents show it those.
+    # second named shape that its first step spreads over every cell for a few steps more, and only the model's own
+    # later latents show it those (docs/tiny-model.md: 4 steps for 1,000 steps gave position +0.04, count no gain).
     position_rollout_steps: int = 1
     # The share of that share's scenes of several shapes captioned with the cell of one shape only, that shape's
     # clause last: the built-in model places the first-named shape and spreads later ones over every cell

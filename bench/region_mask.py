@@ -73,7 +73,7 @@ def measure(manager: ModelManager, kind: str, seed: int, steps: int, size: int) 
             side: [edge_f1(wanted[half_slice], canny_edges(image)[half_slice]) for image in images]
             for side, half_slice in (("inside", inside), ("outside", outside))
         }
-        (plain_in, full_in, masked_in), (plain_out, full_out, masked_out) = f1["inside"], f1["outside"]
+        (plain_in, full_in, masked_in), (plain_out, _, masked_out) = f1["inside"], f1["outside"]
         measured.update({
             "f1_inside_plain_full_masked": f1["inside"], "f1_outside_plain_full_masked": f1["outside"],
             "edge_leak": masked_out - plain_out,

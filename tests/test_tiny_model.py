@@ -715,10 +715,11 @@ def test_sampled_latent_continues_the_models_own_guided_ddim_sampling():
     noise, text, empty = torch.randn(2, 4, 8, 8), torch.ones(2, 77, 8), torch.zeros(1, 77, 8)
     first = tiny_model.first_step_clean_latent(FixedV(), noise, text, empty, scheduler)
     timesteps = torch.tensor([940, 900])
-    one_step = tiny_model.sampled_latent(FixedV(), first, noise, text, empty, scheduler, 1, timesteps)
+    visited = tiny_model.sampler_timesteps(scheduler)
+    one_step = tiny_model.sampled_latent(FixedV(), first, noise, text, empty, scheduler, visited[:1], timesteps)
     assert torch.allclose(one_step, scheduler.add_noise(first, noise, timesteps))
     seen.clear()
-    two_steps = tiny_model.sampled_latent(FixedV(), first, noise, text, empty, scheduler, 2, timesteps)
+    two_steps = tiny_model.sampled_latent(FixedV(), first, noise, text, empty, scheduler, visited[:2], timesteps)
     assert seen == [949, 949]  # the second sampling step, with and without the prompt
     latent = scheduler.add_noise(first, noise, torch.tensor(949))
     clean, predicted_noise = tiny_model.guided_prediction(FixedV(), latent, 949, text, empty, scheduler)

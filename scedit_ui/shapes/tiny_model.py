@@ -759,16 +759,15 @@ def sampled_latent(
     text: torch.Tensor,
     empty_text: torch.Tensor,
     scheduler: DDIMScheduler,
-    steps: int,
+    visited: Sequence[int],
     timesteps: torch.Tensor,
 ) -> torch.Tensor:
-    """The latent the model's own guided DDIM sampling from pure ``noise`` reaches after ``steps`` of its
-    EVAL_STEPS steps, put at ``timesteps`` (one per row) as DDIM puts it; ``first_step`` is the first step's clean
-    latent (:func:`first_step_clean_latent`). One step gives ``scheduler.add_noise(first_step, noise, timesteps)``:
-    at zero SNR the first step's noise prediction is its input."""
-    visited = sampler_timesteps(scheduler)
+    """The latent the model's own guided DDIM sampling from pure ``noise`` reaches after the steps at ``visited``
+    (the first of :func:`sampler_timesteps`), put at ``timesteps`` (one per row) as DDIM puts it; ``first_step`` is
+    the first step's clean latent (:func:`first_step_clean_latent`). One step gives ``scheduler.add_noise(first_step,
+    noise, timesteps)``: at zero SNR the first step's noise prediction is its input."""
     clean, predicted_noise = first_step, noise
-    for timestep in visited[1:steps]:
+    for timestep in visited[1:]:
         latent = scheduler.add_noise(clean, predicted_noise, torch.tensor(timestep))
         clean, predicted_noise = guided_prediction(unet, latent, timestep, text, empty_text, scheduler)
     return scheduler.add_noise(clean, predicted_noise, timesteps)
@@ -825,6 +824,8 @@ def train_unet(
     if plain:
         one_shape = _scenes_of_at_most(cache, 1, "plain_rollout_fraction")
         vae = vae.to(device).eval()
+    if cfg.position_rollout_steps > 1:
+        visited = sampler_timesteps(scheduler)
     if positioned:  # scenes of few shapes for that share of each batch (their canonical caption names every cell)
         few_shapes = _scenes_of_at_most(cache, cfg.position_shapes, "position_fraction")
     unet.train()
@@ -864,7 +865,7 @@ def train_unet(
         rollout_steps = 1
         if cfg.position_rollout_steps > 1:  # drawn only when on, so runs without it repeat exactly
             rollout_steps = int(torch.randint(1, cfg.position_rollout_steps + 1, (1,), generator=g))
-            below_last = scheduler.config.num_train_timesteps - 1 - sampler_timesteps(scheduler)[rollout_steps - 1]
+            below_last = scheduler.config.num_train_timesteps - 1 - visited[rollout_steps - 1]
             t[free : free + positioned] = (t[free : free + positioned] - below_last).clamp(min=0)
         noisy = scheduler.add_noise(x0, noise, t)
         text = text_encoder(ids.to(device))[0]
@@ -886,7 +887,7 @@ def train_unet(
                 rows = slice(free, free + positioned)
                 noisy[rows] = sampled_latent(
                     unet, first_step[:positioned].to(device), noise[rows].to(device), text[rows].detach(), empty_text,
-                    scheduler, rollout_steps, t[rows].to(device),
+                    scheduler, visited[:rollout_steps], t[rows].to(device),
                 ).cpu()
             # The noise that takes the scene to that latent: the v target below then asks for the scene.
             alpha_bar = scheduler.alphas_cumprod[t[started:]].view(-1, 1, 1, 1)

@@ -220,6 +220,39 @@ def test_style_score_rejects_unknown_styles():
         style_score(Image.new("RGB", (64, 64)), "cubism")
 
 
+def test_each_clause_is_scored_for_its_cell_in_the_prompts_order():
+    """The first-named shape in its cell, the second in the wrong one, and one shape nobody asked for."""
+    drawn = Scene(
+        (
+            ShapeSpec("square", "red", "top left", "medium"),
+            ShapeSpec("circle", "blue", "bottom right", "medium"),
+            ShapeSpec("star", "yellow", "center", "medium"),
+        ),
+        "white",
+    )
+    prompt = "a red square at the top left and a blue circle at the top right on a white background"
+    a = score_adherence(render_scene(drawn), prompt)
+    assert a.cells_correct == (True, False)
+    assert a.position_correct == 0.5
+    assert a.extra_blobs == 1
+    assert score_adherence(render_scene(drawn), "a red square on a white background").cells_correct == (None,)
+
+
+def test_evaluation_reports_position_by_clause_over_prompts_of_several_shapes():
+    def second_shape_moved(prompt: str, seed: int) -> Image.Image:
+        scene = sample_scene(seed, split="heldout")
+        if len(scene.shapes) > 1:
+            second = scene.shapes[1]
+            elsewhere = "top left" if second.position == "bottom right" else "bottom right"
+            scene = replace(scene, shapes=(scene.shapes[0], replace(second, position=elsewhere), *scene.shapes[2:]))
+        return render_scene(scene)
+
+    report = evaluate_adherence(second_shape_moved, n=24, seed=5)
+    first, second = report.clause_position_accuracy[:2]
+    assert first >= 0.9 and second <= 0.2
+    assert abs(report.extra_blobs) < 0.2
+
+
 @pytest.mark.parametrize("prompts", PROMPT_SETS)
 def test_evaluation_prompt_sets_score_their_own_scenes_as_right(prompts):
     """A generator that draws exactly the prompted scene scores (near) 1 on every metric the set measures."""

@@ -25,6 +25,9 @@ Metrics (:func:`score_adherence`, against a :class:`~scedit_ui.shapes.world.Scen
 - **position_correct** — fraction of the prompted shapes *with a position* whose matched blob (same
   colour) lies in the prompted grid cell; ``None`` when the prompt names no position.
 - **count_correct** — the number of blobs equals the number of prompted shapes.
+- **cells_correct** — per prompted shape, in the prompt's order: whether its matched blob lies in its cell
+  (``None`` for a shape without a position); how well the first, second, ... clause is placed.
+- **extra_blobs** — blobs found minus shapes prompted (negative when shapes are missing).
 - **overall** — mean of the five (booleans as 0/1; of four when position is ``None``).
 
 :func:`style_score` in [0, 1] measures one style without reference to the prompt:
@@ -45,7 +48,7 @@ Metrics (:func:`score_adherence`, against a :class:`~scedit_ui.shapes.world.Scen
 from __future__ import annotations
 
 import re
-from dataclasses import astuple, dataclass
+from dataclasses import dataclass
 
 import cv2
 import numpy as np
@@ -96,10 +99,13 @@ class Adherence:
     count_correct: bool
     background_correct: bool
     position_correct: float | None  # None when the prompt names no position
+    cells_correct: tuple[bool | None, ...] = ()
+    extra_blobs: int = 0
 
     @property
     def overall(self) -> float:
-        return float(np.mean([float(v) for v in astuple(self) if v is not None]))
+        five = (self.color_correct, self.shape_correct, self.count_correct, self.background_correct, self.position_correct)
+        return float(np.mean([float(v) for v in five if v is not None]))
 
 
 # ---------------------------------------------------------------------------- segmentation
@@ -354,15 +360,18 @@ def score_adherence(image, scene_or_prompt: Scene | str) -> Adherence:
     matched = _match(list(scene.shapes), detected)
     k = len(scene.shapes)
     pairs = [(p, d) for p, d in zip(scene.shapes, matched) if d is not None]
-    placed = [p for p in scene.shapes if p.position is not None]
+    cells_correct = tuple(
+        None if p.position is None else d is not None and d.position == p.position for p, d in zip(scene.shapes, matched)
+    )
+    placed = [c for c in cells_correct if c is not None]
     return Adherence(
         color_correct=len(pairs) / k,
         shape_correct=sum(p.kind == d.kind for p, d in pairs) / k,
         count_correct=len(detected) == k,
         background_correct=detect_background(image) == scene.background,
-        position_correct=(
-            sum(p.position == d.position for p, d in pairs if p.position is not None) / len(placed) if placed else None
-        ),
+        position_correct=sum(placed) / len(placed) if placed else None,
+        cells_correct=cells_correct,
+        extra_blobs=len(detected) - k,
     )
 
 

@@ -354,8 +354,13 @@ def _add_eval_command(subparsers: argparse._SubParsersAction) -> None:
         if args.json:
             print(json.dumps(values, indent=2))
         else:
+            def shown(value) -> str:
+                if isinstance(value, list):  # per clause
+                    return " / ".join(shown(v) for v in value) or "-"
+                return f"{value:.3f}" if isinstance(value, float) else str(value)
+
             for key, value in values.items():
-                print(f"{key:<22} {value:.3f}" if isinstance(value, float) else f"{key:<22} {value}")
+                print(f"{key:<25} {shown(value)}")
         return 0
 
     command.set_defaults(handler=run)

@@ -3,6 +3,7 @@
 import gzip
 import json
 import logging
+import re
 import shutil
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -15,6 +16,7 @@ from PIL import ImageFilter
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
+from scedit_ui.cli import main
 from scedit_ui.model_manager import ModelManager
 from scedit_ui.request import ConditionUse, GenerationRequest
 from scedit_ui.shapes import tiny_model, world
@@ -788,3 +790,11 @@ def test_position_cell_last_fraction_captions_part_of_the_positioned_share_so(tm
     assert several  # the cache's scenes hold 1-3 shapes
     for shapes in several:
         assert shapes[-1].position is not None and all(shape.position is None for shape in shapes[:-1])
+
+
+def test_eval_adherence_prints_the_position_of_each_clause(capsys):
+    """Prompt 0 of the held-out set names two shapes, prompt 1 one: two clauses are scored, each a fraction."""
+    assert main(["eval", "adherence", "--n", "2", "--steps", "4"]) == 0
+    lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if line.strip()}
+    assert re.fullmatch(r"clause_position_accuracy\s+[01]\.\d{3} / [01]\.\d{3}", lines["clause_position_accuracy"])
+    assert re.fullmatch(r"extra_blobs\s+-?\d+\.\d{3}", lines["extra_blobs"])

@@ -453,6 +453,11 @@ def _add_train_command(subparsers: argparse._SubParsersAction) -> None:
     )
     command.add_argument("--down-ratio", type=float, default=1.0, help="sc: adapter mid width / channels")
     command.add_argument("--kernel", type=int, choices=(1, 3), help="sc: adapter kernel (default 3: learns textures; 1: the paper's, per pixel); csc: cascade conv kernel (default 1)")
+    command.add_argument(
+        "--position-features", action=argparse.BooleanOptionalAction, default=None,
+        help="sc: the adapters also see where they are on the canvas, so a periodic style is drawn, not grown from the "
+        "noise (default: on; off for the paper's adapters or to continue a file without them)",
+    )
     command.add_argument("--fp16", action="store_true", help="save fp16 weights (half the file)")
     command.add_argument(
         "--no-calibrate", dest="calibrate", action="store_false",
@@ -478,7 +483,7 @@ def _add_train_command(subparsers: argparse._SubParsersAction) -> None:
             trigger=args.trigger, remove_words=tuple(args.remove_word), resolution=args.resolution, seed=args.seed,
             preview_prompts=tuple(args.preview_prompt),
             gradient_checkpointing=args.gradient_checkpointing, optimizer=args.optimizer, down_ratio=args.down_ratio,
-            kernel_size=args.kernel,
+            kernel_size=args.kernel, position_features=args.position_features,
             base_model=args.model, work_dir=Path(args.work_dir) if args.work_dir else None, resume=args.resume,
             init_from=Path(args.init) if args.init else None,
             shapes_images=args.images, save_dtype="float16" if args.fp16 else "float32", device=args.device, calibrate=args.calibrate,

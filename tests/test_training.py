@@ -25,6 +25,7 @@ from scedit_ui.training import (
     trainer,
 )
 from tuners import load_tuner
+from tuners.sc_tuner import POSITION_CHANNELS
 from tuners.validation import UserInputError
 
 
@@ -131,6 +132,7 @@ def test_bad_data_fails_with_a_clear_error_before_any_step(problem, message, ima
         (dict(resolution=100), "multiple of 8"),
         (dict(steps=0), "steps"),
         (dict(data="shapes:watercolour"), "unknown Shapes-world style"),
+        (dict(kind="csc", condition="canny", position_features=True), "position features are for SC tuners"),
     ],
 )
 def test_bad_settings_fail_before_any_step(overrides, message, tmp_path, random_sd_folder):
@@ -168,7 +170,7 @@ def test_sc_output_loads_and_carries_its_metadata(image_folder, tmp_path, random
     assert metadata.training["steps"] == 3 and metadata.training["dataset_size"] == 3
     assert metadata.training["base_model"] == str(random_sd_folder) and metadata.training["training_seconds"] >= 0
     assert (metadata.default_scale, metadata.default_conditional_only) == (1.0, False)  # not calibrated: the paper's way
-    assert tuner.adapters[0].ln1.weight.shape[:2] == (4, 8)  # int(8 · 0.5) from 8 channels
+    assert tuner.adapters[0].ln1.weight.shape[:2] == (4, 8 + POSITION_CHANNELS)  # int(8 · 0.5) from 8 channels and the position
     assert all(t.dtype == torch.float16 for t in load_file(str(result.output)).values())
 
 
@@ -374,6 +376,7 @@ def test_cli_prints_step_loss_time_left_and_previews_then_the_output_path(tmp_pa
     metadata = load_tuner(out)[1]
     assert metadata.trigger_word == "<sce>"
     assert metadata.kernel_size == 3  # an SC tuner's default adapter sees its neighbours (textures)
+    assert metadata.position_features is True  # ... and where it is on the canvas
     # after training, the default use is measured (calibration) and printed
     assert lines[-1] == calibration.describe_default(metadata) and lines[-1].startswith("default use, measured on new prompts: scale ")
     measured = [calibration.CandidateScore(**c) for c in metadata.training["default_use_measured"]["candidates"]]

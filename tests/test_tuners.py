@@ -36,6 +36,7 @@ from tuners import (
 from tuners.__main__ import parameter_report
 from tuners.editor import TEXTURE_BLUR_SIGMA, high_pass
 from tuners.reference_configs import REFERENCE_UNET_CONFIGS
+from tuners.sc_tuner import POSITION_CHANNELS, mid_width, position_features
 
 
 def randomise(module: nn.Module, seed: int = 0) -> nn.Module:
@@ -187,6 +188,33 @@ def test_a_3x3_sc_tuner_sees_neighbours_and_round_trips_its_kernel(tiny_unet, un
     assert torch.equal(loaded.delta(0, x), tuner.delta(0, x))
     with pytest.raises(ValueError, match="kernel_size must be 1 or 3"):
         SCTuner(layout, kernel_size=5)
+
+
+def test_position_features_let_an_sc_adapter_tell_places_apart_and_round_trip(tiny_unet, tmp_path):
+    layout = SkipLayout.from_unet(tiny_unet)
+    plain = SCTuner(layout, 0.5, kernel_size=3)
+    tuner = SCTuner(layout, 0.5, kernel_size=3, position_features=True)
+    added = sum(p.numel() for p in tuner.parameters()) - sum(p.numel() for p in plain.parameters())
+    assert added == sum(POSITION_CHANNELS * mid_width(c, 0.5) * 9 for c in layout.channels)  # ln1 reads 64 more inputs
+    x = torch.ones(1, layout.channels[-1], 5, 7)  # the same skip value everywhere, at the deepest skip
+    assert tuner.delta(len(layout.channels) - 1, x).abs().max() == 0  # zero-initialised: adds nothing untrained
+    randomise(tuner)
+    delta = tuner.delta(len(layout.channels) - 1, x)
+    assert (delta[..., 2, 3] - delta[..., 2, 4]).abs().max() > 1e-4  # one value, two places, two outputs
+    assert delta.shape == x.shape
+    save_tuner(tuner, tmp_path / "where.safetensors", TunerMetadata.describe(tuner, "tiny"))
+    loaded, metadata = load_tuner(tmp_path / "where.safetensors")
+    assert metadata.position_features is True and loaded.config.position_features
+    assert torch.equal(loaded.delta(0, torch.ones(1, layout.channels[0], 4, 4)), tuner.delta(0, torch.ones(1, layout.channels[0], 4, 4)))
+
+
+def test_position_features_are_sinusoids_at_each_skip_pixels_place_in_the_latent():
+    fine = position_features(8, 8, 1, torch.device("cpu"), torch.float32)
+    coarse = position_features(4, 4, 2, torch.device("cpu"), torch.float32)
+    assert fine.shape == (1, POSITION_CHANNELS, 8, 8)
+    assert torch.allclose(fine[0, 0, 0, 0], torch.sin(torch.tensor(2 * torch.pi * 0.5 / 2.0)), atol=1e-6)
+    # first channels: sine and cosine along x, period 2 latent pixels; a pixel of a skip at half size is centred at 1.0
+    assert torch.allclose(coarse[0, 1, 0, 0], torch.cos(torch.tensor(2 * torch.pi * 1.0 / 2.0)), atol=1e-6)
 
 
 def test_a_fresh_csc_tuner_passes_a_sparse_condition_to_every_skip_at_a_trainable_scale(tiny_unet, unet_inputs):
@@ -616,11 +644,12 @@ def test_a_files_default_use_survives_the_round_trip_and_older_files_get_the_pap
     new = read_metadata(tmp_path / "new.safetensors")
     assert (new.default_scale, new.default_conditional_only) == (0.5, True)
     header = json.loads(read_metadata_json(tmp_path / "new.safetensors"))
-    old = {k: v for k, v in header.items() if not k.startswith("default_") and k != "kernel_size"}
+    old = {k: v for k, v in header.items() if not k.startswith("default_") and k not in ("kernel_size", "position_features")}
     save_file(tuner.state_dict(), tmp_path / "old.safetensors", metadata={"scedit": json.dumps({**old, "version": 2})})
     metadata = read_metadata(tmp_path / "old.safetensors")
     assert (metadata.default_scale, metadata.default_conditional_only, metadata.default_texture, metadata.kernel_size) == (1.0, False, False, None)
     assert load_tuner(tmp_path / "old.safetensors")[0].config.kernel_size == 1  # a file before kernels: per pixel
+    assert not load_tuner(tmp_path / "old.safetensors")[0].config.position_features
 
 
 def read_metadata_json(path) -> str:

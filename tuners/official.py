@@ -35,6 +35,7 @@ from tuners.io import Tuner, TunerFileError, TunerMetadata, load_exactly
 from tuners.layout import LayoutMismatchError, SkipLayout, SkipShape
 from tuners.reference_configs import REFERENCE_UNET_CONFIGS
 from tuners.sc_tuner import SCTuner, mid_width
+from tuners.validation import UserInputError
 
 ADAPTER_FOLDER = "0_SwiftSCETuning"  # the sub-folder SCEPTER reads (swift's adapter name)
 OFFICIAL_FILES = ("pytorch_model.bin", "adapter_model.safetensors", "adapter_model.bin")
@@ -372,6 +373,13 @@ def export_official(tuner: Tuner, metadata: TunerMetadata, folder: str | Path) -
 
     The folder is built in a temporary sibling and renamed into place: a failed export leaves nothing.
     """
+    if isinstance(tuner, SCTuner) and (tuner.config.kernel_size != 1 or tuner.config.position_features):
+        # SCEPTER's and swift's SC adapter is two Linear layers on the skip's channels: nothing else loads there.
+        raise UserInputError(
+            f"this SC tuner's adapters are not the paper's (kernel {tuner.config.kernel_size}, position features "
+            f"{'on' if tuner.config.position_features else 'off'}), so SCEPTER and swift cannot load them; only tuners "
+            "trained with --kernel 1 --no-position-features export to the official layout"
+        )
     folder = Path(folder)
     if folder.exists() and any(folder.iterdir()):
         raise FileExistsError(f"{folder} already exists and is not empty; choose a new folder for the export")

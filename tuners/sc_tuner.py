@@ -1,6 +1,7 @@
 """SC-Tuner: a zero-initialised adapter on every skip connection (SCEdit, Eq. 5-6)."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -15,6 +16,23 @@ def mid_width(channels: int, down_ratio: float) -> int:
 
 
 KERNEL_SIZES = (1, 3)
+# Position features: sine and cosine of each skip pixel's place in the latent along these directions and periods
+# (latent pixels). A periodic style sits at a fixed phase on the canvas of its pictures (the renderer's stripes and
+# dots, a user's hatching drawn with one ruler); seeing where it is, the adapter can draw the pattern instead of
+# growing it out of the noise (docs/training.md: more style at the same colour accuracy).
+POSITION_DIRECTIONS = ((1, 0), (0, 1), (1, 1), (1, -1))
+POSITION_PERIODS = (2.0, 2.5, 3.0, 3.5, 4.0, 5.0, 6.0, 8.0)
+POSITION_CHANNELS = 2 * len(POSITION_DIRECTIONS) * len(POSITION_PERIODS)
+
+
+def position_features(height: int, width: int, stride: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """(1, POSITION_CHANNELS, height, width): the sinusoids at the centres of a skip's pixels, `stride` latent
+    pixels apart."""
+    rows = (torch.arange(height, device=device, dtype=torch.float32) + 0.5) * stride
+    columns = (torch.arange(width, device=device, dtype=torch.float32) + 0.5) * stride
+    v, u = torch.meshgrid(rows, columns, indexing="ij")
+    phases = [2 * math.pi * (a * u + b * v) / period for a, b in POSITION_DIRECTIONS for period in POSITION_PERIODS]
+    return torch.stack([f(phase) for phase in phases for f in (torch.sin, torch.cos)])[None].to(dtype)
 
 
 class SkipAdapter(nn.Module):
@@ -23,14 +41,18 @@ class SkipAdapter(nn.Module):
     neighbours. A pointwise adapter can only amplify whatever pattern the noise starts with, so a periodic texture
     (stripes, dots, hatching) shows weakly; the 3×3 one learns it (docs/training.md).
 
+    With `position_stride` (the skip's pixel size in latent pixels) `W_down` also reads `position_features`.
+
     `W_up` starts at zero, so the adapter adds nothing before training. Weights may live in a
     different dtype than the skip (fp32 tuner on an fp16 UNet); the input is cast to match.
     Parameter names `ln1` / `ln2` follow the reference implementation.
     """
 
-    def __init__(self, channels: int, mid_channels: int, kernel_size: int = 1) -> None:
+    def __init__(self, channels: int, mid_channels: int, kernel_size: int = 1, position_stride: int | None = None) -> None:
         super().__init__()
-        self.ln1 = nn.Linear(channels, mid_channels) if kernel_size == 1 else nn.Conv2d(channels, mid_channels, kernel_size, padding=kernel_size // 2)
+        self.position_stride = position_stride
+        inputs = channels + (POSITION_CHANNELS if position_stride is not None else 0)
+        self.ln1 = nn.Linear(inputs, mid_channels) if kernel_size == 1 else nn.Conv2d(inputs, mid_channels, kernel_size, padding=kernel_size // 2)
         self.activate = nn.GELU()
         self.ln2 = nn.Linear(mid_channels, channels)
         nn.init.zeros_(self.ln2.weight)
@@ -38,6 +60,9 @@ class SkipAdapter(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x_in = x.to(self.ln1.weight.dtype)
+        if self.position_stride is not None:
+            where = position_features(x.shape[2], x.shape[3], self.position_stride, x.device, x_in.dtype)
+            x_in = torch.cat([x_in, where.expand(x.shape[0], -1, -1, -1)], dim=1)
         if isinstance(self.ln1, nn.Conv2d):
             hidden = self.ln1(x_in).permute(0, 2, 3, 1)
         else:
@@ -47,31 +72,39 @@ class SkipAdapter(nn.Module):
 
 @dataclass(frozen=True)
 class SCTunerConfig:
-    """Everything an SC-Tuner's weights depend on: the skips, the adapters' width ratio and their kernel."""
+    """Everything an SC-Tuner's weights depend on: the skips, the adapters' width ratio, their kernel and whether
+    they see position features."""
 
     shape: SkipShape
     down_ratio: float = 1.0
     kernel_size: int = 1
+    position_features: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.down_ratio, bool) or not isinstance(self.down_ratio, (int, float)) or not 0 < self.down_ratio <= 4:
             raise ValueError(f"down_ratio must be a number in (0, 4], got {self.down_ratio!r}")
         if self.kernel_size not in KERNEL_SIZES:
             raise ValueError(f"kernel_size must be 1 or 3, got {self.kernel_size!r}")
+        if not isinstance(self.position_features, bool):
+            raise ValueError(f"position_features must be true or false, got {self.position_features!r}")
         object.__setattr__(self, "shape", self.shape.shape)  # a SkipLayout's routing is not part of a tuner
 
 
 class SCTuner(nn.Module):
     """One `SkipAdapter` per skip g; the edited skip is `x_g + scale · adapter_g(x_g)` (Eq. 6)."""
 
-    def __init__(self, shape: SkipShape, down_ratio: float = 1.0, kernel_size: int = 1) -> None:
+    def __init__(self, shape: SkipShape, down_ratio: float = 1.0, kernel_size: int = 1, position_features: bool = False) -> None:
         super().__init__()
-        self.config = SCTunerConfig(shape, down_ratio, kernel_size)
-        self.adapters = nn.ModuleList(SkipAdapter(c, mid_width(c, down_ratio), kernel_size) for c in self.config.shape.channels)
+        self.config = SCTunerConfig(shape, down_ratio, kernel_size, position_features)
+        shape = self.config.shape
+        self.adapters = nn.ModuleList(
+            SkipAdapter(c, mid_width(c, down_ratio), kernel_size, 2 ** shape.downsamples_before(g) if position_features else None)
+            for g, c in enumerate(shape.channels)
+        )
 
     @classmethod
     def from_config(cls, config: SCTunerConfig) -> SCTuner:
-        return cls(config.shape, config.down_ratio, config.kernel_size)
+        return cls(config.shape, config.down_ratio, config.kernel_size, config.position_features)
 
     @property
     def shape(self) -> SkipShape:

@@ -25,7 +25,7 @@ OPTIMIZERS = ("adamw", "adamw-fused", "adamw-8bit")
 # What a checkpoint must share with the run that resumes it (steps may grow: training continues).
 _RESUME_KEYS = (
     "kind", "condition", "condition_params", "data", "trigger", "remove_words", "batch_size", "learning_rate",
-    "weight_decay", "resolution", "seed", "down_ratio", "kernel_size", "base_model", "shapes_images", "caption_dropout",
+    "weight_decay", "resolution", "seed", "down_ratio", "kernel_size", "position_features", "base_model", "shapes_images", "caption_dropout",
     "preserve_base_above", "init_from",
     "optimizer",  # 8-bit AdamW's state does not load into torch's AdamW
 )
@@ -67,6 +67,9 @@ class TrainingConfig:
     # SC: the adapters' first layer (3: sees neighbours, learns a periodic texture; 1: per pixel, the paper's);
     # CSC: the cascade convs. None: the kind's default (SC 3, CSC 1), chosen by measurement (docs/training.md).
     kernel_size: int | None = None
+    # SC: the adapters also read sinusoids of the canvas position (`tuners.sc_tuner.position_features`). None: on
+    # for SC, chosen by measurement (docs/training.md); CSC tuners have no such input.
+    position_features: bool | None = None
     base_model: str = ""  # "" = the built-in tiny model
     work_dir: Path | None = None  # checkpoints and previews; default runs/tuners/<out name>
     resume: bool = False
@@ -82,6 +85,11 @@ class TrainingConfig:
     def kernel(self) -> int:
         """The kernel size this run uses."""
         return self.kernel_size or (3 if self.kind == "sc" else 1)
+
+    @property
+    def positions(self) -> bool:
+        """Whether this run's SC adapters read position features."""
+        return self.kind == "sc" if self.position_features is None else self.position_features
 
     @property
     def work(self) -> Path:
@@ -115,6 +123,8 @@ class TrainingConfig:
         check_number("down ratio", self.down_ratio, 1e-3, 4.0)
         if self.kernel_size not in (None, 1, 3):
             raise UserInputError(f"kernel size must be 1 or 3, got {self.kernel_size!r}")
+        if self.position_features and self.kind != "sc":
+            raise UserInputError("position features are for SC tuners (--kind sc); a CSC tuner reads its condition image")
         if self.resolution is not None:
             check_number("resolution", self.resolution, 64, 2048, integer=True)
             if self.resolution % 8:

@@ -308,10 +308,11 @@ def test_an_interrupted_run_resumes_to_the_same_weights_as_an_uninterrupted_one(
     assert all(torch.allclose(expected[k], actual[k], atol=1e-6) for k in expected)
 
 
-def test_resume_refuses_a_checkpoint_of_different_settings(tmp_path, random_sd_folder):
+@pytest.mark.parametrize("change, field", [(dict(batch_size=1), "batch_size"), (dict(position_features=False), "position_features")])
+def test_resume_refuses_a_checkpoint_of_different_settings(tmp_path, random_sd_folder, change, field):
     train_tuner(config_for(tmp_path, random_sd_folder, steps=2))
-    with pytest.raises(UserInputError, match="differs in batch_size"):
-        train_tuner(config_for(tmp_path, random_sd_folder, steps=4, batch_size=1, resume=True), progress=never_called)
+    with pytest.raises(UserInputError, match=f"differs in {field}"):
+        train_tuner(config_for(tmp_path, random_sd_folder, steps=4, resume=True, **change), progress=never_called)
 
 
 def test_a_crash_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, random_sd_folder, monkeypatch):

@@ -150,7 +150,8 @@ class TrainingConfig:
 
     def identity(self) -> dict[str, Any]:
         """The fields a resumed run must share with its checkpoint, as JSON-friendly values."""
-        data = asdict(self)
+        # The resolved value: a checkpoint from before position features (None there) must not pass for one with them.
+        data = asdict(self) | {"position_features": self.positions}
         return json.loads(json.dumps({key: data[key] for key in _RESUME_KEYS}, default=str))
 
 

@@ -824,8 +824,7 @@ def train_unet(
     if plain:
         one_shape = _scenes_of_at_most(cache, 1, "plain_rollout_fraction")
         vae = vae.to(device).eval()
-    if cfg.position_rollout_steps > 1:
-        visited = sampler_timesteps(scheduler)
+    visited = sampler_timesteps(scheduler)  # the sampler's own steps, for rollouts over more than the first
     if positioned:  # scenes of few shapes for that share of each batch (their canonical caption names every cell)
         few_shapes = _scenes_of_at_most(cache, cfg.position_shapes, "position_fraction")
     unet.train()

@@ -798,3 +798,58 @@ def test_eval_adherence_prints_the_position_of_each_clause(capsys):
     lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if line.strip()}
     assert re.fullmatch(r"clause_position_accuracy\s+[01]\.\d{3} / [01]\.\d{3}", lines["clause_position_accuracy"])
     assert re.fullmatch(r"extra_blobs\s+-?\d+\.\d{3}", lines["extra_blobs"])
+
+
+def test_layout_targets_name_each_clauses_cell_and_nothing_elsewhere_only_when_every_cell_is_named():
+    colours, kinds = tiny_model.layout_targets([
+        "a red circle at the top left and a blue star on a white background",  # the star's cell is not named
+        "one small gray ring in the centre, in the middle of nothing",  # not a scene
+        "a small green ring at the bottom right and one yellow square in the middle on pink background",
+    ])
+    unknown, top_left, center, bottom_right = tiny_model.UNKNOWN_CELL, 0, 4, 8
+    colour_names = list(world.COLORS)
+    assert colours[0, top_left] == colour_names.index("red") and kinds[0, top_left] == world.SHAPES.index("circle")
+    assert (colours[0, 1:] == unknown).all() and (kinds[0, 1:] == unknown).all()
+    assert (colours[1] == unknown).all()
+    assert colours[2, center] == colour_names.index("yellow") and kinds[2, center] == world.SHAPES.index("square")
+    assert colours[2, bottom_right] == colour_names.index("green") and kinds[2, bottom_right] == world.SHAPES.index("ring")
+    nothing = [i for i in range(9) if i not in (center, bottom_right)]
+    assert (colours[2, nothing] == len(world.COLORS)).all() and (kinds[2, nothing] == len(world.SHAPES)).all()
+
+
+def test_the_layout_reader_trains_the_text_encoder_resumes_and_is_not_exported(tmp_path, monkeypatch):
+    with pytest.raises(UserInputError, match="layout_loss_weight"):
+        tiny_model.train(tmp_path / "no", tmp_path / "no-out", _tiny_run(layout_loss_weight=-1.0), threads=1)
+    cfg = replace(_tiny_run(init=str(MODEL_DIR), zero_terminal_snr=True, position_fraction=0.5, position_shapes=3,
+                            caption_dropout=0.0), unet_steps=4)
+    tiny_model.train(tmp_path / "without", tmp_path / "out-without", cfg, threads=1)
+    with_reader = replace(cfg, layout_loss_weight=1.0)
+    tiny_model.train(tmp_path / "straight", tmp_path / "out-straight", with_reader, threads=1)
+
+    state = torch.load(tmp_path / "straight" / "unet.pt", weights_only=True)
+    unet_group, _text_group, reader_group = state["optimizer"]["param_groups"]
+    assert reader_group["initial_lr"] == pytest.approx(tiny_model.LAYOUT_READER_LR_SCALE * unet_group["initial_lr"])
+    def files(folder: Path) -> list[Path]:
+        return sorted(p.relative_to(folder) for p in folder.rglob("*"))
+
+    assert files(tmp_path / "out-straight") == files(tmp_path / "out-without")  # the reader stays out of the model
+    without = CLIPTextModel.from_pretrained(tmp_path / "out-without" / "text_encoder")
+    straight = CLIPTextModel.from_pretrained(tmp_path / "out-straight" / "text_encoder")
+    assert any(not torch.equal(v, without.state_dict()[k]) for k, v in straight.state_dict().items())
+
+    real_unet_forward, calls = UNet2DConditionModel.forward, []
+
+    def killed_in_step_3(self, *args, **kwargs):
+        calls.append(args[0].shape[0])
+        if sum(1 for batch in calls if batch == cfg.unet_batch) == 3:  # the training forwards, not the first steps'
+            raise _Killed
+        return real_unet_forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(UNet2DConditionModel, "forward", killed_in_step_3)
+    with pytest.raises(_Killed):
+        tiny_model.train(tmp_path / "interrupted", tmp_path / "out-interrupted", with_reader, threads=1)
+    monkeypatch.setattr(UNet2DConditionModel, "forward", real_unet_forward)
+    tiny_model.train(tmp_path / "interrupted", tmp_path / "out-interrupted", with_reader, threads=1)
+    resumed = CLIPTextModel.from_pretrained(tmp_path / "out-interrupted" / "text_encoder")
+    for name, value in straight.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[name], value, msg=name)

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 # One thread: the test models are tiny, and OpenMP threads spinning against a busy core (CI neighbours,
@@ -14,6 +16,14 @@ from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNe
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 torch.set_num_threads(1)
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_bench(script: str, *args: str) -> subprocess.CompletedProcess:
+    """`python bench/<script> ARGS` run as a user runs it, from the repository root."""
+    return subprocess.run([sys.executable, f"bench/{script}", *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
+
 
 # SD 1.5 block types and skip pattern (12 skips, downsamples at g = 3, 6, 9) at a tiny width.
 TINY_SD_UNET_CONFIG = dict(

@@ -1,21 +1,13 @@
 """bench/layout_diversity.py run for real on the built-in model: its counts agree with the cells it reports."""
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
+from conftest import run_bench
 from scedit_ui.shapes.world import POSITIONS
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def _bench(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "bench/layout_diversity.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
 
 
 def test_layout_diversity_counts_the_distinct_cells_of_each_prompts_seeds():
-    done = _bench("--n", "2", "--seeds", "2", "--steps", "4", "--json")
+    done = run_bench("layout_diversity.py", "--n", "2", "--seeds", "2", "--steps", "4", "--json")
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)
     rows = result["rows"]
@@ -27,5 +19,5 @@ def test_layout_diversity_counts_the_distinct_cells_of_each_prompts_seeds():
 
 
 def test_one_seed_is_refused_before_any_model_work():
-    done = _bench("--seeds", "1")
+    done = run_bench("layout_diversity.py", "--seeds", "1")
     assert done.returncode == 2 and "--seeds at least 2" in done.stderr

@@ -1,20 +1,14 @@
 """bench/text_layout_probe.py run for real on the built-in model's text encoder."""
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from conftest import run_bench
+
 CHANCE = 1 / 12  # eleven colours and "nothing"
 
 
-def _bench(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "bench/text_layout_probe.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
-
-
 def test_the_probe_reads_the_first_clauses_cell_from_the_built_in_encoder_far_above_chance():
-    done = _bench("--train", "3000", "--steps", "500", "--n", "100", "--json")
+    done = run_bench("text_layout_probe.py", "--train", "3000", "--steps", "500", "--n", "100", "--json")
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)
     assert len(result["clause_colour_accuracy"]) == len(result["clause_kind_accuracy"]) == 3  # held-out scenes hold 1-3 shapes
@@ -24,5 +18,5 @@ def test_the_probe_reads_the_first_clauses_cell_from_the_built_in_encoder_far_ab
 
 
 def test_a_probe_without_training_steps_is_refused():
-    done = _bench("--steps", "0")
+    done = run_bench("text_layout_probe.py", "--steps", "0")
     assert done.returncode == 2 and "must be positive" in done.stderr

@@ -36,7 +36,7 @@ from tuners import (
 from tuners.__main__ import parameter_report
 from tuners.editor import TEXTURE_BLUR_SIGMA, high_pass
 from tuners.reference_configs import REFERENCE_UNET_CONFIGS
-from tuners.sc_tuner import POSITION_CHANNELS, mid_width, position_features
+from tuners.sc_tuner import POSITION_CHANNELS, SkipAdapter, mid_width, position_features
 
 
 def randomise(module: nn.Module, seed: int = 0) -> nn.Module:
@@ -215,6 +215,17 @@ def test_position_features_are_sinusoids_at_each_skip_pixels_place_in_the_latent
     assert torch.allclose(fine[0, 0, 0, 0], torch.sin(torch.tensor(2 * torch.pi * 0.5 / 2.0)), atol=1e-6)
     # first channels: sine and cosine along x, period 2 latent pixels; a pixel of a skip at half size is centred at 1.0
     assert torch.allclose(coarse[0, 1, 0, 0], torch.cos(torch.tensor(2 * torch.pi * 1.0 / 2.0)), atol=1e-6)
+
+
+def test_position_features_are_made_once_and_a_map_from_inference_mode_serves_training():
+    first = position_features(6, 6, 1, torch.device("cpu"), torch.float32)
+    assert position_features(6, 6, 1, torch.device("cpu"), torch.float32) is first
+    adapter = SkipAdapter(4, 4, kernel_size=3, position_stride=1)
+    nn.init.normal_(adapter.ln2.weight)
+    with torch.inference_mode():
+        adapter(torch.randn(1, 4, 5, 5))  # the 5x5 map is made here first
+    adapter(torch.randn(2, 4, 5, 5)).pow(2).sum().backward()
+    assert adapter.ln1.weight.grad is not None and adapter.ln1.weight.grad.abs().sum() > 0
 
 
 def test_a_fresh_csc_tuner_passes_a_sparse_condition_to_every_skip_at_a_trainable_scale(tiny_unet, unet_inputs):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 import torch.nn as nn
@@ -25,14 +26,16 @@ POSITION_PERIODS = (2.0, 2.5, 3.0, 3.5, 4.0, 5.0, 6.0, 8.0)
 POSITION_CHANNELS = 2 * len(POSITION_DIRECTIONS) * len(POSITION_PERIODS)
 
 
+@lru_cache(maxsize=64)  # the same few maps at every step of every sampling: a quarter of a 3x3 adapter's time
 def position_features(height: int, width: int, stride: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """(1, POSITION_CHANNELS, height, width): the sinusoids at the centres of a skip's pixels, `stride` latent
-    pixels apart."""
-    rows = (torch.arange(height, device=device, dtype=torch.float32) + 0.5) * stride
-    columns = (torch.arange(width, device=device, dtype=torch.float32) + 0.5) * stride
-    v, u = torch.meshgrid(rows, columns, indexing="ij")
-    phases = [2 * math.pi * (a * u + b * v) / period for a, b in POSITION_DIRECTIONS for period in POSITION_PERIODS]
-    return torch.stack([f(phase) for phase in phases for f in (torch.sin, torch.cos)])[None].to(dtype)
+    pixels apart. Cached and shared: read it, never change it in place."""
+    with torch.inference_mode(False):  # an inference tensor, cached, would be refused by autograd in a later training step
+        rows = (torch.arange(height, device=device, dtype=torch.float32) + 0.5) * stride
+        columns = (torch.arange(width, device=device, dtype=torch.float32) + 0.5) * stride
+        v, u = torch.meshgrid(rows, columns, indexing="ij")
+        phases = [2 * math.pi * (a * u + b * v) / period for a, b in POSITION_DIRECTIONS for period in POSITION_PERIODS]
+        return torch.stack([f(phase) for phase in phases for f in (torch.sin, torch.cos)])[None].to(dtype)
 
 
 class SkipAdapter(nn.Module):

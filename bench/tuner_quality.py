@@ -1,9 +1,12 @@
 """Quality of the shipped tuners on the built-in tiny model: control fidelity, few-shot style, composition.
 
-    python bench/tuner_quality.py [--tuners assets/tuners] [--n 50] [--steps 20] [--json] [--model PATH]
+    python bench/tuner_quality.py [--tuners assets/tuners] [--n 50] [--steps 20] [--json] [--model PATH] [--captions no-layout]
 
 Prompts are held-out Shapes-world scenes (combinations the base model never saw); prompt i uses seed i.
-The control image of a prompt is made from the render of its own scene.
+The control image of a prompt is made from the render of its own scene. `--captions full` (the default) words
+each prompt as the scene's canonical caption, positions and sizes named; `--captions no-layout` names the same
+shapes, colours and background without positions or sizes, as a user of a control image writes, so only the
+condition says where things go (a base that follows the full captions leaves a condition little to add).
 
 - canny: edge F1 with a 2-pixel tolerance between the condition (Canny 100/200 of the render) and the
   Canny 100/200 of the generated image; with the canny tuner at α = 1 and without control. The same on edge maps
@@ -43,7 +46,7 @@ from scedit_ui import conditions  # noqa: E402
 from scedit_ui.model_manager import ModelManager  # noqa: E402
 from scedit_ui.request import ConditionUse, GenerationRequest, TunerUse  # noqa: E402
 from scedit_ui.shapes.checker import score_adherence, style_score  # noqa: E402
-from scedit_ui.shapes.world import Scene, caption, render_scene, sample_scene  # noqa: E402
+from scedit_ui.shapes.world import Scene, caption, plain_prompt, render_scene, sample_scene  # noqa: E402
 from scedit_ui.training import TrainingConfig, load_training_data  # noqa: E402
 from tuners import read_metadata  # noqa: E402
 from tuners.composition import ALPHA_MODES, DEFAULT_ALPHA_MODE, composed_alphas, composed_step_ranges  # noqa: E402
@@ -52,6 +55,7 @@ CELL = 16
 TOLERANCE = 2
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "camera", "immunohistochemistry")
 PHOTO_SEEDS = 3
+CAPTIONS = {"full": caption, "no-layout": plain_prompt}
 
 
 def edge_f1(reference: np.ndarray, generated: np.ndarray, tolerance: int = TOLERANCE) -> float:
@@ -138,13 +142,13 @@ class Prompt:
 
 
 class Bench:
-    def __init__(self, manager: ModelManager, n: int, steps: int, guidance: float) -> None:
+    def __init__(self, manager: ModelManager, n: int, steps: int, guidance: float, captions: str = "full") -> None:
         self.manager, self.steps, self.guidance = manager, steps, guidance
         size = manager.native_size
         self.prompts = []
         for i in range(n):
             scene = sample_scene(i, split="heldout")
-            self.prompts.append(Prompt(scene, caption(scene), i, render_scene(scene, size)))
+            self.prompts.append(Prompt(scene, CAPTIONS[captions](scene), i, render_scene(scene, size)))
         self._plain: dict[int, Image.Image] = {}
         self._round_trips: dict[int, Image.Image] = {}
 
@@ -260,17 +264,17 @@ PARTS = ("canny", "colour", "inpaint", "styles")
 
 def measure(
     model: str, tuners: Path, n: int, steps: int, guidance: float, alpha: float, alpha_mode: str = DEFAULT_ALPHA_MODE,
-    parts: Sequence[str] = PARTS, canny_until: float = 1.0,
+    parts: Sequence[str] = PARTS, canny_until: float = 1.0, captions: str = "full",
 ) -> dict:
     manager = ModelManager("auto")
     info = manager.load(model)
-    bench = Bench(manager, n, steps, guidance)
+    bench = Bench(manager, n, steps, guidance, captions)
     canny, colour = tuners / "canny.safetensors", tuners / "colour.safetensors"
     canny = canny if canny.is_file() and "canny" in parts else None
     colour = colour if colour.is_file() and "colour" in parts else None
     styles = sorted(tuners.glob("style-*.safetensors")) if "styles" in parts else []
     result = {
-        "model": info.name, "prompts": n, "steps": steps, "guidance": guidance, "composition_alpha": alpha,
+        "model": info.name, "prompts": n, "captions": captions, "steps": steps, "guidance": guidance, "composition_alpha": alpha,
         "composition_alpha_mode": alpha_mode, "composition_alpha_applied": composed_alphas([alpha, alpha], alpha_mode)[0],
         "composition_canny_steps": composed_step_ranges(["canny", "color"], [alpha, alpha], [(0.0, canny_until), (0.0, 1.0)], alpha_mode)[0],
         "control": bench.control(canny, colour, alpha, alpha_mode, canny_until), "styles": [bench.style(path) for path in styles],
@@ -287,7 +291,8 @@ def measure(
 
 
 def print_table(result: dict) -> None:
-    print(f"model {result['model']}: {result['prompts']} held-out prompts, {result['steps']} DDIM steps, guidance {result['guidance']}")
+    print(f"model {result['model']}: {result['prompts']} held-out prompts ({result['captions']} captions), {result['steps']} DDIM steps, "
+          f"guidance {result['guidance']}")
     control = result["control"]
     print(f"{'metric':<44}{'without':>10}{'with':>10}  target (VAE round trip of the render: best reachable)")
     if "canny_f1_with" in control:
@@ -330,6 +335,7 @@ def main() -> int:
     parser.add_argument("--canny-until", type=float, default=1.0, help="the end of the canny condition's step range in the composition")
     parser.add_argument("--threads", type=int, help="torch CPU threads")
     parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, from {', '.join(PARTS)}")
+    parser.add_argument("--captions", choices=CAPTIONS, default="full", help="how the prompts are worded (see above)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     if args.threads:
@@ -337,7 +343,7 @@ def main() -> int:
 
         torch.set_num_threads(args.threads)
     result = measure(args.model, args.tuners, args.n, args.steps, args.guidance, args.alpha, args.alpha_mode, args.parts.split(","),
-                     args.canny_until)
+                     args.canny_until, args.captions)
     if args.json:
         print(json.dumps(result, indent=2))
     else:

@@ -3,7 +3,9 @@
 import numpy as np
 from PIL import Image
 
-from bench.tuner_quality import edge_f1, kept_pixel_error
+from bench.tuner_quality import CAPTIONS, edge_f1, kept_pixel_error
+from scedit_ui.shapes.checker import parse_prompt
+from scedit_ui.shapes.world import sample_scene
 
 
 def test_edge_f1_counts_edges_within_two_pixels_and_misses_beyond():
@@ -25,3 +27,13 @@ def test_kept_pixel_error_ignores_what_the_mask_lets_the_model_generate():
     assert kept_pixel_error(render, Image.fromarray(generated), mask) == 0.0
     generated[:, 8:] = (200, 10, 13)  # the kept half off by 3 in blue
     assert kept_pixel_error(render, Image.fromarray(generated), mask) == 3.0
+
+
+def test_no_layout_captions_keep_shapes_colours_and_background_but_say_nothing_of_where():
+    scenes = [sample_scene(i, split="heldout") for i in range(20)]
+    assert any(shape.position is not None for scene in scenes for shape in scene.shapes)
+    for scene in scenes:
+        full, open_ = parse_prompt(CAPTIONS["full"](scene)), parse_prompt(CAPTIONS["no-layout"](scene))
+        assert [(s.kind, s.color) for s in open_.shapes] == [(s.kind, s.color) for s in full.shapes]
+        assert open_.background == full.background
+        assert all(s.position is None and s.size is None for s in open_.shapes)

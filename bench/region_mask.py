@@ -6,8 +6,15 @@ A two-sided picture (red left half with a yellow circle, blue right half with a 
 condition; its mask is the left half. For each seed, three images with the same settings: plain, with the
 condition everywhere ("full") and with the left-half mask ("masked"). Printed per condition and seed:
 
-  leak  mean |masked − plain| right of the mask ÷ mean |full − plain| there (1: the mask is ignored; 0: no leak)
-  miss  mean |masked − full| inside the mask ÷ mean |full − plain| there (1: the condition is lost; 0: kept)
+  leak      mean |masked − plain| right of the mask ÷ mean |full − plain| there (1: the mask is ignored; 0: no leak)
+  miss      mean |masked − full| inside the mask ÷ mean |full − plain| there (1: the condition is lost; 0: kept)
+  kept_out  mean |masked − full| right of the mask ÷ mean |plain − full| there (0: the mask is ignored; 1: the right
+            half is as far from what the condition draws there as the plain image is)
+
+Leak counts every change right of the mask, also the base's own: where the prompt names no positions, a condition
+that draws a shape inside the mask can move the base's copy of it out of the other half (the 27,700-step base draws
+"a yellow circle" at the top right by itself; masked canny draws it on the left, and the circle on the right goes).
+kept_out asks only whether the right half shows what the unmasked condition draws there.
 
 and for canny the same in edges, since what canny asks for is its edges, not the colours (a canny tuner that turns
 a background the prompt leaves open grey everywhere moves every pixel's colour; masked, the background stays the
@@ -66,6 +73,7 @@ def measure(manager: ModelManager, kind: str, seed: int, steps: int, size: int) 
         "effect_outside": float(np.abs(full - base)[outside].mean()),
         "leak": float(np.abs(masked - base)[outside].mean() / np.abs(full - base)[outside].mean()),
         "miss": float(np.abs(masked - full)[inside].mean() / np.abs(full - base)[inside].mean()),
+        "kept_out": float(np.abs(masked - full)[outside].mean() / np.abs(base - full)[outside].mean()),
     }
     if kind == "canny":
         wanted = np.asarray(condition)[..., 0] > 0

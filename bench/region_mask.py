@@ -12,9 +12,9 @@ condition everywhere ("full") and with the left-half mask ("masked"). Printed pe
             half is as far from what the condition draws there as the plain image is)
 
 Leak counts every change right of the mask, also the base's own: where the prompt names no positions, a condition
-that draws a shape inside the mask can move the base's copy of it out of the other half (the 27,700-step base draws
-"a yellow circle" at the top right by itself; masked canny draws it on the left, and the circle on the right goes).
-kept_out asks only whether the right half shows what the unmasked condition draws there.
+that draws a shape inside the mask can move the base's copy of it out of the other half (a base that draws "a yellow
+circle" at the top right by itself loses that circle when masked canny draws it on the left; docs/app.md). kept_out
+asks only whether the right half shows what the unmasked condition draws there.
 
 and for canny the same in edges, since what canny asks for is its edges, not the colours (a canny tuner that turns
 a background the prompt leaves open grey everywhere moves every pixel's colour; masked, the background stays the
@@ -68,12 +68,14 @@ def measure(manager: ModelManager, kind: str, seed: int, steps: int, size: int) 
     )]
     base, full, masked = (np.asarray(image, dtype=np.float32) for image in images)
     inside, outside = np.s_[:, :half], np.s_[:, half:]
+    effect = np.abs(full - base)  # the unmasked condition's change: every ratio's denominator
+    effect_inside, effect_outside = float(effect[inside].mean()), float(effect[outside].mean())
     measured = {
-        "effect_inside": float(np.abs(full - base)[inside].mean()),
-        "effect_outside": float(np.abs(full - base)[outside].mean()),
-        "leak": float(np.abs(masked - base)[outside].mean() / np.abs(full - base)[outside].mean()),
-        "miss": float(np.abs(masked - full)[inside].mean() / np.abs(full - base)[inside].mean()),
-        "kept_out": float(np.abs(masked - full)[outside].mean() / np.abs(base - full)[outside].mean()),
+        "effect_inside": effect_inside,
+        "effect_outside": effect_outside,
+        "leak": float(np.abs(masked - base)[outside].mean()) / effect_outside,
+        "miss": float(np.abs(masked - full)[inside].mean()) / effect_inside,
+        "kept_out": float(np.abs(masked - full)[outside].mean()) / effect_outside,
     }
     if kind == "canny":
         wanted = np.asarray(condition)[..., 0] > 0

@@ -260,11 +260,31 @@ def test_training_captions_are_free_form_and_fixed_by_step():
     assert {parse_prompt(c).background for c in first} == {s.background for s in scenes}
 
 
+# The layout aids that the defaults turn on, off: each test turns on the ones it is about.
+_LAYOUT_AIDS_OFF = dict(
+    layout_noise=0.0, zero_terminal_snr=False, position_fraction=0.0, position_shapes=1, position_timesteps=1,
+    position_rollout=False, plain_rollout_fraction=0.0, layout_loss_weight=0.0,
+)
+
+
 def _tiny_run(init: str | None = None, **kw) -> tiny_model.TinyModelConfig:
     return tiny_model.TinyModelConfig(
         init=init, latent_channels=4, cache_scenes=8, cache_chunk=8, unet_steps=4, unet_batch=2, unet_warmup=1,
-        checkpoint_every=2, eval_prompts=0, **kw,
+        checkpoint_every=2, eval_prompts=0, **(_LAYOUT_AIDS_OFF | kw),
     )
+
+
+def test_the_defaults_train_with_every_layout_aid_and_export_v_prediction(tmp_path):
+    """The one-command recipe's settings are the built-in model's: every aid on, each batch share non-empty."""
+    cfg = tiny_model.TinyModelConfig(
+        init=str(MODEL_DIR), cache_scenes=8, cache_chunk=8, unet_steps=2, unet_batch=4, unet_warmup=1,
+        checkpoint_every=2, eval_prompts=0,
+    )
+    assert cfg.zero_terminal_snr and cfg.position_rollout and cfg.layout_noise and cfg.layout_loss_weight
+    assert round(cfg.position_fraction * cfg.unet_batch) == round(cfg.plain_rollout_fraction * cfg.unet_batch) == 1
+    tiny_model.train(tmp_path / "work", tmp_path / "out", cfg, threads=1)
+    trained = StableDiffusionPipeline.from_pretrained(tmp_path / "out", dtype=torch.float32)
+    assert trained.scheduler.config.prediction_type == "v_prediction"
 
 
 def test_unet_stage_from_init_resumes_to_identical_weights_and_keeps_the_vae(tmp_path, monkeypatch):
@@ -317,7 +337,7 @@ def test_the_unet_stage_uses_the_shape_weight(tmp_path):
 
 def test_layout_noise_hides_the_layout_at_coarse_scales_and_is_drawn_only_when_on():
     shape = torch.Size([64, 4, 32, 32])
-    plain = tiny_model.training_noise(shape, tiny_model.TinyModelConfig(), torch.Generator().manual_seed(0))
+    plain = tiny_model.training_noise(shape, tiny_model.TinyModelConfig(layout_noise=0.0), torch.Generator().manual_seed(0))
     generator = torch.Generator().manual_seed(0)
     before = torch.randn(shape, generator=generator) + 0.3 * torch.randn((64, 4, 1, 1), generator=generator)
     assert torch.equal(plain, before)  # runs without it repeat exactly

@@ -330,7 +330,9 @@ class TinyModelConfig:
     cache_chunk: int = 1_000
     base_styled_fraction: float = 0.2
     # stage 3: UNet + text encoder
-    unet_steps: int = 5_000  # ~1.15 s each at batch 32 on two CPU threads: the recipe ~130 min (projected, not run)
+    # ~1.5 s each at batch 32 on two CPU threads (a third of it the rollout shares' first sampling step): with the VAE
+    # and the cache about 135 min in all (docs/tiny-model.md, "The recipe from scratch")
+    unet_steps: int = 4_600
     unet_batch: int = 32
     unet_lr: float = 6e-4
     # The text encoder's learning rate as a multiple of unet_lr (docs/tiny-model.md: at 1x the shape words stayed
@@ -349,10 +351,10 @@ class TinyModelConfig:
     # so that at high noise the latent no longer shows where the shapes are and how many there are and the text must
     # say it (docs/tiny-model.md: the built-in model placed its shapes where the faint signal left in the noisiest
     # latent put them, whatever the prompt said).
-    layout_noise: float = 0.0
+    layout_noise: float = 1.0
     # Zero SNR at the last timestep, v-prediction (`scheduler_config`): no layout at all is left in the noisiest
     # latent, and the loss there weighs the clean-image error fully (epsilon's weighs it by the SNR, ~0.005).
-    zero_terminal_snr: bool = False
+    zero_terminal_snr: bool = True
     # The share of each batch whose timestep is drawn from the top quarter of the schedule (the rest uniformly):
     # where the layout must come from the text, which uniform sampling visits a quarter of the time.
     high_noise_fraction: float = 0.0
@@ -360,19 +362,19 @@ class TinyModelConfig:
     # zero_terminal_snr, where that latent holds nothing of the picture): there the words alone say where the shape
     # goes, and a uniform draw visits it once in 1,000 (docs/tiny-model.md: 300 steps of such batches alone took
     # layout_from_text on a blank latent from 0.11 to 0.59, where 2,000 steps of the mixed recipe left it at 0.11).
-    position_fraction: float = 0.0
+    position_fraction: float = 0.25
     # The most shapes a scene of that share may hold: 1 teaches where one shape goes; more teach several named shapes
     # their cells and their number together, as the held-out prompts (1-3 shapes) ask.
-    position_shapes: int = 1
+    position_shapes: int = 3
     # That share's timesteps are drawn from the last this many of the schedule (1: the last only). Above 1 the
     # latent keeps a faint layout beside the training noise's coarse blobs, and the named cells must win over the
     # blobs: sampling's first steps leave such blobs, and models trained at the last timestep alone drew a second
     # copy of a named shape on them.
-    position_timesteps: int = 1
+    position_timesteps: int = 100
     # That share's latents below the last timestep are made from the model's own first sampling step (its guided
     # clean-image prediction from pure noise, renoised as DDIM does) instead of from the scene, and the model learns
     # to take them to the scene: where its first step left bumps in unnamed cells, the words must remove them.
-    position_rollout: bool = False
+    position_rollout: bool = True
     # With position_rollout, that share starts after 1 to this many steps of the model's own guided sampling
     # (EVAL_STEPS trailing DDIM steps; the number drawn per training step), its timesteps as many sampler steps lower.
     # One step teaches the model to remove the bumps its first step leaves; sampling then grows the copies of a
@@ -387,7 +389,7 @@ class TinyModelConfig:
     # background"), at the last `position_timesteps` timesteps and started from the model's own first step, with
     # the shape moved to the cell where that first step drew most of it: an unnamed cell is the model's choice,
     # and it learns to keep the copy it began and drop the others (plain prompts drew two or three copies).
-    plain_rollout_fraction: float = 0.0
+    plain_rollout_fraction: float = 0.25
     # That share's cell comes from its starting noise instead: the cell where the white noise sampling starts from
     # is highest (those rows get no layout noise, as sampling gets none). The first step's cell is the same for
     # every seed of a prompt, so a model trained to keep it drew a plain prompt's shape in one cell whatever the seed
@@ -399,7 +401,7 @@ class TinyModelConfig:
     # text_layout_probe.py finds the colour in the cell of the 1st / 2nd / 3rd clause 0.993 / 0.287 / 0.218 of the
     # time for the 23,000-step model), and the UNet spreads the later shapes over every cell; 0.1 for 3,200 steps
     # made that 0.982 / 0.996 / 0.993 and the pictures' count 0.250 -> 0.465 (docs/tiny-model.md).
-    layout_loss_weight: float = 0.0
+    layout_loss_weight: float = 0.1
     ema_decay: float = 0.999
     grad_clip: float = 1.0
     checkpoint_every: int = 50

@@ -330,9 +330,9 @@ class TinyModelConfig:
     cache_chunk: int = 1_000
     base_styled_fraction: float = 0.2
     # stage 3: UNet + text encoder
-    # ~1.5 s each at batch 32 on two CPU threads (a third of it the rollout shares' first sampling step): with the VAE
-    # and the cache about 135 min in all (docs/tiny-model.md, "The recipe from scratch")
-    unet_steps: int = 4_600
+    # 1.5-1.75 s each at batch 32 on two CPU threads (a quarter of it the rollout shares' first sampling step): with
+    # the VAE and the cache about 140 min in all (docs/tiny-model.md, "The recipe from scratch")
+    unet_steps: int = 4_000
     unet_batch: int = 32
     unet_lr: float = 6e-4
     # The text encoder's learning rate as a multiple of unet_lr (docs/tiny-model.md: at 1x the shape words stayed

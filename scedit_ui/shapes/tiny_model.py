@@ -330,8 +330,8 @@ class TinyModelConfig:
     cache_chunk: int = 1_000
     base_styled_fraction: float = 0.2
     # stage 3: UNet + text encoder
-    # 1.5-1.75 s each at batch 32 on two CPU threads (a quarter of it the rollout shares' first sampling step): with
-    # the VAE and the cache about 140 min in all (docs/tiny-model.md, "The recipe from scratch")
+    # 1.6-1.8 s each at batch 32 on two CPU threads from scratch: the whole recipe measured 130.1 min
+    # (docs/tiny-model.md, "The recipe from scratch with the built-in model's settings")
     unet_steps: int = 4_000
     unet_batch: int = 32
     unet_lr: float = 6e-4

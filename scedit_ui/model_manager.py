@@ -311,10 +311,7 @@ class ModelManager:
                 raise GenerationCancelled("generation cancelled")
             if progress is not None:
                 progress(step + 1, request.steps)
-            # Step ranges are fractions of the sampling steps: the pipeline's index i of len(timesteps).
-            if step + 1 < pipe.num_timesteps:
-                self.editor.set_step(step + 1, pipe.num_timesteps)
-            return callback_kwargs
+            return self.editor.step_end_callback(pipe, step, timestep, callback_kwargs)
 
         self.editor.set_step(0, request.steps)  # the schedulers offered make exactly `steps` timesteps
         # diffusers' do_classifier_free_guidance for SD and SDXL: the UNet then sees [unconditional; conditional].

@@ -220,6 +220,22 @@ def test_texture_distance_and_colour_drift_tell_a_style_from_its_absence():
     assert calibration.colour_drift(Image.new("RGB", (64, 64), "black"), Image.new("RGB", (64, 64), "white")) == 1.0
 
 
+def test_previews_and_calibration_sample_step_by_step_as_the_app_does_and_training_has_no_step(tmp_path, random_sd_folder):
+    trainer = TunerTrainer(config_for(tmp_path, random_sd_folder, preview_steps=3))
+    steps = []
+    set_step = trainer.editor.set_step
+
+    def record(index, total=0):
+        steps.append(None if index is None else (index, total))
+        set_step(index, total)
+
+    trainer.editor.set_step = record
+    with trainer._sampling() as sample:
+        sample("a red circle", 0)
+        assert steps == [(0, 3), (1, 3), (2, 3)]  # step ranges apply as in generation
+    assert steps[-1] is None and trainer.editor.step is None
+
+
 def test_calibration_images_apply_a_conditional_only_tuner_to_the_prompts_half_only(tmp_path, random_sd_folder):
     trainer = TunerTrainer(config_for(tmp_path, random_sd_folder, preview_steps=2))
     with torch.no_grad():
@@ -248,6 +264,31 @@ def test_the_default_is_the_first_candidate_that_keeps_the_colours_within_the_li
     checked = [calibration.CandidateScore(2.0, False, 0.9, 0.0, True, colour_loss=lost + 0.05),
                calibration.CandidateScore(1.5, False, 0.5, 1.0, True, colour_loss=lost)]
     assert calibration.choose_default(checked) == checked[1]
+
+
+@pytest.mark.parametrize("strongest_kept", [2.0, 1.875, 1.5, 1.0, None])
+def test_the_calibration_bisects_the_texture_strengths_to_the_first_that_keeps_the_colours(strongest_kept):
+    base = [Image.new("RGB", (32, 32), (200, 40, 40))]
+    tried = []
+
+    def generate(scale: float, conditional_only: bool, texture: bool) -> list[Image.Image]:
+        tried.append((scale, conditional_only, texture))
+        moved = strongest_kept is None or scale > strongest_kept or (not texture and strongest_kept != 1.0)
+        shift = 120 if moved else 0  # a stronger candidate moves every colour far
+        return [Image.new("RGB", (32, 32), (200 - shift, 40 + shift, 40))]
+
+    scores = calibration.score_candidates(base, base, generate)
+    assert len(set(tried)) == len(tried) == len(scores) <= 4  # bisection: 3 of the 4 strengths at most, then the plain scale
+    chosen = calibration.choose_default(scores)
+    if strongest_kept is None:  # nothing keeps the colours: every way was tried
+        assert not any(s.keeps_colours() for s in scores) and not scores[-1].texture
+        return
+    assert chosen.keeps_colours() and chosen.scale == strongest_kept
+
+    def rank(score: calibration.CandidateScore) -> int:
+        return calibration.CANDIDATES.index((score.scale, score.conditional_only, score.texture))
+
+    assert all(not s.keeps_colours() for s in scores if rank(s) < rank(chosen))  # every preferred one measured moves them
 
 
 def test_above_the_preservation_threshold_the_target_is_the_base_models_own_prediction(tmp_path, random_sd_folder):
@@ -383,9 +424,9 @@ def test_cli_prints_step_loss_time_left_and_previews_then_the_output_path(tmp_pa
     measured = [calibration.CandidateScore(**c) for c in metadata.training["default_use_measured"]["candidates"]]
     assert all(c.colour_loss is None for c in measured)  # a random SD folder, not the built-in model: the drift proxy
     chosen = calibration.choose_default(measured)
-    assert len(measured) == len(calibration.CANDIDATES)
+    ways = [(c.scale, c.conditional_only, c.texture) for c in measured]
+    assert ways == [c for c in calibration.CANDIDATES if c in ways] and len(ways) <= 4  # in order; bisected, not all
     assert (chosen.scale, chosen.conditional_only, chosen.texture) == (metadata.default_scale, metadata.default_conditional_only, metadata.default_texture)
-    assert [c.texture for c in measured] == [True] * (len(measured) - 1) + [False]  # texture guidance first, then the paper's way
 
 
 @pytest.mark.parametrize(

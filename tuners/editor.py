@@ -266,6 +266,13 @@ class SkipEditor:
             raise ValueError(f"step {index} is outside 0..{total - 1}")
         self.step = (index, total)
 
+    def step_end_callback(self, pipe: Any, step: int, timestep: Any, callback_kwargs: dict) -> dict:
+        """diffusers' `callback_on_step_end`: moves the editor to the pipeline's next step (index i of len(timesteps)).
+        Start a sampling loop with `set_step(0, steps)`."""
+        if step + 1 < pipe.num_timesteps:
+            self.set_step(step + 1, pipe.num_timesteps)
+        return callback_kwargs
+
     def clear(self) -> None:
         """Remove every edit (the hooks stay attached and then change nothing); cached features stay."""
         self.sc_tuners.clear()
@@ -326,7 +333,7 @@ class SkipEditor:
     def _before_unet(self, unet: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         sample = args[0] if args else kwargs["sample"]
         batch = sample.shape[0]
-        textures = sum(use.texture and use.scale != 0 for use in self.sc_tuners.values())
+        textures = [use for use in self.sc_tuners.values() if use.texture and use.scale != 0]
         self._call_state = {"active": self._active_conditions(sample), "batch": batch, "textures": textures}
         if self.training and torch.is_grad_enabled():
             # Nothing before the decoder is trainable: record no autograd graph for it.
@@ -341,7 +348,7 @@ class SkipEditor:
             if isinstance(value, dict):
                 return {key: grow(item) for key, item in value.items()}
             if torch.is_tensor(value) and value.ndim and value.shape[0] == batch:
-                return torch.cat([value, *[value[prompt_rows]] * textures])
+                return torch.cat([value, *[value[prompt_rows]] * len(textures)])
             return value
 
         return tuple(grow(a) for a in args), grow(kwargs)
@@ -358,11 +365,10 @@ class SkipEditor:
         prompt = prediction[start:batch]
         change = torch.zeros_like(prompt, dtype=torch.float32)
         extra = batch
-        for use in self.sc_tuners.values():
-            if use.texture and use.scale != 0:
-                tuned = prediction[extra: extra + len(prompt)]
-                change += use.scale * high_pass(tuned.float() - prompt.float(), TEXTURE_BLUR_SIGMA)
-                extra += len(prompt)
+        for use in state["textures"]:
+            tuned = prediction[extra: extra + len(prompt)]
+            change += use.scale * high_pass(tuned.float() - prompt.float(), TEXTURE_BLUR_SIGMA)
+            extra += len(prompt)
         if self.guidance_halves:
             change /= self.guidance_scale  # the pipeline multiplies ε_c − ε_u by g
         edited = torch.cat([prediction[:start], prompt + change.to(prompt.dtype)])
@@ -429,13 +435,14 @@ class SkipEditor:
         batch = self._call_state.get("batch", x.shape[0])
         prompt_start = self._prompt_start(batch)
         extra = batch  # texture guidance's copies of the prompt's rows follow the batch, one per texture tuner
+        for use in self._call_state.get("textures", ()):
+            rows = slice(extra, extra + batch - prompt_start)
+            out = torch.cat([out[:rows.start], out[rows] + use.tuner.delta(g, x[rows]), out[rows.stop:]])
+            extra = rows.stop
         for use in self.sc_tuners.values():
             if use.texture:
-                if use.scale != 0:
-                    rows = slice(extra, extra + batch - prompt_start)
-                    out = torch.cat([out[:rows.start], out[rows] + use.tuner.delta(g, x[rows]), out[rows.stop:]])
-                    extra = rows.stop
-            elif use.conditional_only and self.guidance_halves:
+                continue
+            if use.conditional_only and self.guidance_halves:
                 out = torch.cat([out[:prompt_start], out[prompt_start:] + use.scale * use.tuner.delta(g, x[prompt_start:])])
             else:
                 out = out + use.scale * use.tuner.delta(g, x)

@@ -31,8 +31,8 @@ from tuners import TunerMetadata
 CANDIDATES: tuple[tuple[float, bool, bool], ...] = (
     (2.0, False, True), (1.875, False, True), (1.75, False, True), (1.5, False, True), (1.0, False, False),
 )
-# Built-in model: how far below the base's own colour accuracy a default may fall on the 16 calibration prompts.
-# Measured on 16 prompts, the loss is noisy where the colours start to go: on the 16,400-step base the folder of
+# Built-in model: how far below the base's own colour accuracy a default may fall on the calibration prompts.
+# Measured on 16 prompts (32 now), the loss is noisy where the colours start to go: on the 16,400-step base the folder of
 # tests/test_style_fewshot.py lost 0.104 / 0.094 at texture guidance 2 / 1.75 here but 0.29 / 0.17 on 12 other
 # prompts, so 0.15 took 2. At 0.10 it takes 1.75; the shipped styles' and the benchmark's defaults are the same at
 # 0.10 and 0.15 (docs/training.md). (0.1 on 8 prompts once refused even 1.5 for that folder, on an older base.)
@@ -88,20 +88,38 @@ def score_candidates(
     generate: Callable[[float, bool, bool], Sequence[Image.Image]],
     colour_accuracy: Callable[[Sequence[Image.Image]], float] | None = None,
 ) -> list[CandidateScore]:
-    """Each candidate's texture gain, colour drift and (given `colour_accuracy` of the prompts' images) colour loss;
+    """The texture gain, colour drift and (given `colour_accuracy` of the prompts' images) colour loss of the candidates
+    needed to find the first that keeps the colours (in `CANDIDATES` order): texture guidance's strengths by bisection
+    (a stronger one moves the colours more), then, if none keeps them, the others in order.
     `generate(scale, conditional_only, texture)` makes the images of the same prompts and seeds as `base_images`."""
     reference = np.mean([texture_spectrum(p) for p in training_pictures], axis=0)
     base_distance = np.mean([texture_distance(texture_spectrum(b), reference) for b in base_images])
-    scores = []
     base_accuracy = colour_accuracy(base_images) if colour_accuracy else None
-    for scale, conditional_only, texture in CANDIDATES:
+    measured: dict[int, CandidateScore] = {}
+
+    def keeps_colours(index: int) -> bool:
+        scale, conditional_only, texture = CANDIDATES[index]
         images = generate(scale, conditional_only, texture)
         distance = np.mean([texture_distance(texture_spectrum(i), reference) for i in images])
         drift = np.mean([colour_drift(i, b) for i, b in zip(images, base_images)])
         gain = float((base_distance - distance) / max(base_distance, 1e-6))
         loss = base_accuracy - colour_accuracy(images) if colour_accuracy else None
-        scores.append(CandidateScore(scale, conditional_only, gain, float(drift), texture, loss))
-    return scores
+        measured[index] = CandidateScore(scale, conditional_only, gain, float(drift), texture, loss)
+        return measured[index].keeps_colours()
+
+    strengths = [i for i, (_, _, texture) in enumerate(CANDIDATES) if texture]  # strongest first
+    low, high = 0, len(strengths)  # every strength before `low` moves the colours; strengths[high] keeps them
+    while low < high:
+        middle = (low + high) // 2
+        if keeps_colours(strengths[middle]):
+            high = middle
+        else:
+            low = middle + 1
+    if high == len(strengths):  # no strength keeps the colours: the other ways, in order
+        for index in (i for i, (_, _, texture) in enumerate(CANDIDATES) if not texture):
+            if keeps_colours(index):
+                break
+    return [measured[i] for i in sorted(measured)]
 
 
 def describe_default(metadata: TunerMetadata) -> str:

@@ -77,7 +77,7 @@ class TrainingConfig:
     shapes_images: int | None = None  # Shapes world: distinct scenes (None: 30 for SC, an endless stream for CSC)
     save_dtype: str = "float32"  # "float16" halves the file
     # SC: after training, measure which scale and guidance half show the style best on new prompts and store that as
-    # the file's default (16 extra images; `calibration`). Off: the paper's way, scale 1 on both halves.
+    # the file's default (32 images per candidate tried; `calibration`). Off: the paper's way, scale 1 on both halves.
     calibrate: bool = True
     device: str = "auto"  # "auto" | "cuda" | "cpu"
 

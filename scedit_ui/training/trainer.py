@@ -54,7 +54,7 @@ TEXT_CACHE_SIZE = 4096  # prompt embeddings kept for a stream of Shapes-world ca
 CHECKPOINT_NAME = "checkpoint.pt"
 PREVIEW_DIR = "previews"
 SAMPLING_GUIDANCE = 5.0  # previews and calibration images: the app's default guidance
-CALIBRATION_PROMPTS = 16  # new prompts (seeds 0..15) on which each candidate default of an SC tuner is measured
+CALIBRATION_PROMPTS = 32  # new prompts on which each candidate default of an SC tuner is measured (16 chose by chance)
 CALIBRATION_PICTURES = 16  # training pictures whose texture is the reference
 CALIBRATION_SEED = 1000  # held-out Shapes scenes not among bench/style_fewshot.py's prompts (seeds 0..31)
 
@@ -329,15 +329,18 @@ class TunerTrainer:
         self.editor.guidance_scale = SAMPLING_GUIDANCE
 
         def sample(prompt: str, seed: int) -> Image.Image:
+            self.editor.set_step(0, self.config.preview_steps)  # step ranges as the app has them
             return self.pipeline(
                 prompt=prompt, num_inference_steps=self.config.preview_steps, guidance_scale=SAMPLING_GUIDANCE,
                 height=self.resolution, width=self.resolution, generator=torch.Generator("cpu").manual_seed(seed),
+                callback_on_step_end=self.editor.step_end_callback,
             ).images[0]
 
         try:
             with torch.no_grad():
                 yield sample
         finally:
+            self.editor.set_step(None)  # training: every range active
             self.editor.guidance_halves = False
             self.editor.cache.clear()
             if self.condition is not None:

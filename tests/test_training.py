@@ -280,7 +280,7 @@ def test_the_calibration_bisects_the_texture_strengths_to_the_first_that_keeps_t
     scores = calibration.score_candidates(base, base, generate)
     assert len(set(tried)) == len(tried) == len(scores) <= 4  # bisection: 3 of the 4 strengths at most, then the plain scale
     chosen = calibration.choose_default(scores)
-    if strongest_kept is None:  # nothing keeps the colours: every way was tried
+    if strongest_kept is None:  # nothing keeps the colours: the plain scale was tried last
         assert not any(s.keeps_colours() for s in scores) and not scores[-1].texture
         return
     assert chosen.keeps_colours() and chosen.scale == strongest_kept

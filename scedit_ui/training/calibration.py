@@ -97,7 +97,7 @@ def score_candidates(
     base_accuracy = colour_accuracy(base_images) if colour_accuracy else None
     measured: dict[int, CandidateScore] = {}
 
-    def keeps_colours(index: int) -> bool:
+    def measure(index: int) -> CandidateScore:
         scale, conditional_only, texture = CANDIDATES[index]
         images = generate(scale, conditional_only, texture)
         distance = np.mean([texture_distance(texture_spectrum(i), reference) for i in images])
@@ -105,19 +105,19 @@ def score_candidates(
         gain = float((base_distance - distance) / max(base_distance, 1e-6))
         loss = base_accuracy - colour_accuracy(images) if colour_accuracy else None
         measured[index] = CandidateScore(scale, conditional_only, gain, float(drift), texture, loss)
-        return measured[index].keeps_colours()
+        return measured[index]
 
     strengths = [i for i, (_, _, texture) in enumerate(CANDIDATES) if texture]  # strongest first
     low, high = 0, len(strengths)  # every strength before `low` moves the colours; strengths[high] keeps them
     while low < high:
         middle = (low + high) // 2
-        if keeps_colours(strengths[middle]):
+        if measure(strengths[middle]).keeps_colours():
             high = middle
         else:
             low = middle + 1
     if high == len(strengths):  # no strength keeps the colours: the other ways, in order
         for index in (i for i, (_, _, texture) in enumerate(CANDIDATES) if not texture):
-            if keeps_colours(index):
+            if measure(index).keeps_colours():
                 break
     return [measured[i] for i in sorted(measured)]
 

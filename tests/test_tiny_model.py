@@ -263,7 +263,7 @@ def test_training_captions_are_free_form_and_fixed_by_step():
 # The layout aids that the defaults turn on, off: each test turns on the ones it is about.
 _LAYOUT_AIDS_OFF = dict(
     layout_noise=0.0, zero_terminal_snr=False, position_fraction=0.0, position_shapes=1, position_timesteps=1,
-    position_rollout=False, plain_rollout_fraction=0.0, layout_loss_weight=0.0,
+    position_rollout=False, plain_rollout_fraction=0.0, layout_loss_weight=0.0, shape_map_loss_weight=0.0,
 )
 
 
@@ -281,6 +281,7 @@ def test_the_defaults_train_with_every_layout_aid_and_export_v_prediction(tmp_pa
         checkpoint_every=2, eval_prompts=0,
     )
     assert cfg.zero_terminal_snr and cfg.position_rollout and cfg.layout_noise and cfg.layout_loss_weight
+    assert cfg.shape_map_loss_weight
     assert round(cfg.position_fraction * cfg.unet_batch) == round(cfg.plain_rollout_fraction * cfg.unet_batch) == 1
     tiny_model.train(tmp_path / "work", tmp_path / "out", cfg, threads=1)
     trained = StableDiffusionPipeline.from_pretrained(tmp_path / "out", dtype=torch.float32)
@@ -643,6 +644,15 @@ def test_a_work_folder_stamped_before_a_field_existed_takes_that_fields_default(
         tiny_model._claim_work_folder(tmp_path, _tiny_run(text_lr_scale=10.0))
 
 
+def test_a_work_folder_stamped_before_the_shape_map_reader_ran_without_it(tmp_path):
+    stamped = asdict(_tiny_run())
+    del stamped["shape_map_loss_weight"]
+    (tmp_path / "config.json").write_text(json.dumps(stamped))
+    with pytest.raises(UserInputError, match="different configuration"):  # the default has the reader on
+        tiny_model._claim_work_folder(tmp_path, _tiny_run(shape_map_loss_weight=0.25))
+    tiny_model._claim_work_folder(tmp_path, _tiny_run(shape_map_loss_weight=0.0))  # resumes
+
+
 def test_set_overrides_convert_to_the_field_types():
     overrides = tiny_model._parse_overrides(["unet_steps=600", "unet_lr=2e-4", "init=assets/tiny-sd", "zero_terminal_snr=true"])
     assert overrides == {"unet_steps": 600, "unet_lr": 2e-4, "init": "assets/tiny-sd", "zero_terminal_snr": True}
@@ -871,5 +881,57 @@ def test_the_layout_reader_trains_the_text_encoder_resumes_and_is_not_exported(t
     monkeypatch.setattr(UNet2DConditionModel, "forward", real_unet_forward)
     tiny_model.train(tmp_path / "interrupted", tmp_path / "out-interrupted", with_reader, threads=1)
     resumed = CLIPTextModel.from_pretrained(tmp_path / "out-interrupted" / "text_encoder")
+    for name, value in straight.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[name], value, msg=name)
+
+
+def test_shape_maps_name_the_kind_and_colour_at_each_place_whatever_the_style():
+    square = world.Scene((world.ShapeSpec("square", "red", "top left", "large"),), "blue")
+    kinds, colours = tiny_model.shape_maps([square, replace(square, style="stripes")])
+    assert kinds.shape == (2, len(world.SHAPES) + 1, 16, 16) and colours.shape == (2, len(world.COLORS), 16, 16)
+    assert torch.equal(kinds[0], kinds[1]) and torch.equal(colours[0], colours[1])
+    torch.testing.assert_close(kinds.sum(dim=1), torch.ones(2, 16, 16))
+    torch.testing.assert_close(colours.sum(dim=1), torch.ones(2, 16, 16))
+    inside, far = (slice(None), slice(2, 4), slice(2, 4)), (slice(None), slice(12, None), slice(12, None))
+    assert kinds[0][inside].argmax(dim=0).eq(world.SHAPES.index("square")).all()
+    assert colours[0][inside].argmax(dim=0).eq(list(world.COLORS).index("red")).all()
+    assert kinds[0][far].argmax(dim=0).eq(len(world.SHAPES)).all()  # background
+    assert colours[0][far].argmax(dim=0).eq(list(world.COLORS).index("blue")).all()
+
+
+def test_the_shape_map_reader_trains_the_unet_resumes_and_is_not_exported(tmp_path, monkeypatch):
+    with pytest.raises(UserInputError, match="shape_map_loss_weight"):
+        tiny_model.train(tmp_path / "no", tmp_path / "no-out", _tiny_run(shape_map_loss_weight=-1.0), threads=1)
+    # With the plain share on, its rows' maps come from the scenes moved to the first step's cell.
+    cfg = replace(_tiny_run(init=str(MODEL_DIR), zero_terminal_snr=True, position_fraction=0.25,
+                            plain_rollout_fraction=0.25, caption_dropout=0.0), unet_batch=4)
+    tiny_model.train(tmp_path / "without", tmp_path / "out-without", cfg, threads=1)
+    with_reader = replace(cfg, shape_map_loss_weight=1.0)
+    tiny_model.train(tmp_path / "straight", tmp_path / "out-straight", with_reader, threads=1)
+
+    def files(folder: Path) -> list[Path]:
+        return sorted(p.relative_to(folder) for p in folder.rglob("*"))
+
+    assert files(tmp_path / "out-straight") == files(tmp_path / "out-without")  # the reader stays out of the model
+    without = UNet2DConditionModel.from_pretrained(tmp_path / "out-without" / "unet")
+    straight = UNet2DConditionModel.from_pretrained(tmp_path / "out-straight" / "unet")
+    changed = {k for k, v in straight.state_dict().items() if not torch.equal(v, without.state_dict()[k])}
+    assert any(k.startswith("up_blocks.1.") for k in changed)
+    assert "shape_map_reader" in torch.load(tmp_path / "straight" / "unet.pt", weights_only=True)
+
+    real_unet_forward, calls = UNet2DConditionModel.forward, []
+
+    def killed_in_step_3(self, *args, **kwargs):
+        calls.append(args[0].shape[0])
+        if sum(1 for batch in calls if batch == cfg.unet_batch) == 3:  # the training forwards, not the first steps'
+            raise _Killed
+        return real_unet_forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(UNet2DConditionModel, "forward", killed_in_step_3)
+    with pytest.raises(_Killed):
+        tiny_model.train(tmp_path / "interrupted", tmp_path / "out-interrupted", with_reader, threads=1)
+    monkeypatch.setattr(UNet2DConditionModel, "forward", real_unet_forward)
+    tiny_model.train(tmp_path / "interrupted", tmp_path / "out-interrupted", with_reader, threads=1)
+    resumed = UNet2DConditionModel.from_pretrained(tmp_path / "out-interrupted" / "unet")
     for name, value in straight.state_dict().items():
         torch.testing.assert_close(resumed.state_dict()[name], value, msg=name)

@@ -847,6 +847,28 @@ def test_layout_targets_name_each_clauses_cell_and_nothing_elsewhere_only_when_e
     assert (colours[2, nothing] == len(world.COLORS)).all() and (kinds[2, nothing] == len(world.SHAPES)).all()
 
 
+def _files(folder: Path) -> list[Path]:
+    return sorted(p.relative_to(folder) for p in folder.rglob("*"))
+
+
+def _killed_in_step_3_then_resumed(tmp_path: Path, monkeypatch, cfg: tiny_model.TinyModelConfig) -> None:
+    """Trains ``cfg`` into tmp_path/interrupted (out: tmp_path/out-interrupted), killed during step 3 (after the step-2
+    checkpoint), then rerun to the end."""
+    real_unet_forward, calls = UNet2DConditionModel.forward, []
+
+    def killed_in_step_3(self, *args, **kwargs):
+        calls.append(args[0].shape[0])
+        if sum(1 for batch in calls if batch == cfg.unet_batch) == 3:  # the training forwards, not the first steps'
+            raise _Killed
+        return real_unet_forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(UNet2DConditionModel, "forward", killed_in_step_3)
+    with pytest.raises(_Killed):
+        tiny_model.train(tmp_path / "interrupted", tmp_path / "out-interrupted", cfg, threads=1)
+    monkeypatch.setattr(UNet2DConditionModel, "forward", real_unet_forward)
+    tiny_model.train(tmp_path / "interrupted", tmp_path / "out-interrupted", cfg, threads=1)
+
+
 def test_the_layout_reader_trains_the_text_encoder_resumes_and_is_not_exported(tmp_path, monkeypatch):
     with pytest.raises(UserInputError, match="layout_loss_weight"):
         tiny_model.train(tmp_path / "no", tmp_path / "no-out", _tiny_run(layout_loss_weight=-1.0), threads=1)
@@ -859,27 +881,12 @@ def test_the_layout_reader_trains_the_text_encoder_resumes_and_is_not_exported(t
     state = torch.load(tmp_path / "straight" / "unet.pt", weights_only=True)
     unet_group, _text_group, reader_group = state["optimizer"]["param_groups"]
     assert reader_group["initial_lr"] == pytest.approx(tiny_model.LAYOUT_READER_LR_SCALE * unet_group["initial_lr"])
-    def files(folder: Path) -> list[Path]:
-        return sorted(p.relative_to(folder) for p in folder.rglob("*"))
-
-    assert files(tmp_path / "out-straight") == files(tmp_path / "out-without")  # the reader stays out of the model
+    assert _files(tmp_path / "out-straight") == _files(tmp_path / "out-without")  # the reader stays out of the model
     without = CLIPTextModel.from_pretrained(tmp_path / "out-without" / "text_encoder")
     straight = CLIPTextModel.from_pretrained(tmp_path / "out-straight" / "text_encoder")
     assert any(not torch.equal(v, without.state_dict()[k]) for k, v in straight.state_dict().items())
 
-    real_unet_forward, calls = UNet2DConditionModel.forward, []
-
-    def killed_in_step_3(self, *args, **kwargs):
-        calls.append(args[0].shape[0])
-        if sum(1 for batch in calls if batch == cfg.unet_batch) == 3:  # the training forwards, not the first steps'
-            raise _Killed
-        return real_unet_forward(self, *args, **kwargs)
-
-    monkeypatch.setattr(UNet2DConditionModel, "forward", killed_in_step_3)
-    with pytest.raises(_Killed):
-        tiny_model.train(tmp_path / "interrupted", tmp_path / "out-interrupted", with_reader, threads=1)
-    monkeypatch.setattr(UNet2DConditionModel, "forward", real_unet_forward)
-    tiny_model.train(tmp_path / "interrupted", tmp_path / "out-interrupted", with_reader, threads=1)
+    _killed_in_step_3_then_resumed(tmp_path, monkeypatch, with_reader)
     resumed = CLIPTextModel.from_pretrained(tmp_path / "out-interrupted" / "text_encoder")
     for name, value in straight.state_dict().items():
         torch.testing.assert_close(resumed.state_dict()[name], value, msg=name)
@@ -909,29 +916,14 @@ def test_the_shape_map_reader_trains_the_unet_resumes_and_is_not_exported(tmp_pa
     with_reader = replace(cfg, shape_map_loss_weight=1.0)
     tiny_model.train(tmp_path / "straight", tmp_path / "out-straight", with_reader, threads=1)
 
-    def files(folder: Path) -> list[Path]:
-        return sorted(p.relative_to(folder) for p in folder.rglob("*"))
-
-    assert files(tmp_path / "out-straight") == files(tmp_path / "out-without")  # the reader stays out of the model
+    assert _files(tmp_path / "out-straight") == _files(tmp_path / "out-without")  # the reader stays out of the model
     without = UNet2DConditionModel.from_pretrained(tmp_path / "out-without" / "unet")
     straight = UNet2DConditionModel.from_pretrained(tmp_path / "out-straight" / "unet")
     changed = {k for k, v in straight.state_dict().items() if not torch.equal(v, without.state_dict()[k])}
     assert any(k.startswith("up_blocks.1.") for k in changed)
     assert "shape_map_reader" in torch.load(tmp_path / "straight" / "unet.pt", weights_only=True)
 
-    real_unet_forward, calls = UNet2DConditionModel.forward, []
-
-    def killed_in_step_3(self, *args, **kwargs):
-        calls.append(args[0].shape[0])
-        if sum(1 for batch in calls if batch == cfg.unet_batch) == 3:  # the training forwards, not the first steps'
-            raise _Killed
-        return real_unet_forward(self, *args, **kwargs)
-
-    monkeypatch.setattr(UNet2DConditionModel, "forward", killed_in_step_3)
-    with pytest.raises(_Killed):
-        tiny_model.train(tmp_path / "interrupted", tmp_path / "out-interrupted", with_reader, threads=1)
-    monkeypatch.setattr(UNet2DConditionModel, "forward", real_unet_forward)
-    tiny_model.train(tmp_path / "interrupted", tmp_path / "out-interrupted", with_reader, threads=1)
+    _killed_in_step_3_then_resumed(tmp_path, monkeypatch, with_reader)
     resumed = UNet2DConditionModel.from_pretrained(tmp_path / "out-interrupted" / "unet")
     for name, value in straight.state_dict().items():
         torch.testing.assert_close(resumed.state_dict()[name], value, msg=name)

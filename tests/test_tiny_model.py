@@ -894,7 +894,7 @@ def test_the_layout_reader_trains_the_text_encoder_resumes_and_is_not_exported(t
 
 def test_shape_maps_name_the_kind_and_colour_at_each_place_whatever_the_style():
     square = world.Scene((world.ShapeSpec("square", "red", "top left", "large"),), "blue")
-    kinds, colours = tiny_model.shape_maps([square, replace(square, style="stripes")])
+    kinds, colours = tiny_model.shape_maps([square, replace(square, style="stripes")], 16)
     assert kinds.shape == (2, len(world.SHAPES) + 1, 16, 16) and colours.shape == (2, len(world.COLORS), 16, 16)
     assert torch.equal(kinds[0], kinds[1]) and torch.equal(colours[0], colours[1])
     torch.testing.assert_close(kinds.sum(dim=1), torch.ones(2, 16, 16))

@@ -403,10 +403,11 @@ class TinyModelConfig:
     # made that 0.982 / 0.996 / 0.993 and the pictures' count 0.250 -> 0.465 (docs/tiny-model.md).
     layout_loss_weight: float = 0.1
     # Weight of the shape-map reader's loss (:class:`ShapeMapReader`, a training aid that is not exported): a head on
-    # the UNet's 16 x 16 decoder features names the kind and colour of what the clean scene has at each place, so the
-    # features must carry it (as REPA aligns a diffusion model's features with a trained encoder's; here with the
-    # scene's own labels). From scratch, 4,000 steps, 200 held-out prompts: colour / shape / position / count
-    # 0.842 / 0.391 / 0.794 / 0.155 without it, 0.874 / 0.413 / 0.854 / 0.255 at 0.25 (docs/tiny-model.md).
+    # the UNet's decoder features (16 x 16 on the x4 latent) names the kind and colour of what the clean scene has at
+    # each place, so the features must carry it (as REPA aligns a diffusion model's features with a trained
+    # encoder's; here with the scene's own labels). From scratch, 4,000 steps, 200 held-out prompts: colour / shape /
+    # position / count 0.842 / 0.391 / 0.794 / 0.155 without it, 0.874 / 0.413 / 0.854 / 0.255 at 0.25
+    # (docs/tiny-model.md).
     shape_map_loss_weight: float = 0.25
     ema_decay: float = 0.999
     grad_clip: float = 1.0
@@ -733,13 +734,11 @@ def layout_targets(captions: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]
     return colours, kinds
 
 
-SHAPE_MAP_SIZE = 16  # the grid of the UNet features the shape-map reader reads (the output of up_blocks[1])
-
-
 class ShapeMapReader(nn.Module):
-    """A training aid, never exported: reads the UNet's decoder features (the output of ``up_blocks[1]``, 16 x 16)
-    and names, at each place, the kind of shape there (or background) and its colour (the background's where no
-    shape is), so the features must carry what the text and the latent say is where."""
+    """A training aid, never exported: reads the UNet's decoder features (the output of ``up_blocks[1]``, half the
+    latent's grid: 16 x 16 on the x4 latent) and names, at each place, the kind of shape there (or background) and
+    its colour (the background's where no shape is), so the features must carry what the text and the latent say is
+    where."""
 
     def __init__(self, channels: int, width: int = 64) -> None:
         super().__init__()
@@ -748,12 +747,12 @@ class ShapeMapReader(nn.Module):
         self.colour = nn.Conv2d(width, len(world.COLORS), 1)
 
     def loss(self, features: torch.Tensor, kinds: torch.Tensor, colours: torch.Tensor) -> torch.Tensor:
-        """Cross-entropy against the soft maps of :func:`shape_maps` (N x classes x 16 x 16)."""
+        """Cross-entropy against the soft maps of :func:`shape_maps` (N x classes x the features' grid)."""
         read = self.body(features)
         return F.cross_entropy(self.kind(read), kinds) + F.cross_entropy(self.colour(read), colours)
 
 
-def shape_maps(scenes: Sequence[Scene], size: int = SHAPE_MAP_SIZE) -> tuple[torch.Tensor, torch.Tensor]:
+def shape_maps(scenes: Sequence[Scene], size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """What each scene has at each place of a ``size`` x ``size`` grid, as the share of the cell's pixels: kinds
     (N x (shapes + 1) x size x size, the last one background) and colours (N x colours x size x size). Drawn in the
     renderer's order and geometry at 4 px per cell, without the style (a styled scene keeps its shapes)."""
@@ -948,8 +947,9 @@ def train_unet(
             _latent_shape_weight(cache.scenes[i : i + 500], cache.latents.shape[-2:], cfg.unet_shape_weight)
             for i in range(0, len(cache.scenes), 500)
         ])
+    map_size = cache.latents.shape[-1] // 2  # up_blocks[1] ends with the second of three upsamplings
     if map_reader is not None:  # once per run, as the shape weight
-        maps = [shape_maps(cache.scenes[i : i + 500]) for i in range(0, len(cache.scenes), 500)]
+        maps = [shape_maps(cache.scenes[i : i + 500], map_size) for i in range(0, len(cache.scenes), 500)]
         kind_maps = torch.cat([kinds for kinds, _ in maps]).half()
         colour_maps = torch.cat([colours for _, colours in maps]).half()
         del maps
@@ -1019,7 +1019,7 @@ def train_unet(
                          else shapes_moved_to_the_first_step(first_step[-plain:], scenes[-plain:]))
                 x0[-plain:] = _posterior_means(vae, moved, device) * vae.config.scaling_factor
                 if map_reader is not None:
-                    kinds, colours = shape_maps(moved)
+                    kinds, colours = shape_maps(moved, map_size)
                     scene_kinds[-plain:], scene_colours[-plain:] = kinds.half(), colours.half()
                 if pixel_weight is not None:
                     pixel_weight[-plain:] = _latent_shape_weight(moved, x0.shape[-2:], cfg.unet_shape_weight)
@@ -1060,7 +1060,9 @@ def train_unet(
         # Rows without a caption are left out: at high noise nothing says what is where.
         if map_reader is not None and (kept := ~dropped.to(device)).any():
             map_loss = map_reader.loss(
-                decoder_features["features"][kept], scene_kinds.to(device)[kept].float(), scene_colours.to(device)[kept].float()
+                decoder_features["features"][kept],
+                scene_kinds.to(device)[kept].float(),
+                scene_colours.to(device)[kept].float(),
             )
             running_map += map_loss.item()
             loss = loss + cfg.shape_map_loss_weight * map_loss

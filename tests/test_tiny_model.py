@@ -927,3 +927,14 @@ def test_the_shape_map_reader_trains_the_unet_resumes_and_is_not_exported(tmp_pa
     resumed = UNet2DConditionModel.from_pretrained(tmp_path / "out-interrupted" / "unet")
     for name, value in straight.state_dict().items():
         torch.testing.assert_close(resumed.state_dict()[name], value, msg=name)
+
+
+def test_the_shape_map_reader_reads_the_x8_latents_features_too(tmp_path):
+    """Its maps are half the latent's grid: 8 x 8 on the x8 latent (16 x 16 latents), where up_blocks[1] ends."""
+    cfg = replace(
+        _tiny_run(latent_downsample=8, shape_map_loss_weight=1.0), unet_steps=2,
+        vae_crop_steps=1, vae_full_steps=1, vae_crop_batch=2, vae_full_batch=1, round_trip_scenes=2,
+    )
+    tiny_model.train(tmp_path / "work", tmp_path / "out", cfg, threads=1)
+    state = torch.load(tmp_path / "work" / "unet.pt", weights_only=True)
+    assert state["step"] == 2 and "shape_map_reader" in state

@@ -194,7 +194,7 @@ def plot(results: list[dict], path: Path) -> None:
         axis.axhline(0.8, color="grey", linewidth=0.8, linestyle=":")
         axis.set_xlabel("tuner scale (0: the base alone); open marks: the style itself through the VAE", fontsize=8)
         axis.set_ylabel("measured")
-        axis.set_ylim(0, 1.1)
+        axis.set_ylim(0, max(1.1, max(r["style_ratio"] for result in results for r in result["sweep"]) + 0.05))
         axis.set_title(f"Tuner as {titles[mode]}; targets 0.8, dotted", fontsize=9)
     axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     figure.tight_layout()

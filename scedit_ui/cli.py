@@ -458,6 +458,11 @@ def _add_train_command(subparsers: argparse._SubParsersAction) -> None:
         help="sc: the adapters also see where they are on the canvas, so a periodic style is drawn, not grown from the "
         "noise (default: on; off for the paper's adapters or to continue a file without them)",
     )
+    command.add_argument(
+        "--gated", action=argparse.BooleanOptionalAction, default=None,
+        help="sc: gated adapters (hidden features times a second map of the skip), so a pattern's light/dark rule is one term "
+        "(default: on; off for the paper's adapters or to continue a file without a gate)",
+    )
     command.add_argument("--fp16", action="store_true", help="save fp16 weights (half the file)")
     command.add_argument(
         "--no-calibrate", dest="calibrate", action="store_false",
@@ -483,7 +488,7 @@ def _add_train_command(subparsers: argparse._SubParsersAction) -> None:
             trigger=args.trigger, remove_words=tuple(args.remove_word), resolution=args.resolution, seed=args.seed,
             preview_prompts=tuple(args.preview_prompt),
             gradient_checkpointing=args.gradient_checkpointing, optimizer=args.optimizer, down_ratio=args.down_ratio,
-            kernel_size=args.kernel, position_features=args.position_features,
+            kernel_size=args.kernel, position_features=args.position_features, gated=args.gated,
             base_model=args.model, work_dir=Path(args.work_dir) if args.work_dir else None, resume=args.resume,
             init_from=Path(args.init) if args.init else None,
             shapes_images=args.images, save_dtype="float16" if args.fp16 else "float32", device=args.device, calibrate=args.calibrate,

@@ -391,10 +391,10 @@ def test_export_writes_scepters_layout_and_imports_back_exactly(tmp_path):
     assert next(iter(official_state_dict(sc))) == "model.lsc_identity.0.scetuner_0_SwiftSCETuning.tuner_op.ln1.weight"
 
 
-@pytest.mark.parametrize("options", [{"kernel_size": 3}, {"position_features": True}])
+@pytest.mark.parametrize("options", [{"kernel_size": 3}, {"position_features": True}, {"gated": True}])
 def test_an_sc_tuner_that_is_not_the_papers_is_refused_for_export_and_nothing_is_written(tmp_path, options):
     tuner = SCTuner(layout_of("sd15"), 0.1, **options)
-    with pytest.raises(UserInputError, match="SCEPTER and swift cannot load them; only tuners trained with --kernel 1 --no-position-features"):
+    with pytest.raises(UserInputError, match="SCEPTER and swift cannot load them; only tuners trained with --kernel 1 --no-position-features --no-gated"):
         export_official(tuner, TunerMetadata.describe(tuner, "sd15"), tmp_path / "style")
     assert not any(tmp_path.iterdir())
 

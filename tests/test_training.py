@@ -133,6 +133,7 @@ def test_bad_data_fails_with_a_clear_error_before_any_step(problem, message, ima
         (dict(steps=0), "steps"),
         (dict(data="shapes:watercolour"), "unknown Shapes-world style"),
         (dict(kind="csc", condition="canny", position_features=True), "position features are for SC tuners"),
+        (dict(kind="csc", condition="canny", gated=True), "gated adapters are for SC tuners"),
     ],
 )
 def test_bad_settings_fail_before_any_step(overrides, message, tmp_path, random_sd_folder):
@@ -266,7 +267,7 @@ def test_the_default_is_the_first_candidate_that_keeps_the_colours_within_the_li
     assert calibration.choose_default(checked) == checked[1]
 
 
-@pytest.mark.parametrize("strongest_kept", [2.0, 1.875, 1.5, 1.0, None])
+@pytest.mark.parametrize("strongest_kept", [2.0, 1.875, 1.625, 1.5, 1.0, None])
 def test_the_calibration_bisects_the_texture_strengths_to_the_first_that_keeps_the_colours(strongest_kept):
     base = [Image.new("RGB", (32, 32), (200, 40, 40))]
     tried = []
@@ -278,7 +279,7 @@ def test_the_calibration_bisects_the_texture_strengths_to_the_first_that_keeps_t
         return [Image.new("RGB", (32, 32), (200 - shift, 40 + shift, 40))]
 
     scores = calibration.score_candidates(base, base, generate)
-    assert len(set(tried)) == len(tried) == len(scores) <= 4  # bisection: 3 of the 4 strengths at most, then the plain scale
+    assert len(set(tried)) == len(tried) == len(scores) <= 4  # bisection: 3 of the 5 strengths at most, then the plain scale
     chosen = calibration.choose_default(scores)
     if strongest_kept is None:  # nothing keeps the colours: the plain scale was tried last
         assert not any(s.keeps_colours() for s in scores) and not scores[-1].texture
@@ -349,7 +350,9 @@ def test_an_interrupted_run_resumes_to_the_same_weights_as_an_uninterrupted_one(
     assert all(torch.allclose(expected[k], actual[k], atol=1e-6) for k in expected)
 
 
-@pytest.mark.parametrize("change, field", [(dict(batch_size=1), "batch_size"), (dict(position_features=False), "position_features")])
+@pytest.mark.parametrize(
+    "change, field", [(dict(batch_size=1), "batch_size"), (dict(position_features=False), "position_features"), (dict(gated=False), "gated")],
+)
 def test_resume_refuses_a_checkpoint_of_different_settings(tmp_path, random_sd_folder, change, field):
     train_tuner(config_for(tmp_path, random_sd_folder, steps=2))
     with pytest.raises(UserInputError, match=f"differs in {field}"):
@@ -419,6 +422,7 @@ def test_cli_prints_step_loss_time_left_and_previews_then_the_output_path(tmp_pa
     assert metadata.trigger_word == "<sce>"
     assert metadata.kernel_size == 3  # an SC tuner's default adapter sees its neighbours (textures)
     assert metadata.position_features is True  # ... and where it is on the canvas
+    assert metadata.gated is True  # ... and its adapters are gated
     # after training, the default use is measured (calibration) and printed
     assert lines[-1] == calibration.describe_default(metadata) and lines[-1].startswith("default use, measured on new prompts: scale ")
     measured = [calibration.CandidateScore(**c) for c in metadata.training["default_use_measured"]["candidates"]]

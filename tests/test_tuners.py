@@ -208,6 +208,30 @@ def test_position_features_let_an_sc_adapter_tell_places_apart_and_round_trip(ti
     assert torch.equal(loaded.delta(0, torch.ones(1, layout.channels[0], 4, 4)), tuner.delta(0, torch.ones(1, layout.channels[0], 4, 4)))
 
 
+def test_a_gated_sc_adapter_multiplies_two_maps_of_the_skip_starts_at_zero_and_round_trips(tiny_unet, tmp_path):
+    layout = SkipLayout.from_unet(tiny_unet)
+    plain = SCTuner(layout, 0.5, kernel_size=3, position_features=True)
+    tuner = SCTuner(layout, 0.5, kernel_size=3, position_features=True, gated=True)
+    added = sum(p.numel() for p in tuner.parameters()) - sum(p.numel() for p in plain.parameters())
+    assert added == sum(p.numel() for a in plain.adapters for p in a.ln1.parameters())  # W_gate: the shape of W_down
+    x = torch.randn(2, layout.channels[0], 6, 6)
+    assert tuner.delta(0, x).abs().max() == 0  # W_up starts at zero: adds nothing untrained
+    randomise(tuner)
+    adapter = tuner.adapters[0]
+    with torch.no_grad():  # the product is one term: the gate's sign flips the output, a zero gate removes it
+        adapter.ln2.bias.zero_()
+        gated = tuner.delta(0, x)
+        adapter.gate.weight.neg_(), adapter.gate.bias.neg_()
+        assert gated.abs().max() > 0 and torch.allclose(tuner.delta(0, x), -gated, atol=1e-6)
+        adapter.gate.weight.zero_(), adapter.gate.bias.zero_()
+        assert tuner.delta(0, x).abs().max() == 0
+    randomise(tuner)
+    save_tuner(tuner, tmp_path / "gated.safetensors", TunerMetadata.describe(tuner, "tiny"))
+    loaded, metadata = load_tuner(tmp_path / "gated.safetensors")
+    assert metadata.gated is True and loaded.config == tuner.config
+    assert torch.equal(loaded.delta(0, x), tuner.delta(0, x))
+
+
 def test_position_features_are_sinusoids_at_each_skip_pixels_place_in_the_latent():
     fine = position_features(8, 8, 1, torch.device("cpu"), torch.float32)
     coarse = position_features(4, 4, 2, torch.device("cpu"), torch.float32)
@@ -655,12 +679,13 @@ def test_a_files_default_use_survives_the_round_trip_and_older_files_get_the_pap
     new = read_metadata(tmp_path / "new.safetensors")
     assert (new.default_scale, new.default_conditional_only) == (0.5, True)
     header = json.loads(read_metadata_json(tmp_path / "new.safetensors"))
-    old = {k: v for k, v in header.items() if not k.startswith("default_") and k not in ("kernel_size", "position_features")}
+    old = {k: v for k, v in header.items() if not k.startswith("default_") and k not in ("kernel_size", "position_features", "gated")}
     save_file(tuner.state_dict(), tmp_path / "old.safetensors", metadata={"scedit": json.dumps({**old, "version": 2})})
     metadata = read_metadata(tmp_path / "old.safetensors")
     assert (metadata.default_scale, metadata.default_conditional_only, metadata.default_texture, metadata.kernel_size) == (1.0, False, False, None)
     assert load_tuner(tmp_path / "old.safetensors")[0].config.kernel_size == 1  # a file before kernels: per pixel
     assert not load_tuner(tmp_path / "old.safetensors")[0].config.position_features
+    assert not load_tuner(tmp_path / "old.safetensors")[0].config.gated
 
 
 def read_metadata_json(path) -> str:

@@ -25,8 +25,9 @@ FORMAT = "scedit-tuner"
 # 2: CSC hint widths, down ratio and scale (files of version 1 get the reference defaults);
 # 3: how an SC tuner is applied when the user does not say (default_scale, default_conditional_only);
 # 4: SC tuners with 3×3 adapters (kernel_size; absent or null: 1) and texture guidance as a default use;
-# 5: SC adapters that read position features (position_features; absent or null: no).
-VERSION = 5
+# 5: SC adapters that read position features (position_features; absent or null: no);
+# 6: gated SC adapters (gated; absent or null: no).
+VERSION = 6
 METADATA_KEY = "scedit"
 
 Tuner = SCTuner | CSCTuner
@@ -57,6 +58,7 @@ class TunerMetadata:
     down_ratio: float = 1.0
     kernel_size: int | None = None
     position_features: bool | None = None  # SC only
+    gated: bool | None = None  # SC only
     condition_type: str | None = None
     hint_in_channels: int | None = None
     hint_channels: int | None = None
@@ -79,7 +81,7 @@ class TunerMetadata:
     def tuner_config(self) -> TunerConfig:
         """The config this file's tuner is built from; `ValueError` when a value is out of range."""
         if self.kind == "sc":
-            return SCTunerConfig(self.shape, self.down_ratio, self.kernel_size or 1, bool(self.position_features))
+            return SCTunerConfig(self.shape, self.down_ratio, self.kernel_size or 1, bool(self.position_features), bool(self.gated))
         if self.kind == "csc":
             given = {name: getattr(self, name) for name in _CSC_FIELDS if getattr(self, name) is not None}
             return CSCTunerConfig(self.shape, condition_type=self.condition_type or "unknown", down_ratio=self.down_ratio, **given)
@@ -94,7 +96,8 @@ class TunerMetadata:
             skip_downsample=config.shape.is_downsample, down_ratio=config.down_ratio,
         )
         if isinstance(config, SCTunerConfig):
-            return cls(kind="sc", kernel_size=config.kernel_size, position_features=config.position_features, **common, **extra)
+            return cls(kind="sc", kernel_size=config.kernel_size, position_features=config.position_features, gated=config.gated,
+                       **common, **extra)
         csc = {name: getattr(config, name) for name in _CSC_FIELDS}
         return cls(kind="csc", condition_type=config.condition_type, **csc, **common, **extra)
 
@@ -128,8 +131,9 @@ class TunerMetadata:
         for name in ("default_conditional_only", "default_texture"):
             if not isinstance(data.get(name, False), bool):
                 raise TunerFileError(f"{name} must be true or false, got {data[name]!r}")
-        if not isinstance(data.get("position_features"), (bool, type(None))):
-            raise TunerFileError(f"position_features must be true or false, got {data['position_features']!r}")
+        for name in ("position_features", "gated"):
+            if not isinstance(data.get(name), (bool, type(None))):
+                raise TunerFileError(f"{name} must be true or false, got {data[name]!r}")
         if data.get("default_conditional_only") and data.get("default_texture"):
             raise TunerFileError("default_conditional_only and default_texture cannot both be true")
         if not isinstance(data.get("training", {}), dict):

@@ -373,12 +373,15 @@ def export_official(tuner: Tuner, metadata: TunerMetadata, folder: str | Path) -
 
     The folder is built in a temporary sibling and renamed into place: a failed export leaves nothing.
     """
-    if isinstance(tuner, SCTuner) and (tuner.config.kernel_size != 1 or tuner.config.position_features):
+    if isinstance(tuner, SCTuner) and (tuner.config.kernel_size != 1 or tuner.config.position_features or tuner.config.gated):
         # SCEPTER's and swift's SC adapter is two Linear layers on the skip's channels: nothing else loads there.
+        def on(flag: bool) -> str:
+            return "on" if flag else "off"
+
         raise UserInputError(
             f"this SC tuner's adapters are not the paper's (kernel {tuner.config.kernel_size}, position features "
-            f"{'on' if tuner.config.position_features else 'off'}), so SCEPTER and swift cannot load them; only tuners "
-            "trained with --kernel 1 --no-position-features export to the official layout"
+            f"{on(tuner.config.position_features)}, gate {on(tuner.config.gated)}), so SCEPTER and swift cannot load them; "
+            "only tuners trained with --kernel 1 --no-position-features --no-gated export to the official layout"
         )
     folder = Path(folder)
     if folder.exists() and any(folder.iterdir()):

@@ -27,9 +27,10 @@ from tuners import TunerMetadata
 # more colour than both halves and style guidance on stripes, polka dots and an uncaptioned PIL folder (docs/training.md,
 # "Texture guidance"); at 2 the style shows most before the colours go (stripes 0.67x / 0.82 at 2, 0.76x / 0.42 at 2.5).
 # The colours go fast near the top, hence 1.875: the uncaptioned PIL folder on the 22,500-step base gave 0.77x / 0.859 at
-# 1.75, 0.83x / 0.812 at 1.875 and 0.88x / 0.786 at 2 (32 prompts).
+# 1.75, 0.83x / 0.812 at 1.875 and 0.88x / 0.786 at 2 (32 prompts). And 1.625: with gated adapters that folder lost
+# 0.130 at 1.75 and 0.057 at 1.5, which gave 0.72x of its style; 1.625 keeps the colours and gives 0.81x (32 prompts).
 CANDIDATES: tuple[tuple[float, bool, bool], ...] = (
-    (2.0, False, True), (1.875, False, True), (1.75, False, True), (1.5, False, True), (1.0, False, False),
+    (2.0, False, True), (1.875, False, True), (1.75, False, True), (1.625, False, True), (1.5, False, True), (1.0, False, False),
 )
 # Built-in model: how far below the base's own colour accuracy a default may fall on the calibration prompts.
 # Measured on 16 prompts (32 now), the loss is noisy where the colours start to go: on the 16,400-step base the folder of

@@ -25,7 +25,7 @@ OPTIMIZERS = ("adamw", "adamw-fused", "adamw-8bit")
 # What a checkpoint must share with the run that resumes it (steps may grow: training continues).
 _RESUME_KEYS = (
     "kind", "condition", "condition_params", "data", "trigger", "remove_words", "batch_size", "learning_rate",
-    "weight_decay", "resolution", "seed", "down_ratio", "kernel_size", "position_features", "base_model", "shapes_images", "caption_dropout",
+    "weight_decay", "resolution", "seed", "down_ratio", "kernel_size", "position_features", "gated", "base_model", "shapes_images", "caption_dropout",
     "preserve_base_above", "init_from",
     "optimizer",  # 8-bit AdamW's state does not load into torch's AdamW
 )
@@ -70,6 +70,8 @@ class TrainingConfig:
     # SC: the adapters also read sinusoids of the canvas position (`tuners.sc_tuner.position_features`). None: on
     # for SC, chosen by measurement (docs/training.md); CSC tuners have no such input.
     position_features: bool | None = None
+    # SC: gated adapters (`tuners.sc_tuner.SkipAdapter`). None: on for SC, chosen by measurement (docs/training.md).
+    gated: bool | None = None
     base_model: str = ""  # "" = the built-in tiny model
     work_dir: Path | None = None  # checkpoints and previews; default runs/tuners/<out name>
     resume: bool = False
@@ -90,6 +92,11 @@ class TrainingConfig:
     def positions(self) -> bool:
         """Whether this run's SC adapters read position features."""
         return self.kind == "sc" if self.position_features is None else self.position_features
+
+    @property
+    def gates(self) -> bool:
+        """Whether this run's SC adapters are gated."""
+        return self.kind == "sc" if self.gated is None else self.gated
 
     @property
     def work(self) -> Path:
@@ -125,6 +132,8 @@ class TrainingConfig:
             raise UserInputError(f"kernel size must be 1 or 3, got {self.kernel_size!r}")
         if self.position_features and self.kind != "sc":
             raise UserInputError("position features are for SC tuners (--kind sc); a CSC tuner reads its condition image")
+        if self.gated and self.kind != "sc":
+            raise UserInputError("gated adapters are for SC tuners (--kind sc); a CSC tuner has no such option")
         if self.resolution is not None:
             check_number("resolution", self.resolution, 64, 2048, integer=True)
             if self.resolution % 8:
@@ -150,8 +159,8 @@ class TrainingConfig:
 
     def identity(self) -> dict[str, Any]:
         """The fields a resumed run must share with its checkpoint, as JSON-friendly values."""
-        # The resolved value: a checkpoint from before position features (None there) must not pass for one with them.
-        data = asdict(self) | {"position_features": self.positions}
+        # The resolved values: a checkpoint from before position features or gates (None there) must not pass for one with them.
+        data = asdict(self) | {"position_features": self.positions, "gated": self.gates}
         return json.loads(json.dumps({key: data[key] for key in _RESUME_KEYS}, default=str))
 
 

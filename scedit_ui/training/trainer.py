@@ -136,7 +136,7 @@ class TunerTrainer:
         layout = self.editor.layout
         with torch.random.fork_rng(devices=[]):  # the initial weights depend on the seed only
             torch.manual_seed(config.seed)
-            self.tuner: Tuner = (SCTuner(layout, config.down_ratio, config.kernel, config.positions) if config.kind == "sc"
+            self.tuner: Tuner = (SCTuner(layout, config.down_ratio, config.kernel, config.positions, config.gates) if config.kind == "sc"
                                  else CSCTuner(layout, config.kernel, config.condition))
         self.condition: ControlCondition | None = None  # CSC: the condition whose image each batch sets
         if config.kind == "sc":
@@ -172,7 +172,8 @@ class TunerTrainer:
         if initial.config != self.tuner.config:
             raise UserInputError(
                 f"--init: {path.name} is a {metadata.kind} tuner {initial.config}, but this run trains {self.tuner.config}; "
-                "use the same kind, condition, kernel, down ratio and position features (--no-position-features for a file without them)"
+                "use the same kind, condition, kernel, down ratio, position features and gate (--no-position-features, --no-gated "
+                "for a file without them)"
             )
         self.tuner.load_state_dict(initial.state_dict())
         logger.info("starting from the weights of %s", path)

@@ -330,8 +330,8 @@ class TinyModelConfig:
     cache_chunk: int = 1_000
     base_styled_fraction: float = 0.2
     # stage 3: UNet + text encoder
-    # 1.6 s each at batch 32 on two CPU threads from scratch: the whole recipe measured 121.6 min
-    # (docs/tiny-model.md, "The shape-map reader: the recipe's default since this round")
+    # 1.3-1.6 s each at batch 32 on two CPU threads from scratch: the whole recipe measured 100.1 min (121.6 min on
+    # an older 2-core machine; docs/tiny-model.md, "The shape-word loss: the recipe's default since this round")
     unet_steps: int = 4_000
     unet_batch: int = 32
     unet_lr: float = 6e-4
@@ -409,6 +409,13 @@ class TinyModelConfig:
     # position / count 0.842 / 0.391 / 0.794 / 0.155 without it, 0.874 / 0.413 / 0.854 / 0.255 at 0.25
     # (docs/tiny-model.md).
     shape_map_loss_weight: float = 0.25
+    # Weight of a loss that keeps the text encoder's outputs at the five shape words apart ("a <colour> <shape> on a
+    # <background> background", one random colour and background per step): each pair's cosine similarity above
+    # SHAPE_WORD_MARGIN, averaged. Trained by the diffusion loss alone they stay at 0.92 after 4,000 steps from
+    # scratch (the built-in model's separated to 0.47 over 27,700 steps, and its shapes followed), so the UNet gets
+    # nearly one vector for every shape word. From scratch, 4,000 steps: held-out shape 0.413 -> 0.600, plain
+    # 0.470 -> 0.600, the rest within the noise (docs/tiny-model.md).
+    shape_word_loss_weight: float = 1.0
     ema_decay: float = 0.999
     grad_clip: float = 1.0
     checkpoint_every: int = 50
@@ -682,6 +689,27 @@ def training_timesteps(batch: int, timesteps: int, cfg: TinyModelConfig, generat
         high = torch.rand(batch, generator=generator) < cfg.high_noise_fraction
         t[high] = torch.randint(timesteps * 3 // 4, timesteps, (int(high.sum()),), generator=generator)
     return t
+
+
+SHAPE_WORD_MARGIN = 0.5  # the built-in model's shape words sit at 0.47: apart enough to draw five shapes
+
+
+def shape_word_phrases(generator: torch.Generator) -> list[tuple[str, str, str]]:
+    """The plain prompt of each shape in one random colour on one random background, split around the shape word."""
+    colour, background = (list(world.COLORS)[i] for i in torch.randperm(len(world.COLORS), generator=generator)[:2].tolist())
+    phrases = []
+    for kind in world.SHAPES:
+        prompt = world.plain_prompt(world.Scene((world.ShapeSpec(kind, colour, None, None),), background))
+        at = prompt.index(f" {kind} ") + 1
+        phrases.append((prompt[:at], kind, prompt[at + len(kind):]))
+    return phrases
+
+
+def shape_word_loss(text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer, generator: torch.Generator) -> torch.Tensor:
+    """How far the shape words' outputs are more alike than `SHAPE_WORD_MARGIN` (mean over pairs; 0 when apart)."""
+    cosine = word_cosines(text_encoder, tokenizer, shape_word_phrases(generator))
+    pairs = ~torch.eye(len(cosine), dtype=torch.bool, device=cosine.device)
+    return F.relu(cosine[pairs] - SHAPE_WORD_MARGIN).mean()
 
 
 UNKNOWN_CELL = -100  # cross_entropy's ignore_index: a cell the caption says nothing about
@@ -965,7 +993,7 @@ def train_unet(
         few_shapes = _scenes_of_at_most(cache, cfg.position_shapes, "position_fraction")
     unet.train()
     text_encoder.train()
-    t0, running, running_layout, running_map = time.time(), 0.0, 0.0, 0.0
+    t0, running, running_layout, running_map, running_words = time.time(), 0.0, 0.0, 0.0, 0.0
     for step in range(start, cfg.unet_steps):
         g = _step_generator(cfg.seed, 3, step)
         idx = torch.randint(0, len(cache.latents), (cfg.unet_batch,), generator=g)
@@ -1066,6 +1094,10 @@ def train_unet(
             )
             running_map += map_loss.item()
             loss = loss + cfg.shape_map_loss_weight * map_loss
+        if cfg.shape_word_loss_weight:  # drawn only when on, so runs without it repeat exactly
+            word_loss = shape_word_loss(text_encoder, tokenizer, g)
+            running_words += word_loss.item()
+            loss = loss + cfg.shape_word_loss_weight * word_loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trained, cfg.grad_clip)
@@ -1076,13 +1108,14 @@ def train_unet(
         if done % 10 == 0 or done == cfg.unet_steps:
             logged = 10 if done % 10 == 0 else done % 10
             logger.info(
-                "unet: step %d/%d loss %.4f%s%s lr %.2e (%.2f s/step)",
+                "unet: step %d/%d loss %.4f%s%s%s lr %.2e (%.2f s/step)",
                 done, cfg.unet_steps, running / logged,
                 f" (layout reader {running_layout / logged:.4f})" if reader is not None else "",
                 f" (shape-map reader {running_map / logged:.4f})" if map_reader is not None else "",
+                f" (shape words {running_words / logged:.4f})" if cfg.shape_word_loss_weight else "",
                 lr_schedule.get_last_lr()[0], (time.time() - t0) / (done - start),
             )
-            running, running_layout, running_map = 0.0, 0.0, 0.0
+            running, running_layout, running_map, running_words = 0.0, 0.0, 0.0, 0.0
         if done % cfg.checkpoint_every == 0 or done == cfg.unet_steps:
             state = {
                 "step": done, "unet": unet.state_dict(), "text_encoder": text_encoder.state_dict(),
@@ -1216,15 +1249,19 @@ def layout_from_text(
     return float(np.mean(shares))
 
 
-@torch.no_grad()
-def _word_similarity(text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer, phrases: list[tuple[str, str, str]]) -> float:
-    """Mean pairwise cosine similarity of the encoder's outputs at the last token of each phrase's middle part."""
+def word_cosines(text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer, phrases: list[tuple[str, str, str]]) -> torch.Tensor:
+    """Cosine similarities (phrases x phrases) of the encoder's outputs at the last token of each phrase's middle part."""
     ids = tokenize(tokenizer, ["".join(phrase) for phrase in phrases]).to(text_encoder.device)
     # <bos>, the tokens of "before + word", <eos>: the word's last token sits at that count minus 2.
     last = [len(tokenizer(before + word).input_ids) - 2 for before, word, _ in phrases]
-    at_word = text_encoder(ids)[0][torch.arange(len(phrases)), last]
-    at_word = torch.nn.functional.normalize(at_word.float(), dim=-1)
-    cosine = at_word @ at_word.T
+    at_word = F.normalize(text_encoder(ids)[0][torch.arange(len(phrases)), last].float(), dim=-1)
+    return at_word @ at_word.T
+
+
+@torch.no_grad()
+def _word_similarity(text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer, phrases: list[tuple[str, str, str]]) -> float:
+    """Mean pairwise cosine similarity of the encoder's outputs at the last token of each phrase's middle part."""
+    cosine = word_cosines(text_encoder, tokenizer, phrases)
     pairs = len(phrases) * (len(phrases) - 1)
     return float((cosine.sum() - cosine.diagonal().sum()) / pairs)
 
@@ -1233,7 +1270,7 @@ def _word_similarity(text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer, phra
 
 
 # What a run stamped before a field existed did, for fields whose default is not that.
-BEFORE_FIELD_EXISTED = {"shape_map_loss_weight": 0.0}
+BEFORE_FIELD_EXISTED = {"shape_map_loss_weight": 0.0, "shape_word_loss_weight": 0.0}
 
 
 def _claim_work_folder(work: Path, cfg: TinyModelConfig) -> Path:
@@ -1284,10 +1321,9 @@ def train(
         raise UserInputError("position_fraction needs zero_terminal_snr: only then does the last timestep hide the layout")
     if cfg.position_rollout and not cfg.position_fraction:
         raise UserInputError("position_rollout needs position_fraction: it changes how that share of each batch starts")
-    if cfg.layout_loss_weight < 0:
-        raise UserInputError(f"layout_loss_weight must be 0 (off) or positive, got {cfg.layout_loss_weight}")
-    if cfg.shape_map_loss_weight < 0:
-        raise UserInputError(f"shape_map_loss_weight must be 0 (off) or positive, got {cfg.shape_map_loss_weight}")
+    for name in ("layout_loss_weight", "shape_map_loss_weight", "shape_word_loss_weight"):
+        if getattr(cfg, name) < 0:
+            raise UserInputError(f"{name} must be 0 (off) or positive, got {getattr(cfg, name)}")
     if cfg.position_cell_last_fraction and not cfg.position_fraction:
         raise UserInputError("position_cell_last_fraction needs position_fraction: it captions part of that share")
     if not 1 <= cfg.position_rollout_steps <= EVAL_STEPS:

@@ -40,8 +40,8 @@ def position_features(height: int, width: int, stride: int, device: torch.device
 
 class SkipAdapter(nn.Module):
     """`W_up · GELU(W_down * x)`, or gated `W_up · (GELU(W_down * x) ⊙ (W_gate * x))`: with kernel 1, per pixel
-    (channels-last Linear layers, as the reference implementation, so official files load); with kernel 3, `W_down` is a 3×3 convolution that sees each pixel's
-    neighbours. A pointwise adapter can only amplify whatever pattern the noise starts with, so a periodic texture
+    (channels-last Linear layers, as the reference implementation, so official files load); with kernel 3, `W_down`
+    is a 3×3 convolution that sees each pixel's neighbours. A pointwise adapter can only amplify whatever pattern the noise starts with, so a periodic texture
     (stripes, dots, hatching) shows weakly; the 3×3 one learns it (docs/training.md).
 
     With `position_stride` (the skip's pixel size in latent pixels) `W_down` also reads `position_features`.
@@ -62,7 +62,9 @@ class SkipAdapter(nn.Module):
         inputs = channels + (POSITION_CHANNELS if position_stride is not None else 0)
 
         def first_layer() -> nn.Module:
-            return nn.Linear(inputs, mid_channels) if kernel_size == 1 else nn.Conv2d(inputs, mid_channels, kernel_size, padding=kernel_size // 2)
+            if kernel_size == 1:
+                return nn.Linear(inputs, mid_channels)
+            return nn.Conv2d(inputs, mid_channels, kernel_size, padding=kernel_size // 2)
 
         self.ln1 = first_layer()
         self.gate = first_layer() if gated else None

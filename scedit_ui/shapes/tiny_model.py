@@ -707,9 +707,7 @@ def shape_word_phrases(generator: torch.Generator) -> list[tuple[str, str, str]]
 
 def shape_word_loss(text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer, generator: torch.Generator) -> torch.Tensor:
     """How far the shape words' outputs are more alike than `SHAPE_WORD_MARGIN` (mean over pairs; 0 when apart)."""
-    cosine = word_cosines(text_encoder, tokenizer, shape_word_phrases(generator))
-    pairs = ~torch.eye(len(cosine), dtype=torch.bool, device=cosine.device)
-    return F.relu(cosine[pairs] - SHAPE_WORD_MARGIN).mean()
+    return F.relu(word_cosines(text_encoder, tokenizer, shape_word_phrases(generator)) - SHAPE_WORD_MARGIN).mean()
 
 
 UNKNOWN_CELL = -100  # cross_entropy's ignore_index: a cell the caption says nothing about
@@ -1250,20 +1248,20 @@ def layout_from_text(
 
 
 def word_cosines(text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer, phrases: list[tuple[str, str, str]]) -> torch.Tensor:
-    """Cosine similarities (phrases x phrases) of the encoder's outputs at the last token of each phrase's middle part."""
+    """Cosine similarity of the encoder's outputs at the last token of each phrase's middle part, for every ordered
+    pair of different phrases (a flat tensor; each pair twice)."""
     ids = tokenize(tokenizer, ["".join(phrase) for phrase in phrases]).to(text_encoder.device)
     # <bos>, the tokens of "before + word", <eos>: the word's last token sits at that count minus 2.
     last = [len(tokenizer(before + word).input_ids) - 2 for before, word, _ in phrases]
     at_word = F.normalize(text_encoder(ids)[0][torch.arange(len(phrases)), last].float(), dim=-1)
-    return at_word @ at_word.T
+    different = ~torch.eye(len(phrases), dtype=torch.bool, device=at_word.device)
+    return (at_word @ at_word.T)[different]
 
 
 @torch.no_grad()
 def _word_similarity(text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer, phrases: list[tuple[str, str, str]]) -> float:
     """Mean pairwise cosine similarity of the encoder's outputs at the last token of each phrase's middle part."""
-    cosine = word_cosines(text_encoder, tokenizer, phrases)
-    pairs = len(phrases) * (len(phrases) - 1)
-    return float((cosine.sum() - cosine.diagonal().sum()) / pairs)
+    return float(word_cosines(text_encoder, tokenizer, phrases).mean())
 
 
 # ---------------------------------------------------------------------------- all stages

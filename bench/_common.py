@@ -38,12 +38,18 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", nargs="?", const="-", metavar="PATH", help="write JSON to stdout, or to PATH")
 
 
-def write_json(result: dict[str, Any], target: str) -> None:
+def report(result: Any, json_target: str | None, show: Callable[[Any], None] | None = None) -> None:
+    """``result`` as JSON where `--json` was given (to stdout for "-", else to that file), else ``show(result)``
+    (a table for people); a bench without one prints the JSON either way."""
+    if json_target is None and show is not None:
+        show(result)
+        return
+    json_target = json_target or "-"
     text = json.dumps(result, indent=2)
-    if target == "-":
+    if json_target == "-":
         print(text)
     else:
-        Path(target).write_text(text + "\n")
+        Path(json_target).write_text(text + "\n")
 
 
 def machine() -> dict[str, Any]:

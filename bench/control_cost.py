@@ -342,10 +342,7 @@ def main() -> int:
     if unknown:
         parser.error(f"unknown variant(s) {unknown}; choose from {list(VARIANTS)}")
     result = run(names, args.mode, args.steps, args.repeats, args.kernel)
-    if args.json:
-        _common.write_json(result, args.json)
-    else:
-        print_table(result)
+    _common.report(result, args.json, print_table)
     return 0
 
 

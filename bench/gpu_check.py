@@ -209,10 +209,7 @@ def main() -> int:
             print(f"FAILED: {error}", file=sys.stderr)
             return 1
     result = {"machine": _common.machine(), "quick": args.quick, "parts": check.results}
-    if args.json:
-        _common.write_json(result, args.json)
-    else:
-        print(json.dumps(result, indent=2))
+    _common.report(result, args.json)
     return 0
 
 

@@ -65,12 +65,13 @@ def main(argv: list[str] | None = None) -> None:
     if args.n < 1 or args.seeds < 2:
         parser.error("--n must be at least 1 and --seeds at least 2")
     result = run(args.model, args.n, args.seeds, args.steps, args.guidance)
-    if args.json:
-        _common.write_json(result, args.json)
-    else:
-        print(f"{result['model']}: {result['prompts']} plain prompts × {result['seeds']} seeds, {result['steps']} DDIM steps, "
-              f"guidance {result['guidance']:g}: distinct cells {result['mean_distinct_cells']:.2f} of {result['seeds']}, "
-              f"all in one cell {result['all_in_one_cell']:.2f} ({result['seconds']} s)")
+    _common.report(result, args.json, print_summary)
+
+
+def print_summary(result: dict) -> None:
+    print(f"{result['model']}: {result['prompts']} plain prompts × {result['seeds']} seeds, {result['steps']} DDIM steps, "
+          f"guidance {result['guidance']:g}: distinct cells {result['mean_distinct_cells']:.2f} of {result['seeds']}, "
+          f"all in one cell {result['all_in_one_cell']:.2f} ({result['seconds']} s)")
 
 
 if __name__ == "__main__":

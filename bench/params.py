@@ -78,10 +78,7 @@ def main() -> int:
     _common.add_common_arguments(parser)
     args = parser.parse_args()
     result = measure()
-    if args.json:
-        _common.write_json(result, args.json)
-    else:
-        print_table(result)
+    _common.report(result, args.json, print_table)
     return 0
 
 

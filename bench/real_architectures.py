@@ -251,10 +251,7 @@ def main() -> None:
         finally:
             if not args.keep:
                 shutil.rmtree(work, ignore_errors=True)
-    if args.json:
-        _common.write_json(results, args.json)
-    else:
-        print(json.dumps(results, indent=2))
+    _common.report(results, args.json)
 
 
 if __name__ == "__main__":

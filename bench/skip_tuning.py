@@ -120,10 +120,7 @@ def main() -> int:
     steps_list = [int(x) for x in args.steps.split(",")]
     rhos = [float(x) for x in args.rho.split(",")]
     result = run(args.model, args.n, args.seed, steps_list, rhos, args.guidance)
-    if args.json:
-        _common.write_json(result, args.json)
-    else:
-        print_table(result)
+    _common.report(result, args.json, print_table)
     return 0
 
 

@@ -84,16 +84,17 @@ def main(argv: list[str] | None = None) -> None:
     if min(args.train, args.steps, args.n) < 1:
         parser.error("--train, --steps and --n must be positive")
     result = run(args.model, args.train, args.steps, args.n)
-    if args.json:
-        _common.write_json(result, args.json)
-    else:
-        def fractions(values: list[float]) -> str:
-            return " / ".join(f"{v:.3f}" for v in values)
+    _common.report(result, args.json, print_summary)
 
-        print(f"{result['model']}: the shape of the 1st / 2nd / 3rd clause read in its cell (prompts of several shapes, "
-              f"{result['heldout_captions']} held-out captions): colour {fractions(result['clause_colour_accuracy'])}, "
-              f"kind {fractions(result['clause_kind_accuracy'])}; empty cells read empty "
-              f"{result['empty_cells_read_empty']:.3f} ({result['seconds']} s)")
+
+def print_summary(result: dict) -> None:
+    def fractions(values: list[float]) -> str:
+        return " / ".join(f"{v:.3f}" for v in values)
+
+    print(f"{result['model']}: the shape of the 1st / 2nd / 3rd clause read in its cell (prompts of several shapes, "
+          f"{result['heldout_captions']} held-out captions): colour {fractions(result['clause_colour_accuracy'])}, "
+          f"kind {fractions(result['clause_kind_accuracy'])}; empty cells read empty "
+          f"{result['empty_cells_read_empty']:.3f} ({result['seconds']} s)")
 
 
 if __name__ == "__main__":

@@ -313,10 +313,7 @@ def main() -> int:
     if unknown:
         parser.error(f"unknown method(s) {unknown}; choose from {list(METHODS)}")
     result = run(names, args.repeats, args.size, args.batch)
-    if args.json:
-        _common.write_json(result, args.json)
-    else:
-        print_table(result)
+    _common.report(result, args.json, print_table)
     return 0
 
 

@@ -563,10 +563,7 @@ def main() -> int:
         result["targets"] = targets(result["rows"])
         if args.plot:
             plot(result["rows"], args.plot)
-    if args.json:
-        _common.write_json(result, args.json)
-    else:
-        print_result(result)
+    _common.report(result, args.json, print_result)
     return 0
 
 

@@ -53,17 +53,18 @@ def step_seconds(config: dict, channels: int, repeats: int) -> float:
     return statistics.median(times[1:])
 
 
+def print_table(result: dict) -> None:
+    for name, value in result["step_seconds"].items():
+        print(f"{name:50s} {value:.2f} s per step (batch {result['batch']})")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     _common.add_common_arguments(parser)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     seconds = {name: round(step_seconds(config, channels, args.repeats), 3) for name, (config, channels) in VARIANTS.items()}
-    if args.json:
-        _common.write_json({"batch": BATCH, "step_seconds": seconds, "machine": _common.machine()}, args.json)
-    else:
-        for name, value in seconds.items():
-            print(f"{name:50s} {value:.2f} s per step (batch {BATCH})")
+    _common.report({"batch": BATCH, "step_seconds": seconds, "machine": _common.machine()}, args.json, print_table)
     return 0
 
 

@@ -25,9 +25,8 @@ OPTIMIZERS = ("adamw", "adamw-fused", "adamw-8bit")
 # What a checkpoint must share with the run that resumes it (steps may grow: training continues).
 _RESUME_KEYS = (
     "kind", "condition", "condition_params", "data", "trigger", "remove_words", "batch_size", "learning_rate",
-    "weight_decay", "resolution", "seed", "down_ratio", "kernel_size", "position_features", "gated", "base_model", "shapes_images",
-    "caption_dropout",
-    "preserve_base_above", "init_from",
+    "weight_decay", "resolution", "seed", "down_ratio", "kernel_size", "position_features", "gated", "base_model",
+    "shapes_images", "caption_dropout", "preserve_base_above", "init_from",
     "optimizer",  # 8-bit AdamW's state does not load into torch's AdamW
 )
 

@@ -232,9 +232,26 @@ def test_previews_and_calibration_sample_step_by_step_as_the_app_does_and_traini
 
     trainer.editor.set_step = record
     with trainer._sampling() as sample:
-        sample("a red circle", 0)
+        sample(["a red circle"], [0])
         assert steps == [(0, 3), (1, 3), (2, 3)]  # step ranges apply as in generation
     assert steps[-1] is None and trainer.editor.step is None
+
+
+def test_sampling_in_batches_gives_each_prompt_and_seed_the_image_it_gets_alone(tmp_path, random_sd_folder, monkeypatch):
+    monkeypatch.setattr(trainer, "SAMPLING_BATCH", 2)  # three images: a full batch and a part one
+    training = TunerTrainer(config_for(tmp_path, random_sd_folder, preview_steps=2))
+    with torch.no_grad():
+        for p in training.tuner.parameters():
+            p.normal_(0, 0.2)
+    prompts, seeds = ["a red circle", "a blue square", "a red circle"], [0, 1, 2]
+    with training._sampling() as sample:
+        training.editor.add_sc_tuner("training", training.tuner, 1.5, texture=True)  # the batch grows by the prompt's rows
+        together = [np.asarray(image, np.float32) for image in sample(prompts, seeds)]
+        alone = [np.asarray(sample([prompt], [seed])[0], np.float32) for prompt, seed in zip(prompts, seeds)]
+    assert len(together) == 3
+    assert np.abs(together[0] - together[2]).mean() > 1.0  # different seeds: different images
+    for batched, single in zip(together, alone):
+        assert np.abs(batched - single).max() <= 2.0  # the same image, up to float rounding of a larger batch
 
 
 def test_calibration_images_apply_a_conditional_only_tuner_to_the_prompts_half_only(tmp_path, random_sd_folder):
@@ -246,7 +263,7 @@ def test_calibration_images_apply_a_conditional_only_tuner_to_the_prompts_half_o
     with trainer._sampling() as sample:
         for conditional_only in (False, True):
             trainer.editor.add_sc_tuner("training", trainer.tuner, 1.0, conditional_only)
-            pictures[conditional_only] = np.asarray(sample("a red circle", 0), np.float32)
+            pictures[conditional_only] = np.asarray(sample(["a red circle"], [0])[0], np.float32)
     assert np.abs(pictures[True] - pictures[False]).mean() > 1.0  # the unconditional half kept the base's prediction
     assert not trainer.editor.guidance_halves  # training batches have no halves
 

@@ -54,6 +54,9 @@ TEXT_CACHE_SIZE = 4096  # prompt embeddings kept for a stream of Shapes-world ca
 CHECKPOINT_NAME = "checkpoint.pt"
 PREVIEW_DIR = "previews"
 SAMPLING_GUIDANCE = 5.0  # previews and calibration images: the app's default guidance
+# Images per pipeline call when sampling: on the 2-core CPU a calibration of 4 × 32 images takes 148 s in batches of 8,
+# 250 s one at a time and 139 s in 16s (docs/training.md); 8 keeps a 512-px SD batch within a consumer GPU.
+SAMPLING_BATCH = 8
 CALIBRATION_PROMPTS = 32  # new prompts on which each candidate default of an SC tuner is measured (16 chose by chance)
 CALIBRATION_PICTURES = 16  # training pictures whose texture is the reference
 CALIBRATION_SEED = 1000  # held-out Shapes scenes not among bench/style_fewshot.py's prompts (seeds 0..31)
@@ -320,8 +323,10 @@ class TunerTrainer:
 
     # -- sampling: previews and the calibrated default -------------------------------------------------------------
     @contextmanager
-    def _sampling(self) -> Iterator[Callable[[str, int], Image.Image]]:
-        """The training pipeline in inference mode; yields `sample(prompt, seed)`, one image."""
+    def _sampling(self) -> Iterator[Callable[[Sequence[str], Sequence[int]], list[Image.Image]]]:
+        """The training pipeline in inference mode; yields `sample(prompts, seeds)`: one image per (prompt, seed),
+        made in batches of SAMPLING_BATCH. Each image's starting noise comes from its own seed, so it is the image
+        that prompt and seed give alone."""
         self.editor.train_mode(False)
         self.pipeline.scheduler = self.preview_scheduler
         # Sampling batches stack [unconditional; conditional], as the app's do (ModelManager), so a conditional-only
@@ -329,13 +334,17 @@ class TunerTrainer:
         self.editor.guidance_halves = self.pipeline.unet.config.time_cond_proj_dim is None
         self.editor.guidance_scale = SAMPLING_GUIDANCE
 
-        def sample(prompt: str, seed: int) -> Image.Image:
-            self.editor.set_step(0, self.config.preview_steps)  # step ranges as the app has them
-            return self.pipeline(
-                prompt=prompt, num_inference_steps=self.config.preview_steps, guidance_scale=SAMPLING_GUIDANCE,
-                height=self.resolution, width=self.resolution, generator=torch.Generator("cpu").manual_seed(seed),
-                callback_on_step_end=self.editor.step_end_callback,
-            ).images[0]
+        def sample(prompts: Sequence[str], seeds: Sequence[int]) -> list[Image.Image]:
+            images = []
+            for start in range(0, len(prompts), SAMPLING_BATCH):
+                self.editor.set_step(0, self.config.preview_steps)  # step ranges as the app has them
+                images += self.pipeline(
+                    prompt=list(prompts[start: start + SAMPLING_BATCH]), num_inference_steps=self.config.preview_steps,
+                    guidance_scale=SAMPLING_GUIDANCE, height=self.resolution, width=self.resolution,
+                    generator=[torch.Generator("cpu").manual_seed(seed) for seed in seeds[start: start + SAMPLING_BATCH]],
+                    callback_on_step_end=self.editor.step_end_callback,
+                ).images
+            return images
 
         try:
             with torch.no_grad():
@@ -362,7 +371,7 @@ class TunerTrainer:
                     picture = self.data.image(keys[n % len(keys)], self.resolution)
                     hint = make_condition(picture, config.condition, dict(config.condition_params), np.random.default_rng(n))
                     self.editor.set_conditions([ControlCondition(self.tuner, images_to_tensor([hint]).to(self.device))])
-                images += [sample(prompt, seed) for seed in config.preview_seeds]
+                images += sample([prompt] * len(config.preview_seeds), config.preview_seeds)
         return images
 
     def calibrate_default(self) -> list[CandidateScore]:
@@ -381,11 +390,12 @@ class TunerTrainer:
         with self._sampling() as sample:
             self.editor.remove_sc_tuner("training")
             try:
-                base = [sample(prompt, seed) for seed, prompt in enumerate(prompts)]
+                seeds = range(len(prompts))
+                base = sample(prompts, seeds)
 
                 def generate(scale: float, conditional_only: bool, texture: bool) -> list[Image.Image]:
                     self.editor.add_sc_tuner("training", self.tuner, scale, conditional_only, texture)
-                    return [sample(prompt, seed) for seed, prompt in enumerate(prompts)]
+                    return sample(prompts, seeds)
 
                 scores = score_candidates(pictures, base, generate, colour_accuracy)
             finally:

@@ -440,7 +440,7 @@ def _add_train_command(subparsers: argparse._SubParsersAction) -> None:
     command.add_argument(
         "--preserve-base-above", type=float, metavar="FRACTION",
         help="sc: above this fraction of the noise schedule the target is the base model's own prediction, so the "
-        "style keeps the prompt's composition and colours (1 = off)",
+        "style keeps the prompt's composition and colours (1, the default: off; texture guidance keeps the colours)",
     )
     command.add_argument("--images", type=int, help="Shapes world: number of scenes (default: 30 for sc, endless for csc)")
     command.add_argument("--checkpoint-every", type=int)

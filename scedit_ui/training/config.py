@@ -51,9 +51,11 @@ class TrainingConfig:
     max_grad_norm: float = 1.0
     caption_dropout: float = 0.1  # share of captions replaced by "" (trains the unconditional branch of CFG)
     # SC: above this fraction of the noise schedule the loss target is the frozen base model's own prediction
-    # (prior preservation), so the tuner learns the style's texture but leaves the composition and colours a
-    # prompt gets from the base alone. 1.0 switches it off; CSC tuners ignore it (their condition sets the layout).
-    preserve_base_above: float = 0.6
+    # (prior preservation), so the tuner leaves the composition and colours a prompt gets from the base alone. 1.0
+    # (the default) switches it off: texture guidance keeps the colours now, and preservation above 0.6 held a
+    # periodic style to 0.65x of its pictures' where without it the tuner reaches 0.95x (docs/training.md). CSC
+    # tuners ignore it (their condition sets the layout).
+    preserve_base_above: float = 1.0
     resolution: int | None = None  # None: the base model's native size
     seed: int = 0
     checkpoint_every: int = 100

@@ -14,6 +14,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from scedit_ui.cli import main
+from scedit_ui.request import GenerationRequest
 from scedit_ui.shapes.world import caption, render_scene, sample_scene
 from scedit_ui.training import (
     TrainingConfig,
@@ -232,7 +233,7 @@ def test_previews_and_calibration_sample_step_by_step_as_the_app_does_and_traini
 
     trainer.editor.set_step = record
     with trainer._sampling() as sample:
-        sample(["a red circle"], [0])
+        sample(["a red circle"], [0], 3)
         assert steps == [(0, 3), (1, 3), (2, 3)]  # step ranges apply as in generation
     assert steps[-1] is None and trainer.editor.step is None
 
@@ -246,12 +247,32 @@ def test_sampling_in_batches_gives_each_prompt_and_seed_the_image_it_gets_alone(
     prompts, seeds = ["a red circle", "a blue square", "a red circle"], [0, 1, 2]
     with training._sampling() as sample:
         training.editor.add_sc_tuner("training", training.tuner, 1.5, texture=True)  # the batch grows by the prompt's rows
-        together = [np.asarray(image, np.float32) for image in sample(prompts, seeds)]
-        alone = [np.asarray(sample([prompt], [seed])[0], np.float32) for prompt, seed in zip(prompts, seeds)]
+        together = [np.asarray(image, np.float32) for image in sample(prompts, seeds, 2)]
+        alone = [np.asarray(sample([prompt], [seed], 2)[0], np.float32) for prompt, seed in zip(prompts, seeds)]
     assert len(together) == 3
     assert np.abs(together[0] - together[2]).mean() > 1.0  # different seeds: different images
     for batched, single in zip(together, alone):
         assert np.abs(batched - single).max() <= 2.0  # the same image, up to float rounding of a larger batch
+
+
+def test_the_calibration_samples_with_a_generations_default_steps_not_the_preview_steps(tmp_path, random_sd_folder, monkeypatch):
+    training = TunerTrainer(config_for(tmp_path, random_sd_folder, preview_steps=2))  # the Train tab's previews are short too
+    totals = []
+    set_step = training.editor.set_step
+
+    def record(index, total=0):
+        if index is not None:
+            totals.append(total)
+        set_step(index, total)
+
+    def one_candidate(pictures, base, generate, colour_accuracy=None):
+        generate(1.0, False, True)
+        return [calibration.CandidateScore(1.0, False, 0.5, 0.0, texture=True)]
+
+    training.editor.set_step = record
+    monkeypatch.setattr(trainer, "score_candidates", one_candidate)
+    training.calibrate_default()
+    assert totals and set(totals) == {GenerationRequest.steps}  # the base's images and the candidate's
 
 
 def test_calibration_images_apply_a_conditional_only_tuner_to_the_prompts_half_only(tmp_path, random_sd_folder):
@@ -263,7 +284,7 @@ def test_calibration_images_apply_a_conditional_only_tuner_to_the_prompts_half_o
     with trainer._sampling() as sample:
         for conditional_only in (False, True):
             trainer.editor.add_sc_tuner("training", trainer.tuner, 1.0, conditional_only)
-            pictures[conditional_only] = np.asarray(sample(["a red circle"], [0])[0], np.float32)
+            pictures[conditional_only] = np.asarray(sample(["a red circle"], [0], 2)[0], np.float32)
     assert np.abs(pictures[True] - pictures[False]).mean() > 1.0  # the unconditional half kept the base's prediction
     assert not trainer.editor.guidance_halves  # training batches have no halves
 

@@ -33,6 +33,7 @@ from diffusers.image_processor import VaeImageProcessor
 from PIL import Image
 
 from scedit_ui.model_manager import images_to_tensor, load_pipeline, resolve_source
+from scedit_ui.request import GenerationRequest
 from scedit_ui.shapes.checker import score_adherence
 from scedit_ui.shapes.world import caption, sample_scene
 from scedit_ui.training.calibration import (
@@ -57,6 +58,9 @@ SAMPLING_GUIDANCE = 5.0  # previews and calibration images: the app's default gu
 # Images per pipeline call when sampling: on the 2-core CPU a calibration of 4 × 32 images takes 148 s in batches of 8,
 # 250 s one at a time and 139 s in 16s (docs/training.md); 8 keeps a 512-px SD batch within a consumer GPU.
 SAMPLING_BATCH = 8
+# The calibration measures a tuner's default use as a generation makes images: the app's default steps, whatever the
+# (Train tab: fewer) preview steps.
+CALIBRATION_STEPS = GenerationRequest.steps
 CALIBRATION_PROMPTS = 32  # new prompts on which each candidate default of an SC tuner is measured (16 chose by chance)
 CALIBRATION_PICTURES = 16  # training pictures whose texture is the reference
 CALIBRATION_SEED = 1000  # held-out Shapes scenes not among bench/style_fewshot.py's prompts (seeds 0..31)
@@ -323,9 +327,9 @@ class TunerTrainer:
 
     # -- sampling: previews and the calibrated default -------------------------------------------------------------
     @contextmanager
-    def _sampling(self) -> Iterator[Callable[[Sequence[str], Sequence[int]], list[Image.Image]]]:
-        """The training pipeline in inference mode; yields `sample(prompts, seeds)`: one image per (prompt, seed),
-        made in batches of SAMPLING_BATCH. Each image's starting noise comes from its own seed, so it is the image
+    def _sampling(self) -> Iterator[Callable[[Sequence[str], Sequence[int], int], list[Image.Image]]]:
+        """The training pipeline in inference mode; yields `sample(prompts, seeds, steps)`: one image per (prompt, seed)
+        with `steps` DDIM steps, made in batches of SAMPLING_BATCH. Each image's starting noise comes from its own seed, so it is the image
         that prompt and seed give alone."""
         self.editor.train_mode(False)
         self.pipeline.scheduler = self.preview_scheduler
@@ -334,12 +338,12 @@ class TunerTrainer:
         self.editor.guidance_halves = self.pipeline.unet.config.time_cond_proj_dim is None
         self.editor.guidance_scale = SAMPLING_GUIDANCE
 
-        def sample(prompts: Sequence[str], seeds: Sequence[int]) -> list[Image.Image]:
+        def sample(prompts: Sequence[str], seeds: Sequence[int], steps: int) -> list[Image.Image]:
             images = []
             for start in range(0, len(prompts), SAMPLING_BATCH):
-                self.editor.set_step(0, self.config.preview_steps)  # step ranges as the app has them
+                self.editor.set_step(0, steps)  # step ranges as the app has them
                 images += self.pipeline(
-                    prompt=list(prompts[start: start + SAMPLING_BATCH]), num_inference_steps=self.config.preview_steps,
+                    prompt=list(prompts[start: start + SAMPLING_BATCH]), num_inference_steps=steps,
                     guidance_scale=SAMPLING_GUIDANCE, height=self.resolution, width=self.resolution,
                     generator=[torch.Generator("cpu").manual_seed(seed) for seed in seeds[start: start + SAMPLING_BATCH]],
                     callback_on_step_end=self.editor.step_end_callback,
@@ -371,7 +375,7 @@ class TunerTrainer:
                     picture = self.data.image(keys[n % len(keys)], self.resolution)
                     hint = make_condition(picture, config.condition, dict(config.condition_params), np.random.default_rng(n))
                     self.editor.set_conditions([ControlCondition(self.tuner, images_to_tensor([hint]).to(self.device))])
-                images += sample([prompt] * len(config.preview_seeds), config.preview_seeds)
+                images += sample([prompt] * len(config.preview_seeds), config.preview_seeds, config.preview_steps)
         return images
 
     def calibrate_default(self) -> list[CandidateScore]:
@@ -391,11 +395,11 @@ class TunerTrainer:
             self.editor.remove_sc_tuner("training")
             try:
                 seeds = range(len(prompts))
-                base = sample(prompts, seeds)
+                base = sample(prompts, seeds, CALIBRATION_STEPS)
 
                 def generate(scale: float, conditional_only: bool, texture: bool) -> list[Image.Image]:
                     self.editor.add_sc_tuner("training", self.tuner, scale, conditional_only, texture)
-                    return sample(prompts, seeds)
+                    return sample(prompts, seeds, CALIBRATION_STEPS)
 
                 scores = score_candidates(pictures, base, generate, colour_accuracy)
             finally:

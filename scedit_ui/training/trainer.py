@@ -54,7 +54,7 @@ CALIBRATION_IMAGES = 16  # condition images that set the scale of a fresh CSC tu
 TEXT_CACHE_SIZE = 4096  # prompt embeddings kept for a stream of Shapes-world captions
 CHECKPOINT_NAME = "checkpoint.pt"
 PREVIEW_DIR = "previews"
-SAMPLING_GUIDANCE = 5.0  # previews and calibration images: the app's default guidance
+SAMPLING_GUIDANCE = GenerationRequest.guidance  # previews and calibration images: a generation's default guidance
 # Images per pipeline call when sampling: on the 2-core CPU a calibration of 4 × 32 images takes 148 s in batches of 8,
 # 250 s one at a time and 139 s in 16s (docs/training.md); 8 keeps a 512-px SD batch within a consumer GPU.
 SAMPLING_BATCH = 8

@@ -865,6 +865,8 @@ def test_eval_adherence_prints_the_position_of_each_clause(capsys):
     lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if line.strip()}
     assert re.fullmatch(r"clause_position_accuracy\s+[01]\.\d{3} / [01]\.\d{3}", lines["clause_position_accuracy"])
     assert re.fullmatch(r"extra_blobs\s+-?\d+\.\d{3}", lines["extra_blobs"])
+    for kind in ("fragments", "copies", "strays"):
+        assert re.fullmatch(rf"{kind}\s+\d+\.\d{{3}}", lines[kind])
 
 
 def test_layout_targets_name_each_clauses_cell_and_nothing_elsewhere_only_when_every_cell_is_named():

@@ -28,6 +28,9 @@ Metrics (:func:`score_adherence`, against a :class:`~scedit_ui.shapes.world.Scen
 - **cells_correct** — per prompted shape, in the prompt's order: whether its matched blob lies in its cell
   (``None`` for a shape without a position); how well the first, second, ... clause is placed.
 - **extra_blobs** — blobs found minus shapes prompted (negative when shapes are missing).
+- The blobs left unmatched, by what they are: **fragments** (the colour of a matched blob whose bounding box
+  they touch: a shape drawn in pieces), **copies** (another blob of a prompted colour: a shape drawn twice)
+  and **strays** (a colour the prompt does not name).
 - **overall** — mean of the five (booleans as 0/1; of four when position is ``None``).
 
 :func:`style_score` in [0, 1] measures one style without reference to the prompt:
@@ -101,6 +104,9 @@ class Adherence:
     position_correct: float | None  # None when the prompt names no position
     cells_correct: tuple[bool | None, ...] = ()
     extra_blobs: int = 0
+    fragments: int = 0
+    copies: int = 0
+    strays: int = 0
 
     @property
     def overall(self) -> float:
@@ -353,6 +359,31 @@ def _match(prompted: list[ShapeSpec], detected: list[DetectedShape]) -> list[Det
     return list(max(best.values(), key=lambda v: v[0])[1])
 
 
+_FRAGMENT_GAP = 2  # pixels between bounding boxes: a blob this close to a matched one of its colour is a piece of it
+
+
+def _bbox_gap(a: DetectedShape, b: DetectedShape) -> int:
+    """Pixels between two bounding boxes (0 when they touch or overlap)."""
+    (ax, ay, aw, ah), (bx, by, bw, bh) = a.bbox, b.bbox
+    return max(bx - (ax + aw), ax - (bx + bw), by - (ay + ah), ay - (by + bh), 0)
+
+
+def _unmatched_kinds(scene: Scene, detected: list[DetectedShape], matched: list[DetectedShape | None]) -> tuple[int, int, int]:
+    """(fragments, copies, strays) among the blobs no prompted shape was matched to."""
+    used = [d for d in matched if d is not None]
+    fragments = copies = strays = 0
+    for d in detected:
+        if any(d is m for m in used):
+            continue
+        if any(m.color == d.color and _bbox_gap(m, d) <= _FRAGMENT_GAP for m in used):
+            fragments += 1
+        elif any(p.color == d.color for p in scene.shapes):
+            copies += 1
+        else:
+            strays += 1
+    return fragments, copies, strays
+
+
 def score_adherence(image, scene_or_prompt: Scene | str) -> Adherence:
     """Score ``image`` against a scene or a prompt; see the module docstring."""
     scene = parse_prompt(scene_or_prompt) if isinstance(scene_or_prompt, str) else scene_or_prompt
@@ -364,6 +395,7 @@ def score_adherence(image, scene_or_prompt: Scene | str) -> Adherence:
         None if p.position is None else d is not None and d.position == p.position for p, d in zip(scene.shapes, matched)
     )
     placed = [c for c in cells_correct if c is not None]
+    fragments, copies, strays = _unmatched_kinds(scene, detected, matched)
     return Adherence(
         color_correct=len(pairs) / k,
         shape_correct=sum(p.kind == d.kind for p, d in pairs) / k,
@@ -372,6 +404,9 @@ def score_adherence(image, scene_or_prompt: Scene | str) -> Adherence:
         position_correct=sum(placed) / len(placed) if placed else None,
         cells_correct=cells_correct,
         extra_blobs=len(detected) - k,
+        fragments=fragments,
+        copies=copies,
+        strays=strays,
     )
 
 

@@ -41,6 +41,10 @@ class AdherenceReport:
     # binds the first clause far better than the later ones (docs/tiny-model.md), which the mean hides.
     clause_position_accuracy: list[float | None] = field(default_factory=list)
     extra_blobs: float = 0.0  # mean of blobs found minus shapes prompted
+    # Means per prompt of the unmatched blobs by kind (checker.score_adherence): which fault makes the count wrong.
+    fragments: float = 0.0
+    copies: float = 0.0
+    strays: float = 0.0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -94,4 +98,7 @@ def evaluate_adherence(
         prompts=prompts,
         clause_position_accuracy=[mean(c[j] for c in several if len(c) > j) for j in range(clauses)],
         extra_blobs=float(np.mean([s.extra_blobs for s in scores])),
+        fragments=float(np.mean([s.fragments for s in scores])),
+        copies=float(np.mean([s.copies for s in scores])),
+        strays=float(np.mean([s.strays for s in scores])),
     )

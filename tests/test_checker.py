@@ -239,15 +239,17 @@ def test_each_clause_is_scored_for_its_cell_in_the_prompts_order():
 
 
 def test_unmatched_blobs_are_told_apart_as_fragments_copies_and_strays():
-    """A red square with a piece broken off beside it, a second red square, and a green one nobody asked for."""
+    """A red square with a piece broken off beside it and a yellow smudge in it, a second red square, and a green
+    one nobody asked for."""
     a = np.full((128, 128, 3), 255, np.uint8)
     a[10:40, 10:40] = COLORS["red"]  # the prompted square, top left
+    a[20:30, 20:30] = COLORS["yellow"]  # inside it, as a ring's hole filled with another colour
     a[10:40, 42:50] = COLORS["red"]  # 2 px from it: a piece of it
     a[90:120, 90:120] = COLORS["red"]  # bottom right: a second copy
     a[90:120, 10:40] = COLORS["green"]  # bottom left: a colour the prompt does not name
     score = score_adherence(Image.fromarray(a), "a red square at the top left on a white background")
-    assert (score.fragments, score.copies, score.strays) == (1, 1, 1)
-    assert score.extra_blobs == 3 and score.position_correct == 1.0
+    assert (score.fragments, score.copies, score.strays) == (2, 1, 1)
+    assert score.extra_blobs == 4 and score.position_correct == 1.0
     clean = score_adherence(render_scene(sample_scene(3, split="heldout")), caption(sample_scene(3, split="heldout")))
     assert (clean.fragments, clean.copies, clean.strays) == (0, 0, 0)
 

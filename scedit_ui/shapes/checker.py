@@ -28,9 +28,9 @@ Metrics (:func:`score_adherence`, against a :class:`~scedit_ui.shapes.world.Scen
 - **cells_correct** — per prompted shape, in the prompt's order: whether its matched blob lies in its cell
   (``None`` for a shape without a position); how well the first, second, ... clause is placed.
 - **extra_blobs** — blobs found minus shapes prompted (negative when shapes are missing).
-- The blobs left unmatched, by what they are: **fragments** (the colour of a matched blob whose bounding box
-  they touch: a shape drawn in pieces), **copies** (another blob of a prompted colour: a shape drawn twice)
-  and **strays** (a colour the prompt does not name).
+- The blobs left unmatched, by what they are: **fragments** (touching a matched blob's bounding box or inside it,
+  in any colour: a shape drawn in pieces, a fringe, a ring's hole filled with another colour), and elsewhere
+  **copies** (a prompted colour: a shape drawn twice) and **strays** (a colour the prompt does not name).
 - **overall** — mean of the five (booleans as 0/1; of four when position is ``None``).
 
 :func:`style_score` in [0, 1] measures one style without reference to the prompt:
@@ -359,7 +359,7 @@ def _match(prompted: list[ShapeSpec], detected: list[DetectedShape]) -> list[Det
     return list(max(best.values(), key=lambda v: v[0])[1])
 
 
-_FRAGMENT_GAP = 2  # pixels between bounding boxes: a blob this close to a matched one of its colour is a piece of it
+_FRAGMENT_GAP = 2  # pixels between bounding boxes: a blob this close to a matched one is a piece of that drawn shape
 
 
 def _bbox_gap(a: DetectedShape, b: DetectedShape) -> int:
@@ -375,7 +375,7 @@ def _unmatched_kinds(scene: Scene, detected: list[DetectedShape], matched: list[
     for d in detected:
         if any(d is m for m in used):
             continue
-        if any(m.color == d.color and _bbox_gap(m, d) <= _FRAGMENT_GAP for m in used):
+        if any(_bbox_gap(m, d) <= _FRAGMENT_GAP for m in used):
             fragments += 1
         elif any(p.color == d.color for p in scene.shapes):
             copies += 1

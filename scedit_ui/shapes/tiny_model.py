@@ -333,7 +333,8 @@ class TinyModelConfig:
     # 1.3-1.6 s each at batch 32 on two CPU threads from scratch: the whole recipe measured 139.1 min with 6,000
     # (4,000: 100.1 min, and held-out shape 0.600 / plain shape 0.600 against 0.652 / 0.800; docs/tiny-model.md,
     # "6,000 UNet steps: the recipe's default now"); 2.17 s on a slower 2-core VM (about 235 min in all), where
-    # batch 16 for the same time learned less per sample (docs/tiny-model.md, "Batch 16 ...")
+    # batch 16 for the same time learned less per sample (docs/tiny-model.md, "Batch 16 ..."), and batch 64 for the
+    # same samples took as long, drew held-out prompts better and plain ones worse (docs/tiny-model.md, "Batch 64 ...")
     unet_steps: int = 6_000
     unet_batch: int = 32
     unet_lr: float = 6e-4

@@ -455,6 +455,34 @@ def test_position_rollout_starts_the_positioned_share_from_the_models_first_step
         assert with_prompt[1] == without_prompt[1] == [999]  # the positioned sample only
 
 
+def test_the_layout_shares_start_at_their_step_and_every_row_is_free_before_it(tmp_path, monkeypatch):
+    with pytest.raises(UserInputError, match="layout_shares_from_step must be at least 0 and below unet_steps"):
+        tiny_model.train(tmp_path / "no", tmp_path / "no-out", _tiny_run(layout_shares_from_step=4), threads=1)
+    calls: list[tuple[bool, list[int]]] = []
+    real_forward = UNet2DConditionModel.forward
+
+    def spy_forward(self, sample, timestep, *args, **kwargs):
+        if self.training:
+            calls.append((torch.is_grad_enabled(), torch.as_tensor(timestep).reshape(-1).tolist()))
+        return real_forward(self, sample, timestep, *args, **kwargs)
+
+    monkeypatch.setattr(UNet2DConditionModel, "forward", spy_forward)
+    cfg = replace(_tiny_run(
+        init=str(MODEL_DIR), zero_terminal_snr=True, position_fraction=0.5, position_timesteps=50, position_rollout=True,
+        layout_shares_from_step=2,
+    ), unet_steps=8, unet_batch=4)
+    tiny_model.train(tmp_path / "work", tmp_path / "out", cfg, threads=1)
+    before, after = calls[:2], calls[2:]
+    assert [with_grad for with_grad, _ in before] == [True, True]  # the training pass only: no first step to start from
+    assert len(after) == 3 * (cfg.unet_steps - 2)
+    for step in range(cfg.unet_steps - 2):
+        with_prompt, without_prompt, training = after[3 * step : 3 * step + 3]
+        assert with_prompt[1] == without_prompt[1] == [999, 999]  # the positioned half of the batch
+        assert all(950 <= t <= 999 for t in training[1][2:])
+    # Uniform timesteps for every row before the shares start: across 8 rows, not all in the last 50.
+    assert min(t for _, timesteps in before for t in timesteps) < 950
+
+
 def test_a_plain_scene_moves_its_shape_to_the_cell_where_the_first_step_drew_most_but_never_to_a_held_out_one():
     scene = world.Scene((world.ShapeSpec("circle", "red", "top left"),), "white")
     first_step = torch.zeros(1, 4, 12, 12)

@@ -398,6 +398,10 @@ class TinyModelConfig:
     # every seed of a prompt, so a model trained to keep it drew a plain prompt's shape in one cell whatever the seed
     # (bench/layout_diversity.py); the noise's cell differs per seed, and the model can read it from its input.
     plain_cell_from_noise: bool = False
+    # The UNet step from which position_fraction and plain_rollout_fraction take their shares of each batch (before
+    # it every row has a free caption and a uniform timestep). The shapes are learned from the free rows, and a
+    # model that cannot draw yet has no first step worth starting from; each started row costs a guided forward pass.
+    layout_shares_from_step: int = 0
     # Weight of the layout reader's loss (:class:`LayoutReader`, a training aid that is not exported): the text
     # encoder must also say, for every clause, what its cell holds, in a form cross-attention reads. Trained by the
     # diffusion loss alone, the encoder says the first clause's cell and hardly the later ones' (bench/
@@ -982,21 +986,23 @@ def train_unet(
         kind_maps = torch.cat([kinds for kinds, _ in maps]).half()
         colour_maps = torch.cat([colours for _, colours in maps]).half()
         del maps
-    positioned = round(cfg.position_fraction * cfg.unet_batch)
-    plain = round(cfg.plain_rollout_fraction * cfg.unet_batch)
-    free = cfg.unet_batch - positioned - plain  # batch order: free captions, positioned, plain
-    started = free if cfg.position_rollout else free + positioned  # rows from here on start from the first step
-    if plain:
+    shared_positioned = round(cfg.position_fraction * cfg.unet_batch)
+    shared_plain = round(cfg.plain_rollout_fraction * cfg.unet_batch)
+    if shared_plain:
         one_shape = _scenes_of_at_most(cache, 1, "plain_rollout_fraction")
         vae = vae.to(device).eval()
     visited = sampler_timesteps(scheduler)  # the sampler's own steps, for rollouts over more than the first
-    if positioned:  # scenes of few shapes for that share of each batch (their canonical caption names every cell)
+    if shared_positioned:  # scenes of few shapes for that share of each batch (their canonical caption names every cell)
         few_shapes = _scenes_of_at_most(cache, cfg.position_shapes, "position_fraction")
     unet.train()
     text_encoder.train()
     t0, running, running_layout, running_map, running_words = time.time(), 0.0, 0.0, 0.0, 0.0
     for step in range(start, cfg.unet_steps):
         g = _step_generator(cfg.seed, 3, step)
+        shares_on = step >= cfg.layout_shares_from_step
+        positioned, plain = (shared_positioned, shared_plain) if shares_on else (0, 0)
+        free = cfg.unet_batch - positioned - plain  # batch order: free captions, positioned, plain
+        started = free if cfg.position_rollout else free + positioned  # rows from here on start from the first step
         idx = torch.randint(0, len(cache.latents), (cfg.unet_batch,), generator=g)
         if positioned:  # drawn only when on, so runs without it repeat exactly
             idx[free : free + positioned] = few_shapes[torch.randint(0, len(few_shapes), (positioned,), generator=g)]
@@ -1337,6 +1343,10 @@ def train(
         raise UserInputError("plain_cell_from_noise needs plain_rollout_fraction: it chooses the cell of that share's shapes")
     if cfg.position_fraction + cfg.plain_rollout_fraction > 1:
         raise UserInputError("position_fraction and plain_rollout_fraction share one batch: together at most 1")
+    if not 0 <= cfg.layout_shares_from_step < cfg.unet_steps:
+        raise UserInputError(
+            f"layout_shares_from_step must be at least 0 and below unet_steps ({cfg.unet_steps}), got {cfg.layout_shares_from_step}"
+        )
     timesteps = scheduler_config()["num_train_timesteps"]
     if not 1 <= cfg.position_timesteps <= timesteps:
         raise UserInputError(f"position_timesteps must be between 1 and {timesteps}, got {cfg.position_timesteps}")

@@ -432,9 +432,8 @@ def test_the_first_step_clean_latent_is_the_guided_prediction_at_zero_snr():
     assert torch.allclose(clean, torch.full_like(noise, 3.0 + 5.0 * (1.0 - 3.0)))
 
 
-def test_position_rollout_starts_the_positioned_share_from_the_models_first_step(tmp_path, monkeypatch):
-    with pytest.raises(UserInputError, match="position_rollout needs position_fraction"):
-        tiny_model.train(tmp_path / "no", tmp_path / "no-out", _tiny_run(position_rollout=True), threads=1)
+def _record_training_unet_calls(monkeypatch) -> list[tuple[bool, list[int]]]:
+    """(gradients on, timesteps) of every UNet call made while the UNet is in training mode, in order."""
     calls: list[tuple[bool, list[int]]] = []
     real_forward = UNet2DConditionModel.forward
 
@@ -444,6 +443,13 @@ def test_position_rollout_starts_the_positioned_share_from_the_models_first_step
         return real_forward(self, sample, timestep, *args, **kwargs)
 
     monkeypatch.setattr(UNet2DConditionModel, "forward", spy_forward)
+    return calls
+
+
+def test_position_rollout_starts_the_positioned_share_from_the_models_first_step(tmp_path, monkeypatch):
+    with pytest.raises(UserInputError, match="position_rollout needs position_fraction"):
+        tiny_model.train(tmp_path / "no", tmp_path / "no-out", _tiny_run(position_rollout=True), threads=1)
+    calls = _record_training_unet_calls(monkeypatch)
     cfg = _tiny_run(
         init=str(MODEL_DIR), zero_terminal_snr=True, position_fraction=0.5, position_timesteps=50, position_rollout=True,
     )
@@ -458,15 +464,7 @@ def test_position_rollout_starts_the_positioned_share_from_the_models_first_step
 def test_the_layout_shares_start_at_their_step_and_every_row_is_free_before_it(tmp_path, monkeypatch):
     with pytest.raises(UserInputError, match="layout_shares_from_step must be at least 0 and below unet_steps"):
         tiny_model.train(tmp_path / "no", tmp_path / "no-out", _tiny_run(layout_shares_from_step=4), threads=1)
-    calls: list[tuple[bool, list[int]]] = []
-    real_forward = UNet2DConditionModel.forward
-
-    def spy_forward(self, sample, timestep, *args, **kwargs):
-        if self.training:
-            calls.append((torch.is_grad_enabled(), torch.as_tensor(timestep).reshape(-1).tolist()))
-        return real_forward(self, sample, timestep, *args, **kwargs)
-
-    monkeypatch.setattr(UNet2DConditionModel, "forward", spy_forward)
+    calls = _record_training_unet_calls(monkeypatch)
     cfg = replace(_tiny_run(
         init=str(MODEL_DIR), zero_terminal_snr=True, position_fraction=0.5, position_timesteps=50, position_rollout=True,
         layout_shares_from_step=2,
@@ -509,17 +507,10 @@ def test_plain_rollout_trains_plain_prompts_from_the_first_step_towards_the_copy
             tmp_path / "many", tmp_path / "many-out",
             _tiny_run(zero_terminal_snr=True, position_fraction=0.5, plain_rollout_fraction=0.75), threads=1,
         )
-    calls: list[tuple[bool, list[int]]] = []
+    calls = _record_training_unet_calls(monkeypatch)
     prompts: list[list[str]] = []
     moves: list[list[world.Scene]] = []
-    real_forward, real_tokenize, real_move = (
-        UNet2DConditionModel.forward, tiny_model.tokenize, tiny_model.shapes_moved_to_the_first_step
-    )
-
-    def spy_forward(self, sample, timestep, *args, **kwargs):
-        if self.training:
-            calls.append((torch.is_grad_enabled(), torch.as_tensor(timestep).reshape(-1).tolist()))
-        return real_forward(self, sample, timestep, *args, **kwargs)
+    real_tokenize, real_move = tiny_model.tokenize, tiny_model.shapes_moved_to_the_first_step
 
     def spy_tokenize(tokenizer, texts):
         prompts.append(list(texts))
@@ -529,7 +520,6 @@ def test_plain_rollout_trains_plain_prompts_from_the_first_step_towards_the_copy
         moves.append(real_move(first_step, scenes))
         return moves[-1]
 
-    monkeypatch.setattr(UNet2DConditionModel, "forward", spy_forward)
     monkeypatch.setattr(tiny_model, "tokenize", spy_tokenize)
     monkeypatch.setattr(tiny_model, "shapes_moved_to_the_first_step", spy_move)
     cfg = _tiny_run(init=str(MODEL_DIR), zero_terminal_snr=True, plain_rollout_fraction=0.5, position_timesteps=50)

@@ -999,8 +999,7 @@ def train_unet(
     t0, running, running_layout, running_map, running_words = time.time(), 0.0, 0.0, 0.0, 0.0
     for step in range(start, cfg.unet_steps):
         g = _step_generator(cfg.seed, 3, step)
-        shares_on = step >= cfg.layout_shares_from_step
-        positioned, plain = (shared_positioned, shared_plain) if shares_on else (0, 0)
+        positioned, plain = (shared_positioned, shared_plain) if step >= cfg.layout_shares_from_step else (0, 0)
         free = cfg.unet_batch - positioned - plain  # batch order: free captions, positioned, plain
         started = free if cfg.position_rollout else free + positioned  # rows from here on start from the first step
         idx = torch.randint(0, len(cache.latents), (cfg.unet_batch,), generator=g)

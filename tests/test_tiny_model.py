@@ -819,20 +819,13 @@ def test_position_rollout_steps_start_the_positioned_share_further_down_the_mode
         tiny_model.train(tmp_path / "no", tmp_path / "no-out", _tiny_run(position_rollout_steps=2), threads=1)
     with pytest.raises(UserInputError, match="between 1 and 20"):
         tiny_model.train(tmp_path / "no", tmp_path / "no-out", _tiny_run(position_rollout_steps=21), threads=1)
-    calls: list[list[int]] = []
-    real_forward = UNet2DConditionModel.forward
-
-    def spy_forward(self, sample, timestep, *args, **kwargs):
-        if self.training:
-            calls.append(torch.as_tensor(timestep).reshape(-1).tolist())
-        return real_forward(self, sample, timestep, *args, **kwargs)
-
-    monkeypatch.setattr(UNet2DConditionModel, "forward", spy_forward)
+    recorded = _record_training_unet_calls(monkeypatch)
     cfg = replace(_tiny_run(
         init=str(MODEL_DIR), zero_terminal_snr=True, position_fraction=0.5, position_timesteps=50, position_rollout=True,
         position_rollout_steps=3,
     ), unet_steps=8, checkpoint_every=8)
     tiny_model.train(tmp_path / "work", tmp_path / "out", cfg, threads=1)
+    calls = [timesteps for _, timesteps in recorded]
     steps_taken = []
     while calls:  # per step: the guided first step, each further sampling step (both guided), the training pass
         assert calls[0] == calls[1] == [999]

@@ -264,7 +264,7 @@ def test_training_captions_are_free_form_and_fixed_by_step():
 _LAYOUT_AIDS_OFF = dict(
     layout_noise=0.0, zero_terminal_snr=False, position_fraction=0.0, position_shapes=1, position_timesteps=1,
     position_rollout=False, plain_rollout_fraction=0.0, layout_loss_weight=0.0, shape_map_loss_weight=0.0,
-    shape_word_loss_weight=0.0,
+    shape_word_loss_weight=0.0, layout_shares_from=0.0,
 )
 
 
@@ -282,7 +282,7 @@ def test_the_defaults_train_with_every_layout_aid_and_export_v_prediction(tmp_pa
         checkpoint_every=2, eval_prompts=0,
     )
     assert cfg.zero_terminal_snr and cfg.position_rollout and cfg.layout_noise and cfg.layout_loss_weight
-    assert cfg.shape_map_loss_weight and cfg.shape_word_loss_weight
+    assert cfg.shape_map_loss_weight and cfg.shape_word_loss_weight and cfg.layout_shares_from
     assert round(cfg.position_fraction * cfg.unet_batch) == round(cfg.plain_rollout_fraction * cfg.unet_batch) == 1
     tiny_model.train(tmp_path / "work", tmp_path / "out", cfg, threads=1)
     trained = StableDiffusionPipeline.from_pretrained(tmp_path / "out", dtype=torch.float32)
@@ -461,13 +461,13 @@ def test_position_rollout_starts_the_positioned_share_from_the_models_first_step
         assert with_prompt[1] == without_prompt[1] == [999]  # the positioned sample only
 
 
-def test_the_layout_shares_start_at_their_step_and_every_row_is_free_before_it(tmp_path, monkeypatch):
-    with pytest.raises(UserInputError, match="layout_shares_from_step must be at least 0 and below unet_steps"):
-        tiny_model.train(tmp_path / "no", tmp_path / "no-out", _tiny_run(layout_shares_from_step=4), threads=1)
+def test_the_layout_shares_start_after_their_fraction_of_the_steps_and_every_row_is_free_before_it(tmp_path, monkeypatch):
+    with pytest.raises(UserInputError, match="layout_shares_from is a fraction of unet_steps"):
+        tiny_model.train(tmp_path / "no", tmp_path / "no-out", _tiny_run(layout_shares_from=1.0), threads=1)
     calls = _record_training_unet_calls(monkeypatch)
     cfg = replace(_tiny_run(
         init=str(MODEL_DIR), zero_terminal_snr=True, position_fraction=0.5, position_timesteps=50, position_rollout=True,
-        layout_shares_from_step=2,
+        layout_shares_from=0.25,
     ), unet_steps=8, unet_batch=4)
     tiny_model.train(tmp_path / "work", tmp_path / "out", cfg, threads=1)
     before, after = calls[:2], calls[2:]
@@ -698,14 +698,16 @@ def test_a_work_folder_stamped_before_a_field_existed_takes_that_fields_default(
         tiny_model._claim_work_folder(tmp_path, _tiny_run(text_lr_scale=10.0))
 
 
-@pytest.mark.parametrize("field", ["shape_map_loss_weight", "shape_word_loss_weight"])
-def test_a_work_folder_stamped_before_a_loss_existed_ran_without_it(tmp_path, field):
+@pytest.mark.parametrize(("field", "value_then"), [
+    ("shape_map_loss_weight", 0.0), ("shape_word_loss_weight", 0.0), ("layout_shares_from", 0.0),
+])
+def test_a_work_folder_stamped_before_a_setting_existed_ran_with_its_value_then(tmp_path, field, value_then):
     stamped = asdict(_tiny_run())
     del stamped[field]
     (tmp_path / "config.json").write_text(json.dumps(stamped))
-    with pytest.raises(UserInputError, match="different configuration"):  # the default has the loss on
+    with pytest.raises(UserInputError, match="different configuration"):  # the default is another value now
         tiny_model._claim_work_folder(tmp_path, _tiny_run(**{field: getattr(tiny_model.TinyModelConfig(), field)}))
-    tiny_model._claim_work_folder(tmp_path, _tiny_run(**{field: 0.0}))  # resumes
+    tiny_model._claim_work_folder(tmp_path, _tiny_run(**{field: value_then}))  # resumes
 
 
 def test_set_overrides_convert_to_the_field_types():

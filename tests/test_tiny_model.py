@@ -275,15 +275,17 @@ def _tiny_run(init: str | None = None, **kw) -> tiny_model.TinyModelConfig:
     )
 
 
-def test_the_defaults_train_with_every_layout_aid_and_export_v_prediction(tmp_path):
-    """The one-command recipe's settings are the built-in model's: every aid on, each batch share non-empty."""
+def test_the_defaults_train_with_the_plain_share_and_export_v_prediction(tmp_path):
+    """The one-command recipe: every layout aid on, the plain share non-empty, the positioned share off."""
     cfg = tiny_model.TinyModelConfig(
         init=str(MODEL_DIR), cache_scenes=8, cache_chunk=8, unet_steps=2, unet_batch=4, unet_warmup=1,
         checkpoint_every=2, eval_prompts=0,
     )
-    assert cfg.zero_terminal_snr and cfg.position_rollout and cfg.layout_noise and cfg.layout_loss_weight
+    assert cfg.zero_terminal_snr and cfg.layout_noise and cfg.layout_loss_weight
     assert cfg.shape_map_loss_weight and cfg.shape_word_loss_weight and cfg.layout_shares_from
-    assert round(cfg.position_fraction * cfg.unet_batch) == round(cfg.plain_rollout_fraction * cfg.unet_batch) == 1
+    assert round(cfg.plain_rollout_fraction * cfg.unet_batch) == 1
+    assert round(cfg.layout_shares_from * cfg.unet_steps) < cfg.unet_steps  # the share is on in this run's last step
+    assert not cfg.position_fraction and not cfg.position_rollout
     tiny_model.train(tmp_path / "work", tmp_path / "out", cfg, threads=1)
     trained = StableDiffusionPipeline.from_pretrained(tmp_path / "out", dtype=torch.float32)
     assert trained.scheduler.config.prediction_type == "v_prediction"

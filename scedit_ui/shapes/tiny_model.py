@@ -330,12 +330,13 @@ class TinyModelConfig:
     cache_chunk: int = 1_000
     base_styled_fraction: float = 0.2
     # stage 3: UNet + text encoder
-    # 1.3-1.6 s each at batch 32 on two CPU threads from scratch: the whole recipe measured 139.1 min with 6,000
-    # (4,000: 100.1 min, and held-out shape 0.600 / plain shape 0.600 against 0.652 / 0.800; docs/tiny-model.md,
-    # "6,000 UNet steps: the recipe's default now"); 2.17 s on a slower 2-core VM (about 235 min in all), where
-    # batch 16 for the same time learned less per sample (docs/tiny-model.md, "Batch 16 ..."), and batch 64 for the
-    # same samples took as long, drew held-out prompts better and plain ones worse (docs/tiny-model.md, "Batch 64 ...")
-    unet_steps: int = 6_000
+    # 1.6-2.6 s each at batch 32 on two CPU threads from scratch (about 3.2 with the plain share) on the 2-core VMs of
+    # the last rounds, whose speed varied 1.6x between days: the whole recipe took 216 min on the slowest (docs/
+    # tiny-model.md, "Only the plain share in the second half ..."). 6,000 steps with both layout shares drew held-out
+    # shapes better (0.784) in more time and counted worse (0.490). Batch 16 for the same time learned less per sample
+    # (docs/tiny-model.md, "Batch 16 ..."), and batch 64 for the same samples took as long, drew held-out prompts
+    # better and plain ones worse ("Batch 64 ...").
+    unet_steps: int = 4_000
     unet_batch: int = 32
     unet_lr: float = 6e-4
     # The text encoder's learning rate as a multiple of unet_lr (docs/tiny-model.md: at 1x the shape words stayed
@@ -365,7 +366,11 @@ class TinyModelConfig:
     # zero_terminal_snr, where that latent holds nothing of the picture): there the words alone say where the shape
     # goes, and a uniform draw visits it once in 1,000 (docs/tiny-model.md: 300 steps of such batches alone took
     # layout_from_text on a blank latent from 0.11 to 0.59, where 2,000 steps of the mixed recipe left it at 0.11).
-    position_fraction: float = 0.25
+    # Off by default (the built-in model had it): position came from the free rows alone, and from scratch, 4,000
+    # steps, 200 held-out / 100 plain prompts, the plain share without this one gave held-out 0.915 / 0.751 / 0.912 /
+    # 0.550 and plain 0.990 / 0.880 against 0.953 / 0.652 / 0.948 / 0.385 and 0.990 / 0.690 with it, and each step
+    # cheaper by this share's guided first step (docs/tiny-model.md, "Only the plain share in the second half ...").
+    position_fraction: float = 0.0
     # The most shapes a scene of that share may hold: 1 teaches where one shape goes; more teach several named shapes
     # their cells and their number together, as the held-out prompts (1-3 shapes) ask.
     position_shapes: int = 3
@@ -377,7 +382,7 @@ class TinyModelConfig:
     # That share's latents below the last timestep are made from the model's own first sampling step (its guided
     # clean-image prediction from pure noise, renoised as DDIM does) instead of from the scene, and the model learns
     # to take them to the scene: where its first step left bumps in unnamed cells, the words must remove them.
-    position_rollout: bool = True
+    position_rollout: bool = False
     # With position_rollout, that share starts after 1 to this many steps of the model's own guided sampling
     # (EVAL_STEPS trailing DDIM steps; the number drawn per training step), its timesteps as many sampler steps lower.
     # One step teaches the model to remove the bumps its first step leaves; sampling then grows the copies of a
@@ -401,9 +406,10 @@ class TinyModelConfig:
     # The fraction of unet_steps after which position_fraction and plain_rollout_fraction take their shares of each
     # batch (before it every row has a free caption and a uniform timestep). The shapes are learned from the free
     # rows, and a model that cannot draw yet has no first step worth starting from; each started row costs a guided
-    # forward pass. 6,000 steps, 200 held-out / 100 plain prompts: held-out 0.914 / 0.652 / 0.907 / 0.290 and plain
-    # 0.980 / 0.800 from step 0, 0.967 / 0.784 / 0.958 / 0.490 and 0.980 / 0.860 from halfway (docs/tiny-model.md).
-    layout_shares_from: float = 0.5
+    # forward pass. 6,000 steps with both shares, 200 held-out / 100 plain prompts: held-out 0.914 / 0.652 / 0.907 /
+    # 0.290 and plain 0.980 / 0.800 from step 0, 0.967 / 0.784 / 0.958 / 0.490 and 0.980 / 0.860 from halfway; the
+    # default's 4,000 steps with the plain share alone from 0.6 above (docs/tiny-model.md).
+    layout_shares_from: float = 0.6
     # Weight of the layout reader's loss (:class:`LayoutReader`, a training aid that is not exported): the text
     # encoder must also say, for every clause, what its cell holds, in a form cross-attention reads. Trained by the
     # diffusion loss alone, the encoder says the first clause's cell and hardly the later ones' (bench/

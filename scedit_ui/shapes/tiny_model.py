@@ -330,9 +330,9 @@ class TinyModelConfig:
     cache_chunk: int = 1_000
     base_styled_fraction: float = 0.2
     # stage 3: UNet + text encoder
-    # 1.6-2.6 s each at batch 32 on two CPU threads from scratch (about 3.2 with the plain share) on the 2-core VMs of
-    # the last rounds, whose speed varied 1.6x between days: the whole recipe took 216 min on the slowest (docs/
-    # tiny-model.md, "Only the plain share in the second half ..."). 6,000 steps with both layout shares drew held-out
+    # 1.6 s each at batch 32 on two CPU threads from scratch (1.8 with the plain share) on the 2-core VM of the last
+    # rounds on its faster days, 2.6 (3.2) on its slowest, where the whole recipe took 216 min (docs/tiny-model.md,
+    # "Only the plain share in the second half ..."). 6,000 steps with both layout shares drew held-out
     # shapes better (0.784) in more time and counted worse (0.490). Batch 16 for the same time learned less per sample
     # (docs/tiny-model.md, "Batch 16 ..."), and batch 64 for the same samples took as long, drew held-out prompts
     # better and plain ones worse ("Batch 64 ...").

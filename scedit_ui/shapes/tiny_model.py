@@ -332,10 +332,10 @@ class TinyModelConfig:
     # stage 3: UNet + text encoder
     # 1.6 s each at batch 32 on two CPU threads from scratch (1.8 with the plain share) on the 2-core VM of the last
     # rounds on its faster days, 2.6 (3.2) on its slowest, where the whole recipe took 216 min (docs/tiny-model.md,
-    # "Only the plain share in the second half ..."). 6,000 steps with both layout shares drew held-out
-    # shapes better (0.784) in more time and counted worse (0.490). Batch 16 for the same time learned less per sample
-    # (docs/tiny-model.md, "Batch 16 ..."), and batch 64 for the same samples took as long, drew held-out prompts
-    # better and plain ones worse ("Batch 64 ...").
+    # "Only the plain share in the second half ..."). 6,000 steps with both layout shares drew held-out shapes better
+    # in more time and counted worse (numbers at layout_shares_from). Batch 16 for the same time learned less per
+    # sample (docs/tiny-model.md, "Batch 16 ..."), and batch 64 for the same samples took as long, drew held-out
+    # prompts better and plain ones worse ("Batch 64 ...").
     unet_steps: int = 4_000
     unet_batch: int = 32
     unet_lr: float = 6e-4

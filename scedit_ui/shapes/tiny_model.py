@@ -347,7 +347,8 @@ class TinyModelConfig:
     min_snr_gamma: float = 5.0
     # Extra loss weight of the latent pixels a shape covers (and their neighbours): shapes are a small part of
     # each scene, and an unweighted loss taught the background long before the shapes (A/B in docs/tiny-model.md);
-    # 8 rather than 4 raised every held-out score of the one command's export (docs/tiny-model.md, "twice the weight").
+    # 8 rather than 4 raised every held-out score of the one command's export, and 12 lowered held-out shape and count
+    # and plain shape again (docs/tiny-model.md, "Twice the weight ..." and "Three times ...").
     unet_shape_weight: float = 8.0
     # A random per-channel constant added to the noise, so the background colour must come from the text
     # (docs/tiny-model.md: without it the model read the background from the first step's latent mean).

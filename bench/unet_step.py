@@ -46,7 +46,7 @@ def step_seconds(config: dict, channels: int, repeats: int, compile_unet: bool) 
     latents, text = torch.randn(BATCH, channels, size, size), torch.randn(BATCH, 77, TEXT_HIDDEN)
     timesteps = torch.randint(0, 1000, (BATCH,))
     times = []
-    for _ in range(repeats + 2):  # the second step too is slower: AdamW allocates its state in the first
+    for _ in range(repeats + 2):  # two warm-ups, to be safe: the first compiles (--compile) and allocates AdamW's state
         started = time.perf_counter()
         loss = (model(latents, timesteps, text).sample - latents).pow(2).mean()
         loss.backward()

@@ -11,9 +11,7 @@ reported too).
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 
 import _common
 
@@ -45,15 +43,16 @@ def step_seconds(config: dict, channels: int, repeats: int, compile_unet: bool) 
     size = config["sample_size"]
     latents, text = torch.randn(BATCH, channels, size, size), torch.randn(BATCH, 77, TEXT_HIDDEN)
     timesteps = torch.randint(0, 1000, (BATCH,))
-    times = []
-    for _ in range(repeats + 2):  # two warm-ups, to be safe: the first compiles (--compile) and allocates AdamW's state
-        started = time.perf_counter()
+
+    def step() -> None:
         loss = (model(latents, timesteps, text).sample - latents).pow(2).mean()
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        times.append(time.perf_counter() - started)
-    return times[0], statistics.median(times[2:])
+
+    # two warm-ups, to be safe: the first compiles (--compile) and allocates AdamW's state
+    times = [_common.timed(step) for _ in range(repeats + 2)]
+    return times[0], _common.median(times[2:])
 
 
 def print_table(result: dict) -> None:
